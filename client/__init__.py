@@ -1,0 +1,1 @@
+"""The client machine: a model of its kernel memory manager, network and swap device."""

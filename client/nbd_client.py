@@ -1,0 +1,290 @@
+"""A pipelining NBD client over a trio stream, built on :mod:`testbed.nbd`.
+
+Many requests may be in flight (up to ``depth``); replies are matched by cookie in whatever
+order the server sends them.  The handshake asks for structured replies and GO, and falls
+back to EXPORT_NAME when a server does not know GO (nbd.md §2, "Fallback behaviour").
+
+This is the transport of the client machine's swap device; reconnection and the fencing of
+superseded writes belong to the swap device above it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from testbed.nbd import (
+    NEED_DATA,
+    ClientConnection,
+    Cmd,
+    CmdFlags,
+    ConnectionClosed,
+    Errno,
+    Greeting,
+    Hello,
+    Info,
+    Opt,
+    OptionAck,
+    OptionError,
+    OptionRequest,
+    ProtocolError,
+    RemoteProtocolError,
+    Rep,
+    Reply,
+    Request,
+    TransmissionStarted,
+    opt_export_name,
+    opt_go,
+)
+from testbed.nbd.constants import ClientFlags, HandshakeFlags
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class NBDError(Exception):
+    """A request answered with an NBD error, or a connection that failed."""
+
+    def __init__(self, message: str, errno: int = Errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class Disconnected(NBDError):
+    """The connection is gone; requests in flight have no answer."""
+
+
+class _Slot:
+    __slots__ = ("done", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: Reply | None = None
+
+
+class NBDClient:
+    """One connection to an export.  Use :meth:`connect`, then the async request methods."""
+
+    def __init__(self, stream: trio.abc.Stream, machine: ClientConnection, depth: int) -> None:
+        self._stream = stream
+        self._machine = machine
+        self._depth = trio.Semaphore(depth)
+        self._send_lock = trio.Lock()
+        self._slots: dict[int, _Slot] = {}
+        self._cookies = itertools.count(1)
+        self._closed = False
+        self._failure: BaseException | None = None
+        self.size = machine.size
+        self.flags = machine.flags
+        self.export_name = machine.export_name
+        self.structured = machine.structured
+
+    # -- connecting -----------------------------------------------------------------------
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        export: str = "",
+        *,
+        depth: int = 64,
+        structured: bool = True,
+        nursery: trio.Nursery,
+    ) -> NBDClient:
+        stream = await trio.open_tcp_stream(host, port)
+        try:
+            return await cls.over(
+                stream, export, depth=depth, structured=structured, nursery=nursery
+            )
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
+    @classmethod
+    async def over(
+        cls,
+        stream: trio.abc.Stream,
+        export: str = "",
+        *,
+        depth: int = 64,
+        structured: bool = True,
+        nursery: trio.Nursery,
+    ) -> NBDClient:
+        """Handshake on an open stream (TCP or an in-memory pair) and start the reader."""
+        machine = ClientConnection()
+        await _handshake(stream, machine, export, structured)
+        client = cls(stream, machine, depth)
+        nursery.start_soon(client._reader)
+        return client
+
+    # -- requests -------------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        reply = await self._request(Cmd.READ, offset, length)
+        assert reply.data is not None
+        return reply.data
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        await self._request(Cmd.WRITE, offset, len(data), CmdFlags.FUA if fua else 0, data)
+
+    async def flush(self) -> None:
+        await self._request(Cmd.FLUSH, 0, 0)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._request(Cmd.TRIM, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, *, no_hole: bool = False) -> None:
+        await self._request(Cmd.WRITE_ZEROES, offset, length, CmdFlags.NO_HOLE if no_hole else 0)
+
+    async def request(
+        self,
+        command: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        data: bytes | None = None,
+    ) -> Reply:
+        """Any request; the reply is returned whatever its error (no exception)."""
+        return await self._request(command, offset, length, flags, data, check=False)
+
+    async def _request(
+        self,
+        command: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        data: bytes | None = None,
+        *,
+        check: bool = True,
+    ) -> Reply:
+        async with self._depth:
+            if self._closed:
+                raise Disconnected(f"connection closed: {self._failure or 'by us'}")
+            cookie = next(self._cookies)
+            slot = _Slot()
+            self._slots[cookie] = slot
+            try:
+                payload = self._machine.send(Request(cookie, command, offset, length, flags, data))
+                async with self._send_lock:
+                    await self._stream.send_all(payload)
+                await slot.done.wait()
+            finally:
+                self._slots.pop(cookie, None)
+            reply = slot.reply
+            if reply is None:
+                raise Disconnected(
+                    f"connection lost with request {cookie} in flight: {self._failure}"
+                )
+            if check and reply.error:
+                raise NBDError(
+                    f"{Cmd(command).name} {offset}+{length}: {_name(Errno, reply.error)} "
+                    f"{reply.message}".rstrip(),
+                    reply.error,
+                )
+            return reply
+
+    async def _reader(self) -> None:
+        machine = self._machine
+        try:
+            while True:
+                event = machine.next_event()
+                if event is NEED_DATA:
+                    machine.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                    continue
+                if isinstance(event, Reply):
+                    slot = self._slots.get(event.cookie)
+                    if slot is not None:
+                        slot.reply = event
+                        slot.done.set()
+                elif isinstance(event, ConnectionClosed):
+                    raise Disconnected("server closed the connection")
+        except (ProtocolError, NBDError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._closed = True
+        self._failure = exc
+        for slot in self._slots.values():
+            slot.done.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._slots)
+
+    async def close(self) -> None:
+        """Send DISC (if still connected) and close the stream."""
+        if not self._closed:
+            self._closed = True
+            try:
+                async with self._send_lock:
+                    await self._stream.send_all(self._machine.send(Request(0, Cmd.DISC)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+                pass
+        await self._stream.aclose()
+
+
+async def _handshake(
+    stream: trio.abc.Stream, machine: ClientConnection, export: str, structured: bool
+) -> TransmissionStarted:
+    async def next_event() -> Any:
+        while True:
+            event = machine.next_event()
+            if event is not NEED_DATA:
+                return event
+            machine.receive_data(await stream.receive_some(65536))
+
+    greeting = await next_event()
+    if not isinstance(greeting, Greeting):
+        raise NBDError(f"unexpected {greeting!r} instead of a greeting")
+    flags = ClientFlags.C_FIXED_NEWSTYLE
+    if greeting.flags & HandshakeFlags.NO_ZEROES:
+        flags |= ClientFlags.C_NO_ZEROES
+    if not greeting.flags & HandshakeFlags.FIXED_NEWSTYLE:
+        flags = ClientFlags(0)
+        await stream.send_all(machine.send(Hello(flags)))
+        await stream.send_all(machine.send(opt_export_name(export)))
+        return await _expect_start(next_event)
+    await stream.send_all(machine.send(Hello(flags)))
+
+    async def option(req: OptionRequest) -> Any:
+        await stream.send_all(machine.send(req))
+        return await next_event()
+
+    if structured:
+        ev = await option(OptionRequest(Opt.STRUCTURED_REPLY))
+        if not isinstance(ev, OptionAck | OptionError):
+            raise RemoteProtocolError(f"unexpected {ev!r} after STRUCTURED_REPLY")
+    await stream.send_all(machine.send(opt_go(export, [Info.BLOCK_SIZE])))
+    while True:
+        ev = await next_event()
+        if isinstance(ev, TransmissionStarted):
+            return ev
+        if isinstance(ev, OptionError):
+            if ev.reply == Rep.ERR_UNSUP:
+                await stream.send_all(machine.send(opt_export_name(export)))
+                return await _expect_start(next_event)
+            raise NBDError(
+                f"server refused export {export!r}: {_name(Rep, ev.reply)} {ev.message}".rstrip()
+            )
+        if isinstance(ev, ConnectionClosed):
+            raise Disconnected("server closed the connection during the handshake")
+
+
+def _name(enum_cls: Any, value: int) -> str:
+    try:
+        return str(enum_cls(value).name)
+    except ValueError:
+        return str(value)
+
+
+async def _expect_start(next_event: Callable[[], Awaitable[Any]]) -> TransmissionStarted:
+    ev = await next_event()
+    if isinstance(ev, TransmissionStarted):
+        return ev
+    if isinstance(ev, ConnectionClosed):
+        raise NBDError("server closed the connection: unknown export?")
+    raise NBDError(f"unexpected {ev!r} instead of export data")
+
+
+__all__ = ["Disconnected", "NBDClient", "NBDError"]

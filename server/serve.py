@@ -1,0 +1,445 @@
+"""The NBD server: a listener, one task per connection, a thin loop around the protocol.
+
+Shaped like trio's own servers: ``serve(task_status=...)`` reports the bound address through
+``task_status.started``; streams are closed in ``finally``; the handshake runs under a
+deadline; shutdown stops accepting first, answers late requests with ESHUTDOWN, gives live
+connections a grace period, then flushes the exports.
+
+The transmission loop is the hot path.  One ``receive_some`` may carry dozens of pipelined
+requests; they are parsed and executed in a row and all their replies leave in one
+``send_all``.  Stores are synchronous (memory, or a file in the page cache); only
+``fdatasync`` for FLUSH/FUA goes to a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+from collections.abc import Iterable
+
+import attrs
+import structlog
+import trio
+
+from testbed.config import ExportConfig, ServerConfig, is_loopback
+from testbed.nbd import (
+    NEED_DATA,
+    Aborted,
+    Cmd,
+    CmdFlags,
+    ConnectionClosed,
+    Disconnect,
+    Errno,
+    ExportInfo,
+    Extent,
+    OptionHandled,
+    ProtocolError,
+    Request,
+    RequestRejected,
+    ServerConnection,
+    TransmissionFlags,
+    TransmissionStarted,
+)
+
+from .stores import FileStore, MemoryStore, Store, StoreError
+
+log = structlog.get_logger()
+
+RECEIVE_SIZE = 256 * 1024
+#: Queue at most this much READ data before sending it, so that a peer pipelining huge reads
+#: cannot make the server hold more than this (plus one request's worth).
+MAX_QUEUED_OUTPUT = 4 * 1024 * 1024
+
+_ERRNO_MAP = {
+    errno.EPERM: Errno.EPERM,
+    errno.EROFS: Errno.EPERM,
+    errno.EACCES: Errno.EPERM,
+    errno.ENOSPC: Errno.ENOSPC,
+    errno.EDQUOT: Errno.ENOSPC,
+    errno.EFBIG: Errno.ENOSPC,
+    errno.ENOMEM: Errno.ENOMEM,
+    errno.EINVAL: Errno.EINVAL,
+    errno.EOPNOTSUPP: Errno.ENOTSUP,
+    errno.EOVERFLOW: Errno.EOVERFLOW,
+}
+
+
+def nbd_errno(exc: OSError | StoreError) -> Errno:
+    """Host errno → the NBD wire value (anything unknown is EIO)."""
+    return _ERRNO_MAP.get(exc.errno or 0, Errno.EIO)
+
+
+@attrs.define
+class Export:
+    """A named export: its store and what the handshake says about it."""
+
+    config: ExportConfig
+    store: Store
+    info: ExportInfo
+
+    @classmethod
+    def from_config(cls, config: ExportConfig) -> Export:
+        store: Store
+        if config.backend == "file":
+            assert config.path is not None
+            store = FileStore(config.path, config.size, read_only=config.read_only)
+        else:
+            store = MemoryStore(config.size, read_only=config.read_only)
+        flags = (
+            TransmissionFlags.HAS_FLAGS
+            | TransmissionFlags.SEND_FLUSH
+            | TransmissionFlags.SEND_FUA
+            | TransmissionFlags.SEND_TRIM
+            | TransmissionFlags.SEND_WRITE_ZEROES
+            | TransmissionFlags.SEND_FAST_ZERO
+            | TransmissionFlags.SEND_CACHE
+            # One store object serves every connection, so a FLUSH on one covers writes
+            # completed on all of them: multi-conn is true for both backends.
+            | TransmissionFlags.CAN_MULTI_CONN
+        )
+        if config.read_only:
+            flags |= TransmissionFlags.READ_ONLY
+        info = ExportInfo(config.name, config.size, flags, config.description)
+        return cls(config, store, info)
+
+
+@attrs.define
+class Stats:
+    connections: int = 0
+    live: int = 0
+    refused: int = 0
+    requests: int = 0
+    rejected: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    protocol_errors: int = 0
+    handshake_timeouts: int = 0
+
+
+class NBDServer:
+    """A trio NBD server over a set of exports."""
+
+    def __init__(self, config: ServerConfig, exports: Iterable[Export] | None = None) -> None:
+        self.config = config
+        if exports is None:
+            exports = [Export.from_config(e) for e in config.exports]
+        self.exports: dict[str, Export] = {e.info.name: e for e in exports}
+        if not self.exports:
+            raise ValueError("a server needs at least one export")
+        self._catalog = {name: e.info for name, e in self.exports.items()}
+        self._ids = itertools.count(1)
+        self._live: dict[int, ServerConnection] = {}
+        self._all_closed = trio.Event()
+        self._all_closed.set()
+        self._shutdown = trio.Event()
+        self.stats = Stats()
+        self.address: tuple[str, int] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent; safe from a signal-handling task)."""
+        self._shutdown.set()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        host, port = self.config.address
+        if not is_loopback(host):
+            log.warning("server.remote_bind", host=host, note="listening beyond loopback")
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        sockname = listeners[0].socket.getsockname()
+        self.address = (sockname[0], sockname[1])
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, connections)
+                    if self.config.stats_interval > 0:
+                        acceptors.start_soon(self._stats_loop)
+                    log.info(
+                        "server.listening",
+                        host=self.address[0],
+                        port=self.address[1],
+                        exports=[
+                            {
+                                "name": e.info.name,
+                                "size": e.info.size,
+                                "backend": e.config.backend,
+                                "read_only": e.config.read_only,
+                            }
+                            for e in self.exports.values()
+                        ],
+                        max_payload=self.config.max_payload,
+                    )
+                    task_status.started(self.address)
+                    await self._shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                log.info(
+                    "server.shutdown_started",
+                    live=len(self._live),
+                    grace=self.config.shutdown_grace,
+                )
+                for conn in self._live.values():
+                    conn.shutting_down = True
+                with trio.move_on_after(self.config.shutdown_grace):
+                    await self._all_closed.wait()
+                connections.cancel_scope.cancel()
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+            await self._close_stores()
+            log.info("server.stopped", **attrs.asdict(self.stats))
+
+    async def _close_stores(self) -> None:
+        for export in self.exports.values():
+            try:
+                await trio.to_thread.run_sync(export.store.close)
+            except OSError as exc:
+                log.error("server.store_close_failed", export=export.info.name, error=str(exc))
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.stats_interval)
+            log.info("server.stats", **attrs.asdict(self.stats))
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # Out of descriptors or buffers: back off instead of spinning (like trio's
+                # serve_listeners); anything else is a real error.
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    log.error("server.accept_failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            if len(self._live) >= self.config.max_connections:
+                self.stats.refused += 1
+                log.warning(
+                    "server.connection_refused",
+                    reason="max_connections",
+                    limit=self.config.max_connections,
+                )
+                await stream.aclose()
+                continue
+            nursery.start_soon(self._connection, stream)
+
+    # -- one connection -------------------------------------------------------------------
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        cid = next(self._ids)
+        try:
+            peer = stream.socket.getpeername()
+            peer_s = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            peer_s = "?"
+        machine = ServerConnection(self._catalog, max_payload=self.config.max_payload)
+        self._live[cid] = machine
+        self._all_closed = trio.Event() if len(self._live) == 1 else self._all_closed
+        self.stats.connections += 1
+        self.stats.live = len(self._live)
+        reason = "eof"
+        counters = {"requests": 0, "rejected": 0, "bytes_read": 0, "bytes_written": 0}
+        with structlog.contextvars.bound_contextvars(conn=cid):
+            log.info("server.connection_opened", peer=peer_s)
+            try:
+                await stream.send_all(machine.initiate())
+                started: TransmissionStarted | None = None
+                with trio.move_on_after(self.config.handshake_timeout):
+                    started = await self._handshake(stream, machine)
+                    reason = "handshake_ended" if started is None else reason
+                if started is None:
+                    if reason == "eof":
+                        reason = "handshake_timeout"
+                        self.stats.handshake_timeouts += 1
+                        log.warning("nbd.handshake_timeout", timeout=self.config.handshake_timeout)
+                else:
+                    log.info(
+                        "nbd.transmission_started",
+                        export=started.export_name,
+                        structured=started.structured_replies,
+                        via=started.via.name,
+                        flags=int(started.flags),
+                    )
+                    reason = await self._transmission(
+                        stream, machine, self.exports[started.export_name], counters
+                    )
+            except ProtocolError as exc:
+                reason = "protocol_error"
+                self.stats.protocol_errors += 1
+                log.warning("nbd.protocol_error", error=str(exc), phase=machine.phase.value)
+                # A hard disconnect; send whatever reply was already decided (best effort).
+                await self._send_quietly(stream, machine)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reason = "connection_lost"
+                log.info("server.connection_lost", error=str(exc) or type(exc).__name__)
+            finally:
+                del self._live[cid]
+                self.stats.live = len(self._live)
+                if not self._live:
+                    self._all_closed.set()
+                with trio.move_on_after(1) as cs:
+                    cs.shield = True
+                    await stream.aclose()
+                log.info("server.connection_closed", reason=reason, **counters)
+
+    async def _send_quietly(self, stream: trio.SocketStream, machine: ServerConnection) -> None:
+        data = machine.data_to_send()
+        if data:
+            with (
+                trio.move_on_after(1),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await stream.send_all(data)
+
+    async def _handshake(
+        self, stream: trio.SocketStream, machine: ServerConnection
+    ) -> TransmissionStarted | None:
+        """Run the option haggling.  Returns the start of transmission, or None on close."""
+        while True:
+            event = machine.next_event()
+            if event is NEED_DATA:
+                out = machine.data_to_send()
+                if out:
+                    await stream.send_all(out)
+                machine.receive_data(await stream.receive_some(65536))
+                continue
+            if isinstance(event, OptionHandled):
+                log.debug("nbd.option", option=event.option, reply=event.reply, detail=event.detail)
+                if event.reply is not None and event.reply & (1 << 31):
+                    log.info(
+                        "nbd.option_refused",
+                        option=event.option,
+                        reply=event.reply.name if event.reply else None,
+                        detail=event.detail,
+                    )
+            elif isinstance(event, TransmissionStarted):
+                out = machine.data_to_send()
+                if out:
+                    await stream.send_all(out)
+                return event
+            elif isinstance(event, ConnectionClosed):
+                return None
+            elif isinstance(event, Aborted):
+                log.info("nbd.aborted")
+                await self._send_quietly(stream, machine)  # the peer may not wait for the ACK
+                return None
+
+    async def _transmission(
+        self,
+        stream: trio.SocketStream,
+        machine: ServerConnection,
+        export: Export,
+        counters: dict[str, int],
+    ) -> str:
+        store = export.store
+        durable = store.needs_flush
+        stats = self.stats
+        receive_some = stream.receive_some
+        next_event = machine.next_event
+        reply = machine.reply
+        READ, WRITE = Cmd.READ, Cmd.WRITE
+        reason = "eof"
+        done = False
+        while not done:
+            data = await receive_some(RECEIVE_SIZE)
+            machine.receive_data(data)
+            queued = 0
+            while True:
+                event = next_event()
+                if event is NEED_DATA:
+                    break
+                cls = event.__class__
+                if cls is Request:
+                    req: Request = event  # type: ignore[assignment]
+                    cmd = req.command
+                    counters["requests"] += 1
+                    try:
+                        if cmd == READ:
+                            reply(req, 0, store.pread(req.offset, req.length))
+                            counters["bytes_read"] += req.length
+                            queued += req.length
+                            if queued > MAX_QUEUED_OUTPUT:
+                                await stream.send_all(machine.data_to_send())
+                                queued = 0
+                        elif cmd == WRITE:
+                            assert req.data is not None
+                            store.pwrite(req.offset, req.data)
+                            if durable and req.flags & CmdFlags.FUA:
+                                await trio.to_thread.run_sync(store.flush)
+                            reply(req)
+                            counters["bytes_written"] += req.length
+                        else:
+                            await self._other(machine, store, req, durable)
+                    except (OSError, StoreError) as exc:
+                        err = nbd_errno(exc)
+                        log.warning(
+                            "nbd.store_error",
+                            command=Cmd(cmd).name,
+                            offset=req.offset,
+                            length=req.length,
+                            error=str(exc),
+                            nbd_error=err.name,
+                        )
+                        reply(req, err, message=str(exc))
+                elif cls is RequestRejected:
+                    rej: RequestRejected = event  # type: ignore[assignment]
+                    counters["rejected"] += 1
+                    stats.rejected += 1
+                    log.info(
+                        "nbd.request_rejected",
+                        cookie=rej.cookie,
+                        command=rej.command,
+                        error=rej.error.name,
+                        reason=rej.reason,
+                    )
+                elif cls is Disconnect:
+                    reason, done = "disconnect", True
+                    break
+                elif cls is ConnectionClosed:
+                    reason, done = "eof", True
+                    break
+            out = machine.data_to_send()
+            if out:
+                await stream.send_all(out)
+        stats.requests += counters["requests"]
+        stats.bytes_read += counters["bytes_read"]
+        stats.bytes_written += counters["bytes_written"]
+        if durable and counters["bytes_written"]:
+            await trio.to_thread.run_sync(store.flush)
+        return reason
+
+    async def _other(
+        self, machine: ServerConnection, store: Store, req: Request, durable: bool
+    ) -> None:
+        """The less frequent commands: FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS."""
+        cmd = req.command
+        fua = durable and bool(req.flags & CmdFlags.FUA)
+        if cmd == Cmd.FLUSH:
+            if durable:
+                await trio.to_thread.run_sync(store.flush)
+        elif cmd == Cmd.TRIM:
+            store.trim(req.offset, req.length)
+        elif cmd == Cmd.WRITE_ZEROES:
+            if req.flags & CmdFlags.FAST_ZERO and not _zero_is_fast(store):
+                machine.reply(req, Errno.ENOTSUP, message="zeroing would not be fast")
+                return
+            store.zero(req.offset, req.length, may_trim=not req.flags & CmdFlags.NO_HOLE)
+        elif cmd == Cmd.CACHE:
+            pass  # everything is already as close as it gets
+        elif cmd == Cmd.BLOCK_STATUS:
+            extents = store.extents(req.offset, req.length)
+            machine.reply_block_status(req, [Extent(n, f) for n, f in extents])
+            return
+        if fua:
+            await trio.to_thread.run_sync(store.flush)
+        machine.reply(req)
+
+
+def _zero_is_fast(store: Store) -> bool:
+    # Memory drops pages; a file punches holes (fallocate), which every Linux fs we run on has.
+    return isinstance(store, MemoryStore) or (isinstance(store, FileStore) and os.name == "posix")

@@ -1,0 +1,1 @@
+"""netswap's shared pieces: the NBD protocol, configuration, logging, and the harness."""

@@ -1,0 +1,216 @@
+"""Typed configuration, loaded from TOML and command-line strings, strictly.
+
+Every bad value raises :class:`ConfigError` with one line that names the key (or argument)
+and the value: the CLI prints it and exits 2.  Unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+from cattrs.v import transform_error
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 10809
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A configuration or argument error; ``str()`` is a one-line message for the user."""
+
+
+def parse_size(value: str | int, *, what: str = "size") -> int:
+    """``"64M"`` → 67108864.  K/M/G/T are powers of 1024; a bare number is bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what}: {value} is negative")
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ConfigError(f"{what}: {value!r} is not a size (examples: 4096, 64K, 256M, 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_hostport(
+    value: str, *, what: str = "--listen", default_port: int = DEFAULT_PORT
+) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``:PORT``."""
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d*))?|([^:\[\]]*)(?::(\d*))?", value.strip())
+    if not m:
+        raise ConfigError(f"{what}: {value!r} is not HOST:PORT")
+    host = m.group(1) or m.group(3) or DEFAULT_HOST
+    port_s = m.group(2) if m.group(1) else m.group(4)
+    port = default_port if port_s in (None, "") else int(port_s)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range 0..65535")
+    return host, port
+
+
+def _export_size(value: str | int) -> int:
+    return parse_size(value, what="export size")
+
+
+def _max_payload(value: str | int) -> int:
+    return parse_size(value, what="max_payload")
+
+
+@attrs.frozen
+class ExportConfig:
+    name: str
+    size: int = attrs.field(converter=_export_size)
+    backend: Literal["memory", "file"] = "memory"
+    path: str | None = None
+    read_only: bool = False
+    description: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.name.encode()) > 4096:
+            raise ConfigError(f"export name {self.name[:40]!r}...: longer than 4096 bytes")
+        if self.size <= 0:
+            raise ConfigError(f"export {self.name!r}: size must be positive")
+        if self.backend == "file" and not self.path:
+            raise ConfigError(f"export {self.name!r}: backend 'file' needs a path")
+        if self.backend == "memory" and self.path:
+            raise ConfigError(f"export {self.name!r}: a path needs backend 'file'")
+
+
+@attrs.frozen
+class ServerConfig:
+    listen: str = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+    allow_remote: bool = False
+    exports: tuple[ExportConfig, ...] = ()
+    max_payload: int = attrs.field(default=32 << 20, converter=_max_payload)
+    handshake_timeout: float = 10.0
+    max_connections: int = 256
+    shutdown_grace: float = 2.0
+    stats_interval: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        host, _ = self.address
+        if not self.allow_remote and not is_loopback(host):
+            raise ConfigError(
+                f"listen address {host!r} is not loopback; pass --allow-remote to bind it"
+            )
+        if not 4096 <= self.max_payload <= 1 << 30:
+            raise ConfigError(f"max_payload {self.max_payload}: must be 4K..1G")
+        if self.handshake_timeout <= 0 or self.shutdown_grace < 0:
+            raise ConfigError("handshake_timeout must be > 0 and shutdown_grace >= 0")
+        if self.max_connections < 1:
+            raise ConfigError(f"max_connections {self.max_connections}: must be at least 1")
+        names = [e.name for e in self.exports]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"export names must be unique: {sorted(dup)}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen, what="listen")
+
+
+def parse_export_spec(spec: str) -> ExportConfig:
+    """``NAME:SIZE[:file=PATH][:ro][:desc=TEXT]`` as given to ``--export``."""
+    parts = spec.split(":")
+    if len(parts) < 2 or not parts[1]:
+        raise ConfigError(f"--export {spec!r}: expected NAME:SIZE[:file=PATH][:ro]")
+    name, size_s, *opts = parts
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "size": parse_size(size_s, what=f"--export {spec!r} size"),
+    }
+    for opt in opts:
+        key, _, val = opt.partition("=")
+        if key == "file" and val:
+            kwargs.update(backend="file", path=val)
+        elif key == "ro" and not val:
+            kwargs["read_only"] = True
+        elif key == "desc":
+            kwargs["description"] = val
+        else:
+            raise ConfigError(
+                f"--export {spec!r}: unknown option {opt!r} (file=PATH, ro, desc=TEXT)"
+            )
+    export: ExportConfig = _build(ExportConfig, kwargs, where=f"--export {spec!r}")
+    return export
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=True)
+
+
+def _build(cls: type[Any], data: Any, *, where: str) -> Any:
+    try:
+        return _converter.structure(data, cls)
+    except ConfigError:
+        raise
+    except cattrs.ClassValidationError as exc:
+        # Surface our own one-line messages from converters and validators first.
+        for sub in _leaves(exc):
+            if isinstance(sub, ConfigError):
+                raise ConfigError(f"{where}: {sub}") from None
+        msgs = transform_error(exc, path=where)
+        raise ConfigError(msgs[0] if len(msgs) == 1 else "; ".join(msgs)) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in exc.exceptions:
+            out.extend(_leaves(sub))
+        return out
+    return [exc]
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(p)!r} is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r}: invalid TOML: {exc}") from None
+
+
+def load_server_config(path: str | Path | None, **overrides: Any) -> ServerConfig:
+    """The ``[server]`` table of a TOML file (if any), with command-line ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        raw = load_toml(path)
+        unknown = set(raw) - {"server"}
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown top-level key(s) {sorted(unknown)}; expected [server]"
+            )
+        data = dict(raw.get("server", {}))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: [server] must be a table")
+    exports = overrides.pop("exports", None)
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    where = str(path) if path is not None else "arguments"
+    config: ServerConfig = _build(ServerConfig, data, where=where)
+    if exports:
+        config = attrs.evolve(config, exports=tuple(config.exports) + tuple(exports))
+    return config
