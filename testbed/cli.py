@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import structlog
 import trio
 
 from testbed import log as logsetup
-from testbed.config import ConfigError, load_server_config, parse_export_spec
+from testbed.config import ConfigError, load_server_config, parse_export_spec, parse_size
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -98,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging(srv)
     srv.set_defaults(func=cmd_server)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the default demonstration (nothing to set up)",
+        description="Start an embedded NBD server on loopback, swap-write pages to it through "
+        "the pipelined client, read every page back and verify it.",
+    )
+    demo.add_argument("--size", default="64M", help="how much to write (default 64M)")
+    demo.add_argument("--depth", type=int, default=32, help="requests in flight (default 32)")
+    _add_logging(demo)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -148,6 +160,23 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     _run_trio(main)
     return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from testbed.demo import run_demo
+
+    size = parse_size(args.size, what="--size")
+    if size < 4096 or args.depth < 1:
+        raise ConfigError("--size must be at least 4K and --depth at least 1")
+    logsetup.configure(
+        log_file=args.log_file,
+        log_format=args.log_format or "json",
+        level=args.log_level,
+        stream=None if args.log_file else open(os.devnull, "w"),  # noqa: SIM115
+    )
+    result = trio.run(run_demo, size, args.depth)
+    print(result.table())
+    return EXIT_OK if result.corrupt == 0 else EXIT_INTEGRITY
 
 
 def _run_trio(main: Callable[[], Any]) -> None:

@@ -1,0 +1,90 @@
+"""The command line as a user meets it: exit codes and one-line errors, in a subprocess."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def netswap(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "testbed.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got: {result.stderr}"
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["server", "--export", "disk"], ["'disk'", "NAME:SIZE"]),
+        (["server", "--export", "disk:12Q"], ["'12Q'", "not a size"]),
+        (["server", "--export", "disk:1M:tape"], ["'tape'"]),
+        (["server", "--export", "a:1M", "--export", "a:2M"], ["unique", "'a'"]),
+        (["server", "--listen", "192.0.2.1:10809"], ["not loopback", "--allow-remote"]),
+        (["server", "--listen", "127.0.0.1:70000"], ["70000"]),
+        (["server", "--config", "/nonexistent/netswap.toml"], ["does not exist"]),
+        (["server", "--max-connections", "lots"], ["lots"]),
+        (["server", "--frobnicate"], ["--frobnicate"]),
+        (["launch"], ["launch"]),
+        (["demo", "--size", "huge"], ["'huge'"]),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args: list[str], needles: list[str]) -> None:
+    assert_usage_error(netswap(*args), *needles)
+
+
+@pytest.mark.parametrize(
+    ("toml", "needles"),
+    [
+        ("[server]\nmax_conections = 3\n", ["max_conections"]),
+        ("[server]\nmax_connections = 'many'\n", ["max_connections"]),
+        ("[server\n", ["invalid TOML"]),
+        ("[clients]\n", ["clients"]),
+        ("[[server.exports]]\nname = 'a'\nsize = '1M'\nbackend = 'tape'\n", ["backend"]),
+        ("[[server.exports]]\nname = 'a'\nsize = '1M'\nbackend = 'file'\n", ["needs a path"]),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, needles: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert_usage_error(netswap("server", "--config", str(path)), *needles)
+
+
+def test_file_export_of_another_size_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    assert_usage_error(
+        netswap("server", "--listen", "127.0.0.1:0", "--export", f"d:1M:file={image}"),
+        "4096 bytes",
+    )
+
+
+def test_port_in_use_is_a_one_line_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_usage_error(netswap("server", "--listen", f"127.0.0.1:{port}"), "cannot listen")
+
+
+def test_demo_writes_reads_back_and_verifies_every_page() -> None:
+    result = netswap("demo", "--size", "4M", "--depth", "8")
+    assert result.returncode == 0, result.stderr
+    assert "outcome: completed" in result.stdout
+    assert "pages verified: 1024  corrupt: 0" in result.stdout
