@@ -8,6 +8,15 @@ from ._state import Phase, Role, Trigger, transition
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 
+def _copy(buf: bytearray, start: int, end: int) -> bytes:
+    """``bytes(buf[start:end])`` with one copy instead of two (no intermediate bytearray).
+
+    The temporary view is released at once, so the buffer can still grow afterwards.
+    """
+    with memoryview(buf) as view:
+        return view[start:end].tobytes()
+
+
 class Machine:
     """Receive buffer plus phase bookkeeping.
 
@@ -63,7 +72,7 @@ class Machine:
     def _take(self, n: int) -> bytes:
         start = self._pos
         self._pos = start + n
-        return bytes(self._buf[start : start + n])
+        return _copy(self._buf, start, start + n)
 
     def _available(self) -> int:
         return len(self._buf) - self._pos

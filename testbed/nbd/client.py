@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterable
 
 from . import constants as c
-from ._base import Machine
+from ._base import Machine, _copy
 from ._state import Phase, Role, Trigger
 from .constants import Chunk, Cmd, Info, Opt, Rep, TransmissionFlags
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -333,7 +333,7 @@ class ClientConnection(Machine):
                 end = pos + c.SIMPLE_REPLY.size + p.length
                 if len(buf) < end:
                     return self._eof_or_need()
-                data = bytes(buf[pos + c.SIMPLE_REPLY.size : end])
+                data = _copy(buf, pos + c.SIMPLE_REPLY.size, end)
                 self._pos = end
             else:
                 self._pos = pos + c.SIMPLE_REPLY.size
