@@ -1,0 +1,156 @@
+"""The modelled memory manager of the client machine (pure model: no sockets, no logging).
+
+Zones and watermarks, gfp and task flags, the page allocator with its slow path, the anon
+LRU, kswapd and direct reclaim, swap slots and the swap cache, mempools, the block layer
+in front of an abstract swap device, vmstat counters and PSI, named waits for a watchdog,
+and facts for an observer. The kernel rules it implements are in
+reference/kernel-mm.md §2-§3; each carries a comment citing its source.
+"""
+
+from client.mm.alloc import MAX_RECLAIM_RETRIES, Allocator
+from client.mm.block import Bio, BlockQueue, SwapDevice, SwapIOError
+from client.mm.errors import IntegrityError, MmError, OutOfMemory, ProcessKilled, SwapReadError
+from client.mm.facts import (
+    AllocEmergency,
+    AllocFailed,
+    DirectReclaim,
+    Fact,
+    IntegrityFailure,
+    KswapdSleep,
+    KswapdWoken,
+    Observer,
+    OomKill,
+    SwapReadDone,
+    SwapReadpage,
+    SwapWritebackDone,
+    SwapWritepage,
+)
+from client.mm.gfp import (
+    ALLOC_HARDER,
+    ALLOC_HIGH,
+    ALLOC_NO_WATERMARKS,
+    ALLOC_WMARK_HIGH,
+    ALLOC_WMARK_LOW,
+    ALLOC_WMARK_MIN,
+    GFP,
+    GFP_ATOMIC,
+    GFP_HIGHUSER,
+    GFP_HIGHUSER_MOVABLE,
+    GFP_KERNEL,
+    GFP_NOFS,
+    GFP_NOIO,
+    GFP_NOWAIT,
+    GFP_USER,
+    PF,
+    AllocFlags,
+    current_gfp_context,
+    current_task_flags,
+    gfp_pfmemalloc_allowed,
+    gfp_pfmemalloc_flags,
+    gfp_to_alloc_flags,
+    memalloc_noio,
+    memalloc_noreclaim,
+    serving_softirq,
+    task_flags,
+)
+from client.mm.lru import Lru, inactive_ratio
+from client.mm.memory import ContentFn, Memory, MemoryConfig
+from client.mm.mempool import Mempool
+from client.mm.page import PAGE_SIZE, Frames, Page
+from client.mm.policy import NullPolicy, ReservePolicy
+from client.mm.process import Process
+from client.mm.reclaim import SWAP_CLUSTER_MAX, Reclaimer, ScanControl
+from client.mm.swap import SwapArea, SwapMap
+from client.mm.vmstat import Progress, Psi, PsiLine, PsiMemory, VmStat
+from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.zone import (
+    Watermarks,
+    Zone,
+    calculate_watermarks,
+    default_min_free_kbytes,
+    setup_watermarks,
+    zone_watermark_ok,
+)
+
+__all__ = [
+    "ALLOC_HARDER",
+    "ALLOC_HIGH",
+    "ALLOC_NO_WATERMARKS",
+    "ALLOC_WMARK_HIGH",
+    "ALLOC_WMARK_LOW",
+    "ALLOC_WMARK_MIN",
+    "GFP",
+    "GFP_ATOMIC",
+    "GFP_HIGHUSER",
+    "GFP_HIGHUSER_MOVABLE",
+    "GFP_KERNEL",
+    "GFP_NOFS",
+    "GFP_NOIO",
+    "GFP_NOWAIT",
+    "GFP_USER",
+    "MAX_RECLAIM_RETRIES",
+    "PAGE_SIZE",
+    "PF",
+    "SWAP_CLUSTER_MAX",
+    "AllocEmergency",
+    "AllocFailed",
+    "AllocFlags",
+    "Allocator",
+    "Bio",
+    "BlockQueue",
+    "ContentFn",
+    "DirectReclaim",
+    "Fact",
+    "Frames",
+    "IntegrityError",
+    "IntegrityFailure",
+    "KswapdSleep",
+    "KswapdWoken",
+    "Lru",
+    "Memory",
+    "MemoryConfig",
+    "Mempool",
+    "MmError",
+    "NullPolicy",
+    "Observer",
+    "OomKill",
+    "OutOfMemory",
+    "Page",
+    "Process",
+    "ProcessKilled",
+    "Progress",
+    "Psi",
+    "PsiLine",
+    "PsiMemory",
+    "Reclaimer",
+    "ReservePolicy",
+    "ScanControl",
+    "SwapArea",
+    "SwapDevice",
+    "SwapIOError",
+    "SwapMap",
+    "SwapReadDone",
+    "SwapReadError",
+    "SwapReadpage",
+    "SwapWritebackDone",
+    "SwapWritepage",
+    "VmStat",
+    "WaitFor",
+    "WaitRegistry",
+    "Watermarks",
+    "Zone",
+    "calculate_watermarks",
+    "current_gfp_context",
+    "current_task_flags",
+    "default_min_free_kbytes",
+    "gfp_pfmemalloc_allowed",
+    "gfp_pfmemalloc_flags",
+    "gfp_to_alloc_flags",
+    "inactive_ratio",
+    "memalloc_noio",
+    "memalloc_noreclaim",
+    "serving_softirq",
+    "setup_watermarks",
+    "task_flags",
+    "zone_watermark_ok",
+]

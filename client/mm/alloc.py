@@ -1,0 +1,269 @@
+"""The page allocator: order-0 pages from the zones' free lists (mm/page_alloc.c).
+
+Fast path (``try_alloc``): the first zone in zonelist order with ``free > low`` gives up a
+page: a couple of attribute reads and a list pop. Slow path (``alloc_page``), after
+``__alloc_pages_slowpath``: wake kswapd; retry at min with the gfp's ALLOC_HIGH/HARDER;
+then below min (ALLOC_NO_WATERMARKS) if ``gfp_pfmemalloc_allowed``, marking the page
+pfmemalloc; fail if the caller may not sleep; fail a PF_MEMALLOC caller rather than recurse
+into reclaim; otherwise direct reclaim, then wait for writeback or retry, and finally OOM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from client.mm.facts import AllocEmergency, AllocFailed, Observer, drop
+from client.mm.gfp import (
+    ALLOC_NO_WATERMARKS,
+    ALLOC_WMARK_LOW,
+    GFP,
+    GFP_KERNEL,
+    PF,
+    AllocFlags,
+    current_gfp_context,
+    current_task_flags,
+    gfp_to_alloc_flags,
+    task_flags,
+)
+from client.mm.page import Page
+from client.mm.policy import NullPolicy, ReservePolicy
+from client.mm.vmstat import Progress, Psi, VmStat
+from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.zone import Zone
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from client.mm.reclaim import Reclaimer
+
+# mm/internal.h: "the number of times the allocator retries reclaim without progress".
+MAX_RECLAIM_RETRIES = 16
+# mm/page_alloc.c should_reclaim_retry: congestion_wait(BLK_RW_ASYNC, HZ/10) when no progress
+# was made and writeback is pending; the same bound for other retry sleeps.
+CONGESTION_WAIT = 0.1
+
+
+class Allocator:
+    """The page allocator of one node. Wire ``reclaimer`` and ``out_of_memory`` after
+    construction (``Memory.from_config`` does); without them the slow path cannot reclaim."""
+
+    def __init__(
+        self,
+        zones: Sequence[Zone],
+        *,
+        stat: VmStat | None = None,
+        progress: Progress | None = None,
+        waits: WaitRegistry | None = None,
+        psi: Psi | None = None,
+        observer: Observer = drop,
+        policy: ReservePolicy | None = None,
+    ) -> None:
+        self.zones = list(zones)
+        # build_zonelists: the highest zone first, falling back to lower ones.
+        self._zonelist = list(reversed(self.zones))
+        self.stat = VmStat() if stat is None else stat
+        self.progress = Progress() if progress is None else progress
+        self.waits = WaitRegistry() if waits is None else waits
+        self.psi = Psi(trio.current_time) if psi is None else psi
+        self.observer = observer
+        self.policy: ReservePolicy = NullPolicy() if policy is None else policy
+        self.reclaimer: Reclaimer | None = None
+        self.out_of_memory: Callable[[GFP], bool] = lambda gfp: False
+        self._free_wait = trio.lowlevel.ParkingLot()
+
+    # -- fast path ---------------------------------------------------------------------------
+
+    def try_alloc(self) -> Page | None:
+        """One page at ALLOC_WMARK_LOW or None; never sleeps, never wakes anyone.
+
+        mm/page_alloc.c get_page_from_freelist with ALLOC_WMARK_LOW; zone_watermark_fast's
+        order-0 check ``free > mark + lowmem_reserve``; prep_new_page clears pfmemalloc
+        (free pages are kept clean, see ``free_page``).
+        """
+        for zone in self._zonelist:
+            if zone.nr_free > zone.watermarks.low + zone.lowmem_reserve:
+                self.stat.pgalloc += 1
+                return zone.take()
+        return None
+
+    async def alloc_page(
+        self, gfp: GFP = GFP_KERNEL, *, reserve: object | None = None
+    ) -> Page | None:
+        """``alloc_page(gfp)``: fast path, then the slow path. None means the allocation failed
+        (counted ``alloc_fail``, fact ``AllocFailed``). Never blocks unless ``gfp`` has
+        __GFP_DIRECT_RECLAIM. ``reserve`` is passed to the policy's charge hook."""
+        page = self.try_alloc()
+        if page is not None:
+            return page
+        return await self._slowpath(gfp, reserve)
+
+    # -- slow path ---------------------------------------------------------------------------
+
+    def _get_page_from_freelist(self, alloc_flags: AllocFlags) -> Page | None:
+        """mm/page_alloc.c get_page_from_freelist: the first zone whose watermark allows."""
+        for zone in self._zonelist:
+            if zone.nr_free and zone.watermark_ok(alloc_flags):
+                self.stat.pgalloc += 1
+                return zone.take()
+        return None
+
+    def _wake_all_kswapds(self) -> None:
+        """mm/page_alloc.c wake_all_kswapds: ``wakeup_kswapd`` for each zone of the zonelist."""
+        if self.reclaimer is not None:
+            for zone in self._zonelist:
+                self.reclaimer.wakeup_kswapd(zone)
+
+    async def _slowpath(self, gfp: GFP, reserve: object | None) -> Page | None:
+        tflags = current_task_flags()
+        gfp = current_gfp_context(gfp, tflags)
+        alloc_flags = gfp_to_alloc_flags(gfp, tflags)
+        # "The slow path first retries with alloc_flags & ~ALLOC_NO_WATERMARKS" (3.6+).
+        wmark_flags = alloc_flags & ~ALLOC_NO_WATERMARKS
+        no_progress_loops = 0
+        while True:
+            if gfp & GFP.KSWAPD_RECLAIM:
+                self._wake_all_kswapds()
+            page = self._get_page_from_freelist(wmark_flags)
+            if page is not None:
+                return page
+            # "Allocate without watermarks if the context allows"
+            if alloc_flags & ALLOC_NO_WATERMARKS:
+                page = await self._alloc_emergency(gfp, tflags, wmark_flags, reserve)
+                if page is not None:
+                    return page
+            if not gfp & GFP.DIRECT_RECLAIM:  # "Atomic allocations - we can't balance anything"
+                return self._fail(gfp, alloc_flags, tflags)
+            if tflags & PF.MEMALLOC:  # "Avoid recursion of direct reclaim"
+                if await self.policy.memalloc_failed(gfp):
+                    continue
+                if not gfp & GFP.NOFAIL:
+                    return self._fail(gfp, alloc_flags, tflags)
+                await self._wait_for_free_pages()
+                continue
+            await self.policy.throttle_direct_reclaim(gfp)
+            nr_reclaimed = await self._direct_reclaim(gfp)
+            page = self._get_page_from_freelist(wmark_flags)
+            if page is not None:
+                return page
+            if gfp & GFP.NORETRY:  # __GFP_NORETRY: "don't loop in __alloc_pages"
+                return self._fail(gfp, alloc_flags, tflags)
+            if nr_reclaimed:  # progress, but others took the pages: retry
+                no_progress_loops = 0
+                await trio.lowlevel.checkpoint()
+                continue
+            if self._writeback_pending():
+                # should_reclaim_retry: no progress but writeback pending -> congestion_wait
+                await self._wait_for_writeback()
+                continue
+            no_progress_loops += 1
+            if no_progress_loops <= MAX_RECLAIM_RETRIES:
+                await trio.lowlevel.checkpoint()  # cond_resched()
+                continue
+            if not gfp & GFP.FS:
+                # out_of_memory: "The OOM killer does not compensate for IO-less reclaim";
+                # pretend progress and keep looping (order-0 is "too small to fail").
+                await self._wait_for_free_pages()
+                continue
+            if self.out_of_memory(gfp):  # __alloc_pages_may_oom
+                no_progress_loops = 0
+                continue
+            if gfp & GFP.NOFAIL:
+                await self._wait_for_free_pages()
+                continue
+            return self._fail(gfp, alloc_flags, tflags)  # nothing left to kill
+
+    async def _alloc_emergency(
+        self, gfp: GFP, tflags: PF, wmark_flags: AllocFlags, reserve: object | None
+    ) -> Page | None:
+        """Serve below min (ALLOC_NO_WATERMARKS) after the policy's charge hook agrees."""
+        if not any(zone.nr_free for zone in self._zonelist):
+            return None
+        if not await self.policy.charge_emergency(gfp, reserve):
+            return None
+        # The charge may have waited: "retry the normal allocation and uncharge if it works"
+        # (Zijlstra's kmalloc_reserve).
+        page = self._get_page_from_freelist(wmark_flags)
+        if page is not None:
+            self.policy.uncharge_emergency(reserve)
+            return page
+        page = self._get_page_from_freelist(ALLOC_NO_WATERMARKS)
+        if page is None:
+            self.policy.uncharge_emergency(reserve)
+            return None
+        # prep_new_page: "if (alloc_flags & ALLOC_NO_WATERMARKS) set_page_pfmemalloc(page)",
+        # only when the reserve was actually required (V10).
+        page.pfmemalloc = True
+        page.reserve = reserve
+        self.stat.alloc_emergency += 1
+        self.observer(AllocEmergency(gfp, tflags, page.zone.name, page.zone.nr_free))
+        return page
+
+    async def _direct_reclaim(self, gfp: GFP) -> int:
+        """mm/page_alloc.c __perform_reclaim: try_to_free_pages under PF_MEMALLOC, memstall."""
+        if self.reclaimer is None:
+            return 0
+        with task_flags(PF.MEMALLOC), self.psi.memstall():
+            sc = await self.reclaimer.try_to_free_pages(gfp)
+        return sc.nr_reclaimed
+
+    def _writeback_pending(self) -> bool:
+        return self.stat.nr_writeback > 0
+
+    async def _wait_for_writeback(self) -> None:
+        if self.reclaimer is None:  # pragma: no cover - writeback needs a reclaimer
+            return
+        with self.psi.memstall():
+            await self.reclaimer.wait_for_writeback(CONGESTION_WAIT)
+
+    async def _wait_for_free_pages(self, timeout: float = CONGESTION_WAIT) -> bool:
+        """Wait until a page is freed (or ``timeout``); a task waiting here is stalled."""
+        zone = self._zonelist[0].name if self._zonelist else "none"
+        what = WaitFor("free_pages", zone, waker="kswapd")
+        with self.psi.memstall():
+            return await self.waits.park(self._free_wait, what, timeout)
+
+    async def wait_for_free_pages(self, timeout: float = math.inf) -> bool:
+        """Sleep until some page is freed (for policies and callers that must wait)."""
+        return await self._wait_for_free_pages(timeout)
+
+    def _fail(self, gfp: GFP, alloc_flags: AllocFlags, tflags: PF) -> Page | None:
+        """Count and report a failed allocation; its result (always None) is the caller's."""
+        self.stat.alloc_fail += 1
+        self.observer(AllocFailed(gfp, alloc_flags, tflags))
+        return None
+
+    # -- free --------------------------------------------------------------------------------
+
+    def free_page(self, page: Page) -> None:
+        """``__free_pages``: back to its zone's free list; uncharge an emergency page after.
+
+        The page must be off the LRU, out of the swap cache, unmapped and not under
+        writeback (``free_pages_check`` would report a bad page).
+        """
+        if page.lru or page.swapcache or page.writeback or page.mapping is not None:
+            raise RuntimeError(f"freeing a page still in use: {page!r}")
+        pfmemalloc, reserve = page.pfmemalloc, page.reserve
+        page.reset()
+        page.zone.give(page)
+        self.stat.pgfree += 1
+        self.progress.pages_freed += 1
+        if self._free_wait:
+            self._free_wait.unpark_all()
+        if pfmemalloc:
+            # Zijlstra's kfree_reserve: free first, then uncharge, "ensures memory is
+            # actually present when a subsequent charge succeeds".
+            self.policy.uncharge_emergency(reserve)
+
+    # -- inspection --------------------------------------------------------------------------
+
+    @property
+    def nr_free_pages(self) -> int:
+        return sum(zone.nr_free for zone in self.zones)
+
+    def zones_ok(self, alloc_flags: AllocFlags = ALLOC_WMARK_LOW) -> bool:
+        """Does every zone pass the watermark ``alloc_flags`` selects?"""
+        return all(zone.watermark_ok(alloc_flags) for zone in self.zones)

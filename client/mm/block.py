@@ -1,0 +1,147 @@
+"""The block layer between reclaim and the swap device: bios from a mempool, a bounded queue.
+
+The device is abstract (``SwapDevice``): the real one is the NBD client, tests use
+``client.mm.testing.MemorySwapDevice``. Every request runs in a task of the block layer's
+own nursery, so a request is never cancelled because the task that submitted it was, and
+completion calls back into the model (``end_io``), as an interrupt handler would.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from client.mm.gfp import GFP
+from client.mm.mempool import Mempool
+from client.mm.page import Frames, Page
+from client.mm.waits import WaitFor, WaitRegistry
+
+
+class SwapIOError(Exception):
+    """A swap device request failed (the device's EIO). Any other exception is a bug."""
+
+
+class SwapDevice(Protocol):
+    """What the model needs from a swap device. Slot ``n`` is bytes ``n*4096 ..``."""
+
+    @property
+    def size_bytes(self) -> int:
+        """Device size; slot 0 is the swap header."""
+        ...
+
+    async def write(self, slot_start: int, pages: Sequence[memoryview]) -> None:
+        """Write ``pages`` to consecutive slots from ``slot_start``; raise SwapIOError."""
+        ...
+
+    async def read(self, slot: int, into: memoryview) -> None:
+        """Read one slot into ``into``; raise SwapIOError."""
+        ...
+
+
+@attrs.define(eq=False)
+class Bio:
+    """One request: a bio and its block request in one (the model never splits them)."""
+
+    id: int
+    write: bool
+    slot: int
+    pages: list[Page]
+    mem: Page = attrs.field(repr=False)  # the memory this bio costs, from the bio mempool
+    end_io: Callable[[Bio], None] = attrs.field(repr=False)
+    error: SwapIOError | None = None
+    done: trio.Event = attrs.field(factory=trio.Event, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"req {self.id}"
+
+
+class BlockQueue:
+    """The swap device's request queue: bio allocation, tags (queue depth), submission."""
+
+    def __init__(
+        self,
+        device: SwapDevice,
+        frames: Frames,
+        bio_pool: Mempool[Page],
+        *,
+        queue_depth: int,
+        waits: WaitRegistry,
+        name: str = "swap0",
+    ) -> None:
+        if queue_depth < 1:
+            raise ValueError("queue_depth must be >= 1")
+        self.device = device
+        self.name = name
+        self.queue_depth = queue_depth
+        self.bio_pool = bio_pool
+        self.inflight: dict[int, Bio] = {}
+        self._frames = frames
+        self._waits = waits
+        self._ids = itertools.count(1)
+        self._tags_free = queue_depth
+        self._tag_wait = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Requests run as tasks in ``nursery`` (the machine's)."""
+        self._nursery = nursery
+
+    def oldest(self) -> Bio | None:
+        """The oldest request in flight (what a writeback waiter really waits for)."""
+        return next(iter(self.inflight.values()), None)
+
+    def inflight_name(self) -> str:
+        bio = self.oldest()
+        return f"{self.name} {bio.name}" if bio is not None else self.name
+
+    async def submit(
+        self,
+        *,
+        write: bool,
+        slot: int,
+        pages: list[Page],
+        gfp: GFP,
+        end_io: Callable[[Bio], None],
+    ) -> Bio:
+        """``submit_bio``: allocate a bio (mempool, may wait), get a tag (may wait), start.
+
+        ``end_io`` runs in the request's task when the device answers.
+        """
+        if self._nursery is None:
+            raise RuntimeError("block queue is not running (use Memory.running())")
+        mem = await self.bio_pool.alloc(gfp)  # bio_alloc(gfp) from the bio_set mempool
+        if mem is None:
+            raise RuntimeError(f"bio allocation with {gfp!r} cannot fail unless it may not sleep")
+        while self._tags_free == 0:  # blk_mq_get_tag: sleep until a request completes
+            what = WaitFor("request_tag", self.inflight_name(), waker="swap device")
+            await self._waits.park(self._tag_wait, what)
+        self._tags_free -= 1
+        bio = Bio(next(self._ids), write, slot, pages, mem, end_io)
+        self.inflight[bio.id] = bio
+        self._nursery.start_soon(self._run, bio, name=f"{self.name} {bio.name}")
+        return bio
+
+    async def _run(self, bio: Bio) -> None:
+        views = [self._frames.view(p.pfn) for p in bio.pages]
+        try:
+            if bio.write:
+                await self.device.write(bio.slot, views)
+            else:
+                await self.device.read(bio.slot, views[0])
+        except SwapIOError as exc:
+            bio.error = exc
+        self._complete(bio)
+
+    def _complete(self, bio: Bio) -> None:
+        """bio_endio: the end_io callback, then free the tag and the bio (bio_put)."""
+        del self.inflight[bio.id]
+        bio.end_io(bio)
+        self._tags_free += 1
+        self._tag_wait.unpark()
+        self.bio_pool.free(bio.mem)
+        bio.done.set()

@@ -1,0 +1,139 @@
+"""Facts: small frozen records the model hands to its observer (it never logs).
+
+``testbed/log.py`` turns them into namespaced structlog events (``alloc.failed``, ...); the
+``event`` class attribute names the event each fact becomes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import attrs
+
+from client.mm.gfp import GFP, PF, AllocFlags
+
+
+@attrs.frozen
+class Fact:
+    """Base of every fact."""
+
+    event: ClassVar[str] = "mm.fact"
+
+
+@attrs.frozen
+class AllocFailed(Fact):
+    """An allocation returned no page (``warn_alloc``; counted as ``alloc_fail``)."""
+
+    event: ClassVar[str] = "alloc.failed"
+    gfp: GFP
+    alloc_flags: AllocFlags
+    task_flags: PF
+    order: int = 0
+
+
+@attrs.frozen
+class AllocEmergency(Fact):
+    """A page was served below the min watermark (ALLOC_NO_WATERMARKS; ``page->pfmemalloc``)."""
+
+    event: ClassVar[str] = "alloc.emergency"
+    gfp: GFP
+    task_flags: PF
+    zone: str
+    nr_free: int  # free pages left in the zone after this one
+    order: int = 0
+
+
+@attrs.frozen
+class KswapdWoken(Fact):
+    """``wakeup_kswapd`` woke a sleeping kswapd because ``zone`` fell below low."""
+
+    event: ClassVar[str] = "kswapd.woken"
+    zone: str
+    nr_free: int
+
+
+@attrs.frozen
+class KswapdSleep(Fact):
+    """kswapd went back to sleep: ``balanced`` (all zones above high) or gave up."""
+
+    event: ClassVar[str] = "kswapd.sleep"
+    balanced: bool
+    nr_reclaimed: int
+
+
+@attrs.frozen
+class DirectReclaim(Fact):
+    """One ``try_to_free_pages`` by an allocating task."""
+
+    event: ClassVar[str] = "reclaim.direct"
+    gfp: GFP
+    nr_scanned: int
+    nr_reclaimed: int
+
+
+@attrs.frozen
+class SwapWritepage(Fact):
+    """A swap write request was submitted (``swap_writepage``, merged by the plug)."""
+
+    event: ClassVar[str] = "swap.writepage"
+    req: int
+    slot: int
+    nr_pages: int
+
+
+@attrs.frozen
+class SwapWritebackDone(Fact):
+    """A swap write completed (``end_swap_bio_write``); ``error`` is None on success."""
+
+    event: ClassVar[str] = "swap.writeback_done"
+    req: int
+    slot: int
+    nr_pages: int
+    error: str | None
+
+
+@attrs.frozen
+class SwapReadpage(Fact):
+    """A swap read was submitted (``swap_readpage``)."""
+
+    event: ClassVar[str] = "swap.readpage"
+    req: int
+    slot: int
+
+
+@attrs.frozen
+class SwapReadDone(Fact):
+    """A swap read completed (``end_swap_bio_read``); ``error`` is None on success."""
+
+    event: ClassVar[str] = "swap.read_done"
+    req: int
+    slot: int
+    error: str | None
+
+
+@attrs.frozen
+class OomKill(Fact):
+    """The OOM killer chose and reaped a process."""
+
+    event: ClassVar[str] = "oom.kill"
+    pid: int
+    name: str
+    rss: int
+    swapents: int
+
+
+@attrs.frozen
+class IntegrityFailure(Fact):
+    """A page read back did not hold the bytes the workload expects."""
+
+    event: ClassVar[str] = "mm.integrity_error"
+    pid: int
+    vpage: int
+
+
+Observer = Callable[[Fact], None]
+
+
+def drop(fact: Fact) -> None:
+    """The default observer: facts go nowhere."""

@@ -1,0 +1,506 @@
+"""One machine's memory: zones, allocator, LRU, swap, kswapd, and the anonymous-memory API."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from client.mm.alloc import Allocator
+from client.mm.block import Bio, BlockQueue, SwapDevice
+from client.mm.errors import IntegrityError, OutOfMemory, ProcessKilled, SwapReadError
+from client.mm.facts import (
+    IntegrityFailure,
+    Observer,
+    OomKill,
+    SwapReadDone,
+    SwapReadpage,
+    drop,
+)
+from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE, GFP_KERNEL
+from client.mm.lru import Lru
+from client.mm.mempool import Mempool
+from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
+from client.mm.policy import NullPolicy, ReservePolicy
+from client.mm.process import Process
+from client.mm.reclaim import Reclaimer
+from client.mm.swap import SwapArea
+from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
+from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.zone import Zone, default_min_free_kbytes, setup_watermarks
+
+ContentFn = Callable[[Process, int], bytes]
+"""What a virtual page must hold: written on a write touch, checked on a read touch."""
+
+BIO_POOL_SIZE = 2  # include/linux/bio.h
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+@attrs.frozen
+class MemoryConfig:
+    """The memory of a client machine.
+
+    ``zones`` lists (name, size) from the lowest zone up, as the kernel numbers them; a
+    float size is a fraction of ``total_bytes``, an int a size in bytes; rounding goes to
+    the last zone given as a fraction. ``min_free_kbytes`` None means the kernel's default.
+    """
+
+    total_bytes: int = attrs.field(validator=attrs.validators.ge(PAGE_SIZE))
+    zones: tuple[tuple[str, float | int], ...] = (("Normal", 1.0),)
+    min_free_kbytes: int | None = None
+    watermark_scale_factor: int = attrs.field(default=10, validator=_positive)
+    max_io_pages: int = attrs.field(default=32, validator=_positive)
+    swap_queue_depth: int = attrs.field(default=32, validator=_positive)
+    bio_pool_size: int = attrs.field(default=BIO_POOL_SIZE, validator=attrs.validators.ge(0))
+
+    @property
+    def nr_pages(self) -> int:
+        return self.total_bytes // PAGE_SIZE
+
+    def zone_pages(self) -> list[tuple[str, int]]:
+        """(name, pages) for each zone, summing to ``nr_pages``."""
+        total = self.nr_pages
+        sized: list[tuple[str, int]] = []
+        last_fraction = -1
+        for i, (name, size) in enumerate(self.zones):
+            if isinstance(size, float):
+                if not 0 < size <= 1:
+                    raise ValueError(f"zone {name}: fraction must be in (0, 1], got {size}")
+                sized.append((name, int(total * size)))
+                last_fraction = i
+            else:
+                sized.append((name, size // PAGE_SIZE))
+        missing = total - sum(n for _, n in sized)
+        if missing and last_fraction >= 0:
+            name, n = sized[last_fraction]
+            sized[last_fraction] = (name, n + missing)
+        if sum(n for _, n in sized) != total or any(n <= 0 for _, n in sized):
+            raise ValueError(f"zones {self.zones!r} do not divide {total} pages")
+        return sized
+
+
+@attrs.define(eq=False)
+class _SwapIn:
+    """A swap-in read in flight for one slot (stands in for the locked swap-cache page)."""
+
+    page: Page
+    done: trio.Event = attrs.field(factory=trio.Event)
+    bio: Bio | None = None
+    error: bool = False
+
+
+class Memory:
+    """The assembled memory manager of one client machine. Build with ``from_config``."""
+
+    def __init__(
+        self,
+        config: MemoryConfig,
+        *,
+        policy: ReservePolicy | None = None,
+        observer: Observer = drop,
+        clock: Callable[[], float] = trio.current_time,
+        waits: WaitRegistry | None = None,
+        oom_hook: Callable[[Process], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.frames = Frames(config.nr_pages)
+        self.zones: list[Zone] = []
+        start = 0
+        for name, pages in config.zone_pages():
+            self.zones.append(Zone(name, start, pages))
+            start += pages
+        self.stat = VmStat()
+        self.progress = Progress()
+        self.waits = WaitRegistry() if waits is None else waits
+        self.psi = Psi(clock)
+        self.observer = observer
+        self.lru = Lru()
+        self.allocator = Allocator(
+            self.zones,
+            stat=self.stat,
+            progress=self.progress,
+            waits=self.waits,
+            psi=self.psi,
+            observer=observer,
+        )
+        self.reclaimer = Reclaimer(self.allocator, self.lru, max_io_pages=config.max_io_pages)
+        self.allocator.reclaimer = self.reclaimer
+        self.allocator.out_of_memory = self.out_of_memory
+        self.min_free_kbytes = (
+            default_min_free_kbytes(config.nr_pages * PAGE_SIZE // 1024)
+            if config.min_free_kbytes is None
+            else config.min_free_kbytes
+        )
+        self.processes: dict[int, Process] = {}
+        self._pids = itertools.count(1000)
+        self._oom_hook = oom_hook
+        self._swapin: dict[int, _SwapIn] = {}
+        self._nursery: trio.Nursery | None = None
+        self.set_policy(NullPolicy() if policy is None else policy)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MemoryConfig,
+        *,
+        policy: ReservePolicy | None = None,
+        observer: Observer = drop,
+        clock: Callable[[], float] = trio.current_time,
+        waits: WaitRegistry | None = None,
+        oom_hook: Callable[[Process], None] | None = None,
+    ) -> Memory:
+        """The memory of a machine described by ``config``, with no swap yet (``swapon``)."""
+        return cls(
+            config, policy=policy, observer=observer, clock=clock, waits=waits, oom_hook=oom_hook
+        )
+
+    # -- configuration -----------------------------------------------------------------------
+
+    @property
+    def policy(self) -> ReservePolicy:
+        return self.allocator.policy
+
+    def set_policy(self, policy: ReservePolicy) -> None:
+        """Install a reserve policy and recompute the watermarks with its extra pages."""
+        self.allocator.policy = policy
+        policy.attach(self)
+        self.setup_watermarks()
+
+    def setup_watermarks(self) -> None:
+        """``setup_per_zone_wmarks`` with the policy's ``extra_min_pages``; wake kswapd if
+        a zone is now below low (as ``adjust_memalloc_reserve`` does)."""
+        setup_watermarks(
+            self.zones,
+            self.min_free_kbytes,
+            self.config.watermark_scale_factor,
+            self.policy.extra_min_pages(),
+        )
+        for zone in self.zones:
+            self.reclaimer.wakeup_kswapd(zone)
+
+    @property
+    def swap(self) -> SwapArea | None:
+        return self.reclaimer.swap
+
+    @property
+    def block(self) -> BlockQueue | None:
+        return self.reclaimer.block
+
+    def swapon(self, device: SwapDevice, nr_pages: int | None = None) -> None:
+        """Use ``device`` as swap (``sys_swapon``); its size by default. The bio mempool's
+        ``bio_pool_size`` elements are allocated now, from free memory."""
+        if self.reclaimer.swap is not None:
+            raise RuntimeError("swap is already on")
+        nr = device.size_bytes // PAGE_SIZE if nr_pages is None else nr_pages
+        elements = []
+        for _ in range(self.config.bio_pool_size):
+            page = self.allocator.try_alloc()
+            if page is None:
+                raise MemoryError("no memory for the bio mempool")
+            elements.append(page)
+        pool: Mempool[Page] = Mempool(
+            self.config.bio_pool_size,
+            self.allocator.alloc_page,
+            self.allocator.free_page,
+            name="bio",
+            waits=self.waits,
+            elements=elements,
+        )
+        block = BlockQueue(
+            device, self.frames, pool, queue_depth=self.config.swap_queue_depth, waits=self.waits
+        )
+        if self._nursery is not None:
+            block.attach(self._nursery)
+        self.reclaimer.swap = SwapArea(nr)
+        self.reclaimer.block = block
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Run kswapd and the block layer's requests in ``nursery``."""
+        self._nursery = nursery
+        if self.block is not None:
+            self.block.attach(nursery)
+        self.psi.start()
+        await nursery.start(self.reclaimer.kswapd, name="kswapd0")
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Memory]:
+        """``async with memory.running():`` kswapd and swap I/O run inside the block."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.start(nursery)
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+                    self._nursery = None
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    # -- the allocator, for other layers ----------------------------------------------------
+
+    async def alloc_page(
+        self, gfp: GFP = GFP_KERNEL, *, reserve: object | None = None
+    ) -> Page | None:
+        """See ``Allocator.alloc_page``."""
+        return await self.allocator.alloc_page(gfp, reserve=reserve)
+
+    def free_page(self, page: Page) -> None:
+        """See ``Allocator.free_page``."""
+        self.allocator.free_page(page)
+
+    # -- processes and anonymous memory ------------------------------------------------------
+
+    def new_process(self, name: str) -> Process:
+        """A process with an empty address space, a candidate for the OOM killer."""
+        process = Process(next(self._pids), name)
+        self.processes[process.pid] = process
+        return process
+
+    async def touch(
+        self, process: Process, vpage: int, *, write: bool, content_fn: ContentFn
+    ) -> None:
+        """Access one virtual page of ``process``, faulting it in (and swapping it in).
+
+        A write fills the page with ``content_fn(process, vpage)`` and dirties it; a read
+        checks the page holds exactly that (``IntegrityError`` otherwise). Either marks the
+        page referenced. Raises ``ProcessKilled`` once the process was killed.
+        """
+        with self.psi.nonidle():
+            page = process.present.get(vpage)
+            if page is None:
+                page = await self._fault(process, vpage)
+            page.referenced = True  # the pte's young bit
+            if write:
+                if page.swapcache and not page.writeback:
+                    # do_wp_page -> reuse_swap_page: the slot's copy is stale; free it.
+                    assert self.swap is not None
+                    self.swap.delete_from_swap_cache(page)
+                self.frames.fill(page.pfn, content_fn(process, vpage))
+                page.dirty = True
+            elif self.frames.read(page.pfn) != content_fn(process, vpage):
+                self.observer(IntegrityFailure(process.pid, vpage))
+                raise IntegrityError(process.pid, vpage)
+
+    def _check_alive(self, process: Process) -> None:
+        if process.killed:
+            raise ProcessKilled(process.pid)
+
+    async def _fault(self, process: Process, vpage: int) -> Page:
+        """handle_mm_fault for an anonymous page that is not present.
+
+        A fault is a scheduling point (the kernel's cond_resched): without it a workload
+        that never blocks would starve kswapd, which in the kernel runs on another CPU.
+        """
+        self.stat.pgfault += 1
+        await trio.lowlevel.checkpoint()
+        while True:
+            self._check_alive(process)
+            page = process.present.get(vpage)
+            if page is not None:  # another task of the process mapped it meanwhile
+                return page
+            slot = process.swapped.get(vpage)
+            if slot is None:
+                page = await self._do_anonymous_page(process, vpage)
+            else:
+                page = await self._do_swap_page(process, vpage, slot)
+            if page is not None:
+                return page
+
+    async def _alloc_user_page(self, process: Process) -> Page:
+        page = await self.allocator.alloc_page(GFP_HIGHUSER_MOVABLE)
+        if page is None:
+            self._check_alive(process)
+            raise OutOfMemory(f"no page for process {process.pid} and nothing to kill")
+        if process.killed:
+            self.allocator.free_page(page)
+            raise ProcessKilled(process.pid)
+        return page
+
+    def _map(self, process: Process, vpage: int, page: Page) -> None:
+        process.present[vpage] = page
+        page.mapping = process
+        page.index = vpage
+        self.stat.nr_anon_pages += 1
+
+    async def _do_anonymous_page(self, process: Process, vpage: int) -> Page | None:
+        """mm/memory.c do_anonymous_page: a zeroed page, on the active list (4.x
+        lru_cache_add_active_or_unevictable). Unlike the kernel, a read fault does not map
+        the shared zero page: it allocates too."""
+        page = await self._alloc_user_page(process)
+        if vpage in process.present or vpage in process.swapped:
+            self.allocator.free_page(page)
+            return None
+        self.frames.fill(page.pfn, ZERO_PAGE)
+        self._map(process, vpage, page)
+        page.active = True
+        self.lru.add(page)
+        return page
+
+    async def _do_swap_page(self, process: Process, vpage: int, slot: int) -> Page | None:
+        """mm/memory.c do_swap_page: find the page in the swap cache or read it back.
+
+        Returns the mapped page, or None when the page table changed while waiting (retry).
+        """
+        swap, block = self.swap, self.block
+        assert swap is not None and block is not None
+        pending = self._swapin.get(slot)
+        if pending is not None:  # someone is reading it: wait_on_page_locked
+            await self._wait_swapin(pending, slot)
+            if pending.error:
+                raise SwapReadError(process.pid, vpage, slot)
+            return None
+        page = swap.cache.get(slot)
+        if page is None:
+            await self._swap_readpage(process, vpage, slot, swap, block)
+            return None  # look again: it is in the swap cache now (or was reclaimed)
+        # Minor fault: the page is still in the swap cache.
+        assert page.mapping is None, page
+        del process.swapped[vpage]
+        self._map(process, vpage, page)
+        swap.map.put_ref(slot)  # swap_free(entry): the pte no longer holds the slot
+        if swap.map.vm_swap_full() and not page.writeback:
+            # do_swap_page: "if (vm_swap_full() ...) try_to_free_swap(page)"
+            swap.delete_from_swap_cache(page)
+            page.dirty = True
+        return page
+
+    async def _wait_swapin(self, pending: _SwapIn, slot: int) -> None:
+        name = pending.bio.name if pending.bio is not None else "bio"
+        what = WaitFor("swapin", f"slot {slot} {name}", waker="swap device")
+        await self.waits.wait_event(pending.done, what)
+
+    async def _swap_readpage(
+        self, process: Process, vpage: int, slot: int, swap: SwapArea, block: BlockQueue
+    ) -> None:
+        """swapin_readahead for one page: allocate, add to the swap cache, submit a read,
+        wait for it. Bookkeeping at completion is done by ``_end_swap_bio_read``."""
+        page = await self._alloc_user_page(process)
+        if process.swapped.get(vpage) != slot or slot in swap.cache or slot in self._swapin:
+            self.allocator.free_page(page)
+            return
+        swap.add_to_swap_cache(page, slot)
+        pending = _SwapIn(page)
+        self._swapin[slot] = pending
+        self.stat.pswpin += 1  # swap_readpage: count_vm_event(PSWPIN)
+        self.stat.pgmajfault += 1
+        try:
+            pending.bio = await block.submit(
+                write=False, slot=slot, pages=[page], gfp=GFP_KERNEL, end_io=self._end_swap_bio_read
+            )
+        except BaseException:
+            # Cancelled before the request started: undo, let others retry.
+            del self._swapin[slot]
+            swap.delete_from_swap_cache(page)
+            self.allocator.free_page(page)
+            pending.error = True
+            pending.done.set()
+            raise
+        self.observer(SwapReadpage(pending.bio.id, slot))
+        await self._wait_swapin(pending, slot)
+        if pending.error:
+            raise SwapReadError(process.pid, vpage, slot)
+
+    def _end_swap_bio_read(self, bio: Bio) -> None:
+        """mm/page_io.c end_swap_bio_read: the page is uptodate (LRU, inactive) or, on error,
+        dropped from the swap cache and freed."""
+        pending = self._swapin.pop(bio.slot)
+        page = pending.page
+        swap = self.swap
+        assert swap is not None
+        if bio.error is None:
+            self.progress.swapins_completed += 1
+            # The faulting task maps it next; referenced stands in for the page lock and
+            # the reference it holds, so a scan in between activates rather than frees it.
+            page.referenced = True
+            page.active = False
+            self.lru.add(page)  # lru_cache_add_anon
+        else:
+            self.stat.swap_read_errors += 1
+            pending.error = True
+            swap.delete_from_swap_cache(page)
+            self.allocator.free_page(page)
+        err = None if bio.error is None else str(bio.error) or type(bio.error).__name__
+        self.observer(SwapReadDone(bio.id, bio.slot, err))
+        pending.done.set()
+
+    def exit_process(self, process: Process) -> None:
+        """exit_mmap: unmap and free every page, drop every swap entry.
+
+        Pages under writeback stay on the LRU, unmapped; reclaim frees them later.
+        """
+        process.killed = True
+        swap = self.swap
+        for page in process.present.values():
+            page.mapping = None
+            page.referenced = False
+            self.stat.nr_anon_pages -= 1
+            if page.writeback or not page.lru:
+                continue
+            self.lru.remove(page)
+            if page.swapcache:
+                assert swap is not None
+                swap.delete_from_swap_cache(page)
+            page.dirty = False
+            self.allocator.free_page(page)
+        for slot in process.swapped.values():
+            assert swap is not None
+            swap.map.put_ref(slot)  # free_swap_and_cache
+            cached = swap.cache.get(slot)
+            if (
+                cached is not None
+                and cached.mapping is None
+                and cached.lru
+                and not cached.writeback
+                and swap.map.pte_refs(slot) == 0
+            ):
+                self.lru.remove(cached)
+                swap.delete_from_swap_cache(cached)
+                cached.dirty = False
+                self.allocator.free_page(cached)
+        process.present.clear()
+        process.swapped.clear()
+        self.processes.pop(process.pid, None)
+
+    def out_of_memory(self, gfp: GFP) -> bool:
+        """mm/oom_kill.c out_of_memory: kill the process with the highest badness and reap
+        its memory at once (the oom_reaper). False if there is no process to kill."""
+        candidates = [p for p in self.processes.values() if not p.killed]
+        if not candidates:
+            return False
+        victim = max(candidates, key=Process.oom_badness)
+        self.stat.oom_kill += 1
+        self.observer(OomKill(victim.pid, victim.name, victim.rss, victim.swapents))
+        self.exit_process(victim)
+        if self._oom_hook is not None:
+            self._oom_hook(victim)
+        return True
+
+    # -- inspection --------------------------------------------------------------------------
+
+    @property
+    def nr_free_pages(self) -> int:
+        return self.allocator.nr_free_pages
+
+    def vmstat(self) -> dict[str, int]:
+        """``/proc/vmstat``: the counters plus gauges computed from the state."""
+        stats = self.stat.as_dict()
+        stats["nr_free_pages"] = self.nr_free_pages
+        stats["nr_inactive_anon"] = self.lru.nr_inactive
+        stats["nr_active_anon"] = self.lru.nr_active
+        stats["nr_swapcached"] = len(self.swap.cache) if self.swap is not None else 0
+        return stats
+
+    def pressure(self) -> PsiMemory:
+        """``/proc/pressure/memory``."""
+        return self.psi.snapshot()

@@ -1,0 +1,374 @@
+"""Page reclaim: shrink_page_list, pageout to swap, writeback completion, kswapd (mm/vmscan.c).
+
+Anonymous pages only. A dirty page is freed in two scans: the first adds it to swap, unmaps
+it and starts writeback; the I/O completes later (``end_page_writeback`` rotates it to the
+inactive tail); the next scan finds it clean and frees it. Freed memory therefore lags the
+swap device's round trip, and that lag is what the reserves have to cover.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from client.mm.alloc import MAX_RECLAIM_RETRIES, Allocator
+from client.mm.block import Bio, BlockQueue
+from client.mm.facts import (
+    DirectReclaim,
+    KswapdSleep,
+    KswapdWoken,
+    SwapWritebackDone,
+    SwapWritepage,
+)
+from client.mm.gfp import (
+    ALLOC_WMARK_HIGH,
+    ALLOC_WMARK_LOW,
+    GFP,
+    GFP_KERNEL,
+    GFP_NOIO,
+    PF,
+    task_flags,
+)
+from client.mm.lru import Lru
+from client.mm.page import Page
+from client.mm.swap import SwapArea
+from client.mm.waits import IDLE, WaitFor
+from client.mm.zone import Zone
+
+SWAP_CLUSTER_MAX = 32  # include/linux/swap.h
+# kswapd waits this long for writeback before it looks again (congestion_wait(.., HZ/10)).
+KSWAPD_WRITEBACK_WAIT = 0.1
+
+
+@attrs.define
+class ScanControl:
+    """``struct scan_control``: what one reclaim invocation may do and what it did."""
+
+    gfp: GFP
+    nr_to_reclaim: int = SWAP_CLUSTER_MAX
+    is_kswapd: bool = False
+    nr_scanned: int = 0  # inactive pages isolated and looked at (pgscan)
+    nr_reclaimed: int = 0  # pages freed (pgsteal)
+    nr_refill: int = 0  # active pages looked at (pgrefill)
+    nr_writeback: int = 0  # pages found under writeback: progress pending
+    nr_pageout: int = 0  # pages whose writeback this invocation started
+    nr_activated: int = 0
+
+    @property
+    def pending(self) -> int:
+        """Pages on their way to being freeable (the writeback this scan saw or started)."""
+        return self.nr_writeback + self.nr_pageout
+
+
+class Reclaimer:
+    """Reclaim for one node: the LRU, the swap area and block queue, kswapd."""
+
+    def __init__(self, allocator: Allocator, lru: Lru, *, max_io_pages: int = 32) -> None:
+        if max_io_pages < 1:
+            raise ValueError("max_io_pages must be >= 1")
+        self.allocator = allocator
+        self.lru = lru
+        self.max_io_pages = max_io_pages
+        self.swap: SwapArea | None = None
+        self.block: BlockQueue | None = None
+        self.stat = allocator.stat
+        self.kswapd_failures = 0  # pgdat->kswapd_failures
+        self.kswapd_awake = False
+        self._kswapd_pending = False
+        self._kswapd_wait = trio.lowlevel.ParkingLot()  # pgdat->kswapd_wait
+        self._writeback_wait = trio.lowlevel.ParkingLot()
+
+    # -- the LRU scan ------------------------------------------------------------------------
+
+    def shrink_active_list(self, nr_to_scan: int, sc: ScanControl) -> None:
+        """mm/vmscan.c shrink_active_list: move pages from the active to the inactive list.
+
+        ``page_referenced()`` clears the young bits; anon pages are deactivated whether or
+        not they were referenced (only executable file pages stay active), so their second
+        chance is to be referenced again while inactive.
+        """
+        pages = self.lru.isolate(nr_to_scan, active=True)
+        sc.nr_refill += len(pages)
+        self.stat.pgrefill += len(pages)
+        for page in pages:
+            page.referenced = False
+            page.active = False
+            self.lru.add(page)
+        self.stat.pgdeactivate += len(pages)
+
+    def shrink_page_list(self, pages: list[Page], sc: ScanControl) -> list[Page]:
+        """mm/vmscan.c shrink_page_list for isolated inactive anon pages.
+
+        Each page is freed, or put back (kept or activated). Returns the pages whose
+        writeback was started (``pageout``); the caller submits them (``blk_finish_plug``).
+        """
+        swap = self.swap
+        may_io = bool(sc.gfp & GFP.IO)
+        plug: list[Page] = []
+        for page in pages:
+            if page.writeback:
+                # PageWriteback: SetPageReclaim, nr_writeback++; keep it for a later scan.
+                # DESIGN.md §4.1 says "skip": the page stays inactive, and completion rotates
+                # it to the tail. 4.x (from memory, unverified) goes to activate_locked here
+                # instead, which delays the free until the page is deactivated again.
+                page.reclaim = True
+                sc.nr_writeback += 1
+                self._keep(page)
+                continue
+            if page.referenced:
+                # page_check_references: a referenced swap-backed page -> PAGEREF_ACTIVATE.
+                page.referenced = False
+                self._activate(page, sc)
+                continue
+            if page.mapping is None and self._orphan(page):
+                # The last reference went away while the page was on the LRU (its process
+                # exited): nothing can fault it back, free it whatever its state.
+                if page.swapcache:
+                    assert swap is not None
+                    swap.delete_from_swap_cache(page)
+                self._free(page, sc)
+                continue
+            if not page.swapcache:
+                if not may_io:  # "if (!(sc->gfp_mask & __GFP_IO)) goto keep_locked"
+                    self._keep(page)
+                    continue
+                if swap is None or not swap.add_to_swap(page):  # swap full: activate_locked
+                    self._activate(page, sc)
+                    continue
+            assert swap is not None
+            if page.mapping is not None:
+                self._try_to_unmap(page, swap)
+            if page.dirty:
+                # may_enter_fs = PageSwapCache(page) && (gfp_mask & __GFP_IO)
+                if not may_io:
+                    self._keep(page)
+                    continue
+                # pageout(): clear_page_dirty_for_io, SetPageReclaim, swap_writepage sets
+                # PageWriteback; the page stays on the LRU until the I/O completes.
+                page.dirty = False
+                page.reclaim = True
+                page.writeback = True
+                self.stat.nr_writeback += 1
+                sc.nr_pageout += 1
+                plug.append(page)
+                self._keep(page)
+                continue
+            # Clean, unmapped, not under writeback: __remove_mapping -> delete_from_swap_cache.
+            swap.delete_from_swap_cache(page)
+            self._free(page, sc)
+        return plug
+
+    def _orphan(self, page: Page) -> bool:
+        """An unmapped page no swap pte points at (an exited process's)."""
+        if not page.swapcache:
+            return True
+        assert self.swap is not None
+        return self.swap.map.pte_refs(page.private) == 0
+
+    def _keep(self, page: Page) -> None:
+        self.lru.add(page)  # putback_inactive_pages: back to the head of its list
+
+    def _activate(self, page: Page, sc: ScanControl) -> None:
+        page.active = True  # activate_locked: SetPageActive
+        sc.nr_activated += 1
+        self.stat.pgactivate += 1
+        self.lru.add(page)
+
+    def _free(self, page: Page, sc: ScanControl) -> None:
+        page.dirty = False
+        self.allocator.free_page(page)
+        sc.nr_reclaimed += 1
+
+    def _try_to_unmap(self, page: Page, swap: SwapArea) -> None:
+        """mm/rmap.c try_to_unmap: the pte becomes a swap entry (``swap_duplicate``)."""
+        process = page.mapping
+        assert process is not None
+        del process.present[page.index]
+        process.swapped[page.index] = page.private
+        swap.map.dup(page.private)
+        page.mapping = None
+        page.referenced = False
+        self.stat.nr_anon_pages -= 1
+
+    async def shrink_node(self, sc: ScanControl) -> int:
+        """One pass of mm/vmscan.c shrink_node (anon only): refill the inactive list while it
+        is low, shrink up to SWAP_CLUSTER_MAX inactive pages, submit their writeback.
+
+        Returns the number of pages looked at (inactive and active).
+        """
+        if self.swap is None or self.swap.map.nr_free == 0:
+            # get_scan_count: "if (!sc->may_swap || get_nr_swap_pages() <= 0)": SCAN_FILE,
+            # the anon lists are not scanned at all.
+            return 0
+        before = sc.nr_scanned + sc.nr_refill
+        if self.lru.inactive_is_low():
+            self.shrink_active_list(SWAP_CLUSTER_MAX, sc)
+        pages = self.lru.isolate(SWAP_CLUSTER_MAX, active=False)
+        sc.nr_scanned += len(pages)
+        plug = self.shrink_page_list(pages, sc)
+        if plug:
+            await self.flush_plug(plug)
+        return sc.nr_scanned + sc.nr_refill - before
+
+    async def shrink(self, gfp: GFP, nr_to_reclaim: int = SWAP_CLUSTER_MAX) -> ScanControl:
+        """Scan until ``nr_to_reclaim`` pages are freed, or as much is pending in writeback,
+        or about two sweeps of the LRU found nothing (do_try_to_free_pages' priority loop)."""
+        sc = ScanControl(gfp, nr_to_reclaim)
+        budget = 2 * len(self.lru) + SWAP_CLUSTER_MAX
+        while sc.nr_reclaimed < nr_to_reclaim and sc.pending < nr_to_reclaim:
+            if await self.shrink_node(sc) == 0 or sc.nr_scanned + sc.nr_refill >= budget:
+                break
+        return sc
+
+    async def try_to_free_pages(self, gfp: GFP) -> ScanControl:
+        """mm/vmscan.c try_to_free_pages: direct reclaim of SWAP_CLUSTER_MAX pages.
+
+        The caller (the allocator's __perform_reclaim) runs it under PF_MEMALLOC.
+        """
+        self.stat.allocstall += 1
+        sc = await self.shrink(gfp, SWAP_CLUSTER_MAX)
+        self.stat.pgscan_direct += sc.nr_scanned
+        self.stat.pgsteal_direct += sc.nr_reclaimed
+        if sc.nr_reclaimed:
+            self.kswapd_failures = 0  # shrink_node (4.12+): reclaim worked, kswapd may retry
+        self.allocator.observer(DirectReclaim(gfp, sc.nr_scanned, sc.nr_reclaimed))
+        return sc
+
+    # -- swap writeout -----------------------------------------------------------------------
+
+    async def flush_plug(self, plug: list[Page]) -> None:
+        """``blk_finish_plug``: merge pages with contiguous slots into requests of at most
+        ``max_io_pages`` and submit each (``swap_writepage`` allocates bios with GFP_NOIO)."""
+        plug.sort(key=lambda p: p.private)
+        run: list[Page] = []
+        for page in plug:
+            if run and (page.private != run[-1].private + 1 or len(run) >= self.max_io_pages):
+                await self._swap_writepage(run)
+                run = []
+            run.append(page)
+        if run:
+            await self._swap_writepage(run)
+
+    async def _swap_writepage(self, pages: list[Page]) -> None:
+        """mm/page_io.c __swap_writepage: one bio for the run; PSWPOUT counted at submit."""
+        assert self.block is not None
+        slot = pages[0].private
+        bio = await self.block.submit(
+            write=True, slot=slot, pages=pages, gfp=GFP_NOIO, end_io=self.end_swap_bio_write
+        )
+        self.stat.pswpout += len(pages)
+        self.allocator.observer(SwapWritepage(bio.id, slot, len(pages)))
+
+    def end_swap_bio_write(self, bio: Bio) -> None:
+        """mm/page_io.c end_swap_bio_write, then end_page_writeback for each page."""
+        error = bio.error
+        for page in bio.pages:
+            if error is not None:
+                # "Re-dirty the page in order to avoid it being reclaimed." + ClearPageReclaim
+                page.dirty = True
+                page.reclaim = False
+            self.end_page_writeback(page)
+        if error is None:
+            self.allocator.progress.writebacks_completed += 1
+        else:
+            self.stat.swap_write_errors += len(bio.pages)
+        err = None if error is None else str(error) or type(error).__name__
+        self.allocator.observer(SwapWritebackDone(bio.id, bio.slot, len(bio.pages), err))
+        self._writeback_wait.unpark_all()
+
+    def end_page_writeback(self, page: Page) -> None:
+        """mm/filemap.c end_page_writeback: rotate a PG_reclaim page to the inactive tail
+        (``rotate_reclaimable_page``) so the next scan frees it, then clear writeback."""
+        if page.reclaim:
+            page.reclaim = False
+            if page.lru and not page.active and not page.dirty:
+                self.lru.rotate_to_tail(page)
+                self.stat.pgrotated += 1
+        page.writeback = False
+        self.stat.nr_writeback -= 1
+
+    def writeback_wait_for(self) -> WaitFor:
+        name = self.block.inflight_name() if self.block is not None else "swap"
+        return WaitFor("writeback", name, waker="swap device")
+
+    async def wait_for_writeback(self, timeout: float) -> bool:
+        """Sleep until a swap write completes (True) or ``timeout`` passes (False)."""
+        what = self.writeback_wait_for()
+        return await self.allocator.waits.park(self._writeback_wait, what, timeout)
+
+    # -- kswapd ------------------------------------------------------------------------------
+
+    def wakeup_kswapd(self, zone: Zone) -> None:
+        """mm/vmscan.c wakeup_kswapd."""
+        if self.kswapd_awake or self._kswapd_pending:  # "if (!waitqueue_active(..)) return"
+            return
+        # "Hopeless node, leave it to direct reclaim"
+        if self.kswapd_failures >= MAX_RECLAIM_RETRIES:
+            return
+        if zone.watermark_ok(ALLOC_WMARK_LOW):  # the zone is above low: nothing to do
+            return
+        self._kswapd_pending = True
+        self._kswapd_wait.unpark_all()
+        self.allocator.observer(KswapdWoken(zone.name, zone.nr_free))
+
+    def pgdat_balanced(self) -> bool:
+        """Every zone is above its high watermark (balance_pgdat's goal, reference §3)."""
+        return all(zone.watermark_ok(ALLOC_WMARK_HIGH) for zone in self.allocator.zones)
+
+    def _shortfall(self) -> int:
+        """Pages still to free for every zone to be above high."""
+        return sum(max(0, z.watermarks.high + 1 - z.nr_free) for z in self.allocator.zones)
+
+    async def kswapd(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The kswapd thread: sleep until woken below low, then balance up to high.
+
+        Runs as PF_MEMALLOC|PF_SWAPWRITE|PF_KSWAPD (and a kernel thread).
+        """
+        with task_flags(PF.MEMALLOC | PF.SWAPWRITE | PF.KSWAPD | PF.KTHREAD):
+            task_status.started()
+            idle = WaitFor(IDLE, "kswapd", waker="allocator")
+            while True:
+                self.kswapd_awake = False
+                while not self._kswapd_pending:
+                    await self.allocator.waits.park(self._kswapd_wait, idle)
+                self._kswapd_pending = False
+                self.kswapd_awake = True
+                balanced, nr_reclaimed = await self.balance_pgdat()
+                self.allocator.policy.kswapd_pass()
+                self.allocator.observer(KswapdSleep(balanced, nr_reclaimed))
+
+    async def balance_pgdat(self) -> tuple[bool, int]:
+        """mm/vmscan.c balance_pgdat: reclaim until every zone is above high.
+
+        Waits for writeback when as much as is missing is already in flight, or when the
+        scan finds nothing else to do; gives up (kswapd_failures++) when nothing is
+        reclaimable and nothing is in flight. Returns (balanced, pages reclaimed).
+        """
+        self.stat.pageoutrun += 1
+        total = 0
+        fruitless = 0
+        while True:
+            if self.pgdat_balanced():
+                self.kswapd_failures = 0
+                return True, total
+            sc = ScanControl(GFP_KERNEL, SWAP_CLUSTER_MAX, is_kswapd=True)
+            looked = await self.shrink_node(sc)
+            self.stat.pgscan_kswapd += sc.nr_scanned
+            self.stat.pgsteal_kswapd += sc.nr_reclaimed
+            total += sc.nr_reclaimed
+            self.allocator.policy.kswapd_pass()
+            if self.pgdat_balanced():
+                continue
+            fruitless = 0 if sc.nr_reclaimed else fruitless + looked
+            stuck = looked == 0 or fruitless > 2 * len(self.lru) + SWAP_CLUSTER_MAX
+            if stuck or self.stat.nr_writeback >= self._shortfall():
+                if self.stat.nr_writeback == 0:
+                    # balance_pgdat: "if (!sc.nr_reclaimed) pgdat->kswapd_failures++"
+                    self.kswapd_failures += 1
+                    return False, total
+                await self.wait_for_writeback(KSWAPD_WRITEBACK_WAIT)
+                fruitless = 0
+                continue
+            await trio.lowlevel.checkpoint()  # cond_resched()

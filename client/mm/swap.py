@@ -1,0 +1,191 @@
+"""Swap space: the slot map with cluster allocation, and the swap cache.
+
+A slot's count follows ``swap_map[]`` (mm/swapfile.c): the number of swap ptes that point at
+it, plus ``SWAP_HAS_CACHE`` while a page for it is in the swap cache. A slot is free when
+its count drops to zero.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from client.mm.page import Page
+
+SWAPFILE_CLUSTER = 256  # mm/swapfile.c: slots handed out sequentially within a cluster
+SWAP_HAS_CACHE = 0x40  # include/linux/swap.h: the slot has a page in the swap cache
+SWAP_MAP_MAX = 0x3E
+SWAP_MAP_BAD = 0x3F  # include/linux/swap.h: slot 0 holds the swap header
+
+
+class SwapFull(Exception):
+    """No free slot."""
+
+
+class SwapMap:
+    """Slot allocator over a device of ``nr_pages`` pages (``swap_info_struct.swap_map``).
+
+    Slot 0 is the swap header (``mkswap``) and never handed out. Slots are allocated in
+    clusters of ``SWAPFILE_CLUSTER``: sequentially from the current cluster, then from the
+    next wholly free cluster, and only when none is left by a linear next-fit scan
+    (mm/swapfile.c scan_swap_map_slots). So pages that reclaim adds to swap one after the
+    other get contiguous slots, which the block layer merges into one request.
+    """
+
+    def __init__(self, nr_pages: int) -> None:
+        self.nr_pages = max(nr_pages, 0)
+        self._map = bytearray(self.nr_pages)
+        self.nr_slots = max(self.nr_pages - 1, 0)  # usable slots
+        self.nr_free = self.nr_slots
+        nr_clusters = -(-self.nr_pages // SWAPFILE_CLUSTER)
+        self._cluster_used = [0] * nr_clusters
+        self._queued = bytearray(nr_clusters)
+        self._free_clusters: deque[int] = deque()
+        self._cur = self._cur_end = 0
+        self._cur_cluster = 0
+        self._scan = 1
+        if self.nr_pages:
+            self._map[0] = SWAP_MAP_BAD
+            self._cluster_used[0] = 1
+            self._cur, self._cur_end = 1, self._cluster_size(0)
+            for c in range(1, nr_clusters):
+                self._free_clusters.append(c)
+                self._queued[c] = 1
+
+    def _cluster_size(self, c: int) -> int:
+        return min(SWAPFILE_CLUSTER, self.nr_pages - c * SWAPFILE_CLUSTER)
+
+    def count(self, slot: int) -> int:
+        """The raw ``swap_map`` entry."""
+        return self._map[slot]
+
+    def pte_refs(self, slot: int) -> int:
+        """Swap ptes pointing at ``slot`` (``swap_count()``)."""
+        return self._map[slot] & ~SWAP_HAS_CACHE
+
+    def vm_swap_full(self) -> bool:
+        """include/linux/swap.h vm_swap_full: more than half of swap is in use."""
+        return self.nr_free * 2 < self.nr_slots
+
+    def alloc(self) -> int:
+        """``get_swap_page``: a free slot, with ``SWAP_HAS_CACHE`` set; raise ``SwapFull``."""
+        if self.nr_free == 0:
+            raise SwapFull
+        m = self._map
+        while True:
+            while self._cur < self._cur_end:
+                slot = self._cur
+                self._cur += 1
+                if m[slot] == 0:
+                    return self._take(slot)
+            if not self._next_cluster():
+                break
+        # No wholly free cluster: next-fit linear scan (scan_swap_map_slots' fallback).
+        n = self.nr_pages
+        for i in range(n):
+            slot = (self._scan + i) % n
+            if m[slot] == 0:
+                self._scan = slot + 1
+                return self._take(slot)
+        raise AssertionError("nr_free > 0 but no free slot")  # pragma: no cover
+
+    def _next_cluster(self) -> bool:
+        old = self._cur_cluster
+        while self._free_clusters:
+            c = self._free_clusters.popleft()
+            self._queued[c] = 0
+            if self._cluster_used[c] == 0:
+                self._cur_cluster = c
+                self._cur = c * SWAPFILE_CLUSTER
+                self._cur_end = self._cur + self._cluster_size(c)
+                self._maybe_queue(old)
+                return True
+        if self.nr_pages and self._cluster_used[old] == 0:  # the current one emptied meanwhile
+            self._cur = old * SWAPFILE_CLUSTER
+            self._cur_end = self._cur + self._cluster_size(old)
+            return True
+        return False
+
+    def _maybe_queue(self, c: int) -> None:
+        """Put cluster ``c`` on the free-cluster list if it is wholly free and not current."""
+        if self._cluster_used[c] == 0 and not self._queued[c] and c != self._cur_cluster:
+            self._free_clusters.append(c)
+            self._queued[c] = 1
+
+    def _take(self, slot: int) -> int:
+        self._map[slot] = SWAP_HAS_CACHE
+        self._cluster_used[slot // SWAPFILE_CLUSTER] += 1
+        self.nr_free -= 1
+        return slot
+
+    def _release(self, slot: int) -> None:
+        self.nr_free += 1
+        c = slot // SWAPFILE_CLUSTER
+        self._cluster_used[c] -= 1
+        self._maybe_queue(c)
+
+    def dup(self, slot: int) -> None:
+        """``swap_duplicate``: one more swap pte points at ``slot``."""
+        if self.pte_refs(slot) >= SWAP_MAP_MAX:
+            raise RuntimeError(f"swap slot {slot} count overflow")
+        self._map[slot] += 1
+
+    def put_ref(self, slot: int) -> None:
+        """``swap_free``: one swap pte fewer; free the slot when nothing references it."""
+        if self.pte_refs(slot) == 0:
+            raise RuntimeError(f"swap slot {slot} has no pte reference")
+        self._map[slot] -= 1
+        if self._map[slot] == 0:
+            self._release(slot)
+
+    def clear_cache(self, slot: int) -> None:
+        """``swapcache_free``: the swap cache dropped its page; free the slot if unused."""
+        if not self._map[slot] & SWAP_HAS_CACHE:
+            raise RuntimeError(f"swap slot {slot} is not in the swap cache")
+        self._map[slot] &= ~SWAP_HAS_CACHE
+        if self._map[slot] == 0:
+            self._release(slot)
+
+    def set_cache(self, slot: int) -> None:
+        """``swapcache_prepare``: a page for a swapped-out slot enters the swap cache."""
+        if self._map[slot] & SWAP_HAS_CACHE or self.pte_refs(slot) == 0:
+            raise RuntimeError(f"swap slot {slot} cannot enter the swap cache")
+        self._map[slot] |= SWAP_HAS_CACHE
+
+
+class SwapArea:
+    """One active swap area: its slot map and its swap cache (slot -> page)."""
+
+    def __init__(self, nr_pages: int) -> None:
+        self.map = SwapMap(nr_pages)
+        self.cache: dict[int, Page] = {}
+
+    def add_to_swap(self, page: Page) -> bool:
+        """mm/swap_state.c add_to_swap: allocate a slot and add ``page`` to the swap cache.
+
+        Also ``set_page_dirty``: the page must be written before its frame can be reused.
+        """
+        try:
+            slot = self.map.alloc()
+        except SwapFull:
+            return False
+        self._insert(page, slot)
+        page.dirty = True
+        return True
+
+    def add_to_swap_cache(self, page: Page, slot: int) -> None:
+        """A page read back for swapped-out ``slot`` enters the swap cache (swap-in)."""
+        self.map.set_cache(slot)
+        self._insert(page, slot)
+
+    def _insert(self, page: Page, slot: int) -> None:
+        page.swapcache = True
+        page.private = slot
+        self.cache[slot] = page
+
+    def delete_from_swap_cache(self, page: Page) -> None:
+        """mm/swap_state.c delete_from_swap_cache: drop the page and its cache reference."""
+        slot = page.private
+        del self.cache[slot]
+        page.swapcache = False
+        page.private = 0
+        self.map.clear_cache(slot)

@@ -1,0 +1,96 @@
+"""Test helpers: an in-memory swap device with latency and failure injection, page patterns.
+
+Kept in the package (like ``trio.testing``) so that tests of other layers and benchmarks
+can run the model without a server.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from client.mm.block import SwapIOError
+from client.mm.page import PAGE_SIZE
+from client.mm.process import Process
+
+
+@attrs.define(eq=False)
+class DeviceRequest:
+    """A request the device saw (for assertions)."""
+
+    op: str  # "write" or "read"
+    slot: int
+    nr_pages: int
+    failed: bool = False
+
+
+@attrs.define(eq=False)
+class MemorySwapDevice:
+    """A swap device in a dict: each request sleeps ``latency`` seconds (use a virtual
+    clock), then succeeds unless ``fail_write``/``fail_read`` says otherwise. Set ``gate``
+    to an unset ``trio.Event`` to hold every request until it is set."""
+
+    nr_pages: int
+    latency: float = 0.001
+    fail_write: Callable[[int, int], bool] = lambda slot, nr_pages: False
+    fail_read: Callable[[int], bool] = lambda slot: False
+    gate: trio.Event | None = None
+    slots: dict[int, bytes] = attrs.field(factory=dict, repr=False)
+    log: list[DeviceRequest] = attrs.field(factory=list, repr=False)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    @property
+    def size_bytes(self) -> int:
+        return self.nr_pages * PAGE_SIZE
+
+    async def _io(self) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await trio.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+
+    async def write(self, slot_start: int, pages: Sequence[memoryview]) -> None:
+        if slot_start <= 0 or slot_start + len(pages) > self.nr_pages:
+            raise ValueError(f"write of {len(pages)} pages at slot {slot_start} out of range")
+        request = DeviceRequest("write", slot_start, len(pages))
+        self.log.append(request)
+        await self._io()
+        if self.fail_write(slot_start, len(pages)):
+            request.failed = True
+            raise SwapIOError(f"injected write error at slot {slot_start}")
+        for i, view in enumerate(pages):
+            self.slots[slot_start + i] = bytes(view)
+
+    async def read(self, slot: int, into: memoryview) -> None:
+        request = DeviceRequest("read", slot, 1)
+        self.log.append(request)
+        await self._io()
+        if self.fail_read(slot):
+            request.failed = True
+            raise SwapIOError(f"injected read error at slot {slot}")
+        into[:] = self.slots.get(slot, bytes(PAGE_SIZE))
+
+    def writes(self) -> list[DeviceRequest]:
+        return [r for r in self.log if r.op == "write"]
+
+
+def pattern_content(process: Process, vpage: int) -> bytes:
+    """A page's worth of bytes unique to (pid, vpage): a verifiable workload pattern."""
+    return struct.pack("<QQ", process.pid, vpage) * (PAGE_SIZE // 16)
+
+
+def versioned_content(version: int) -> Callable[[Process, int], bytes]:
+    """Like ``pattern_content`` with a version number, for workloads that rewrite pages."""
+
+    def content(process: Process, vpage: int) -> bytes:
+        return struct.pack("<QQQQ", process.pid, vpage, version, 0) * (PAGE_SIZE // 32)
+
+    return content
