@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import signal
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -19,7 +21,15 @@ import structlog
 import trio
 
 from testbed import log as logsetup
-from testbed.config import ConfigError, load_server_config, parse_export_spec, parse_size
+from testbed.config import (
+    ConfigError,
+    is_loopback,
+    load_scenario,
+    load_server_config,
+    parse_export_spec,
+    parse_hostport,
+    parse_size,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -100,6 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(srv)
     srv.set_defaults(func=cmd_server)
 
+    cli = sub.add_parser(
+        "client",
+        help="run one client machine against an NBD server",
+        description="Run a modelled client machine whose swap device is the given NBD export, "
+        "until its workloads finish.",
+    )
+    cli.add_argument(
+        "--server",
+        required=True,
+        metavar="nbd://HOST:PORT/EXPORT",
+        help="the swap export (loopback unless --allow-remote)",
+    )
+    cli.add_argument("--config", metavar="FILE", help="scenario TOML (see configs/)")
+    cli.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by dotted path, e.g. machine.memory=32M",
+    )
+    cli.add_argument("--summary", metavar="FILE", help="write the run's summary as JSON")
+    cli.add_argument(
+        "--allow-remote", action="store_true", help="allow a server that is not on loopback"
+    )
+    _add_logging(cli)
+    cli.set_defaults(func=cmd_client)
+
     demo = sub.add_parser(
         "demo",
         help="run the default demonstration (nothing to set up)",
@@ -160,6 +198,102 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     _run_trio(main)
     return EXIT_OK
+
+
+def parse_nbd_uri(uri: str, *, allow_remote: bool = False) -> tuple[str, int, str]:
+    """``nbd://HOST[:PORT]/EXPORT`` → (host, port, export)."""
+    if not uri.startswith("nbd://"):
+        raise ConfigError(f"--server {uri!r}: expected nbd://HOST:PORT/EXPORT")
+    rest = uri[len("nbd://") :]
+    hostport, _, export = rest.partition("/")
+    host, port = parse_hostport(hostport, what="--server")
+    if not allow_remote and not is_loopback(host):
+        raise ConfigError(f"--server {uri!r}: {host} is not loopback; pass --allow-remote")
+    return host, port, export
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is read as TOML when it parses (numbers, booleans,
+    arrays), else taken as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from client.machine import ClientMachine
+
+    host, port, export = parse_nbd_uri(args.server, allow_remote=args.allow_remote)
+    overrides = parse_overrides(args.overrides)
+    if export:
+        overrides["swap.export"] = export
+    scenario = load_scenario(args.config, overrides)
+    logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
+    log = structlog.get_logger().bind(machine=scenario.machine.name)
+
+    async def main() -> dict[str, Any]:
+        async def connect() -> trio.abc.Stream:
+            return await trio.open_tcp_stream(host, port)
+
+        try:
+            probe = await connect()
+        except OSError as exc:
+            raise ConfigError(f"cannot reach {args.server}: {exc.strerror or exc}") from None
+        await probe.aclose()
+        machine = ClientMachine(scenario, connect, observer=logsetup.fact_observer(log))
+        log.info(
+            "run.start",
+            server=args.server,
+            policy=machine.policy_name,
+            memory=scenario.machine.memory,
+        )
+        summary = await machine.run()
+        log.info("run.summary", **summary)
+        return summary
+
+    try:
+        summary = trio.run(main)
+    except BaseException as exc:
+        for leaf in _leaves(exc):
+            if isinstance(leaf, ConfigError):
+                raise leaf from None
+        raise
+    write_summary(args.summary, summary)
+    print_outcome(summary)
+    return exit_code(summary["outcome"])
+
+
+def write_summary(path: str | None, summary: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2, default=str)
+            fh.write("\n")
+
+
+def print_outcome(summary: dict[str, Any]) -> None:
+    integ = summary["integrity"]
+    vm = summary["vmstat"]
+    print(
+        f"{summary['machine']}: {summary['outcome']}"
+        + (f" ({summary['reason']})" if summary.get("reason") else "")
+        + f" in {summary['duration']:.1f}s; pages verified {integ['pages_verified']},"
+        f" corrupt {integ['corrupt']}; pswpout {vm['pswpout']}, pswpin {vm['pswpin']},"
+        f" allocstall {vm['allocstall']}"
+    )
+
+
+def exit_code(outcome: str) -> int:
+    return {"completed": EXIT_OK, "deadlock": EXIT_DEADLOCK, "integrity_error": EXIT_INTEGRITY}.get(
+        outcome, EXIT_ERROR
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -214,3 +214,133 @@ def load_server_config(path: str | Path | None, **overrides: Any) -> ServerConfi
     if exports:
         config = attrs.evolve(config, exports=tuple(config.exports) + tuple(exports))
     return config
+
+
+# -- scenarios: what a client machine run does --------------------------------------------
+def _mem_size(value: str | int) -> int:
+    return parse_size(value, what="machine.memory")
+
+
+def _swap_size(value: str | int) -> int:
+    return parse_size(value, what="swap.size")
+
+
+@attrs.frozen
+class MachineConfig:
+    """The modelled client machine (DESIGN.md §4.1)."""
+
+    name: str = "client0"
+    memory: int = attrs.field(default=64 << 20, converter=_mem_size)
+    zones: tuple[tuple[str, float], ...] = (("Normal", 1.0),)
+    min_free_kbytes: int | None = None  # None: the kernel's int_sqrt(lowmem_kbytes * 16)
+    watermark_scale_factor: int = 10
+    max_io_pages: int = 32
+    swap_queue_depth: int = 32
+    bio_pool_size: int = 2
+
+    def __attrs_post_init__(self) -> None:
+        if self.memory < 1 << 20:
+            raise ConfigError(f"machine.memory {self.memory}: at least 1M")
+        if not 1 <= self.max_io_pages <= 256:
+            raise ConfigError(f"machine.max_io_pages {self.max_io_pages}: must be 1..256")
+        if self.swap_queue_depth < 1 or self.bio_pool_size < 1:
+            raise ConfigError("machine.swap_queue_depth and bio_pool_size must be >= 1")
+        if self.min_free_kbytes is not None and self.min_free_kbytes < 0:
+            raise ConfigError("machine.min_free_kbytes must not be negative")
+
+
+@attrs.frozen
+class SwapConfig:
+    """The swap device: an NBD export, the connection's depth and its failure handling."""
+
+    export: str = "swap"
+    size: int = attrs.field(default=512 << 20, converter=_swap_size)  # for embedded servers
+    depth: int = 32
+    io_timeout: float = 30.0
+    spare_pages: int | None = None  # remap space for fenced writes (default: 1/16)
+    quarantine_seconds: float = 30.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.depth < 1:
+            raise ConfigError(f"swap.depth {self.depth}: must be >= 1")
+        if self.io_timeout <= 0:
+            raise ConfigError("swap.io_timeout must be > 0")
+
+
+def _total(value: str | int) -> str | int:
+    if isinstance(value, str) and value.strip().lower().endswith("x"):
+        try:
+            if float(value.strip()[:-1]) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"workload total {value!r}: expected a size or a multiple like '4x'"
+            ) from None
+        return value.strip().lower()
+    return parse_size(value, what="workload total")
+
+
+@attrs.frozen
+class HogConfig:
+    """Mel Gorman's anonymous-memory hog: ``processes`` map ``total`` (bytes, or a multiple
+    of RAM like "4x") between them and touch it in ``rounds`` of a write pass then a
+    read-and-verify pass."""
+
+    kind: Literal["anon_hog"] = "anon_hog"
+    name: str = "hog"
+    processes: int = 4
+    total: str | int = attrs.field(default="4x", converter=_total)
+    rounds: int = 1
+    start_after: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.processes < 1 or self.rounds < 1:
+            raise ConfigError(f"workload {self.name!r}: processes and rounds must be >= 1")
+
+    def total_bytes(self, ram: int) -> int:
+        if isinstance(self.total, str):
+            return int(float(self.total[:-1]) * ram)
+        return self.total
+
+
+@attrs.frozen
+class RunConfig:
+    seed: int = 0
+    stall_seconds: float = 2.0
+    time_limit: float = 600.0
+    sample_interval: float = 0.1
+
+
+@attrs.frozen
+class ScenarioConfig:
+    """One run: the machine, its swap, its workloads, and (for ``netswap run``) a server."""
+
+    description: str = ""
+    machine: MachineConfig = MachineConfig()
+    swap: SwapConfig = SwapConfig()
+    workloads: tuple[HogConfig, ...] = (HogConfig(),)
+    run: RunConfig = RunConfig()
+    server: ServerConfig | None = None
+
+
+def load_scenario(
+    path: str | Path | None, overrides: dict[str, Any] | None = None
+) -> ScenarioConfig:
+    """A scenario from TOML (strict: unknown keys are errors), with dotted-path overrides."""
+    data: dict[str, Any] = load_toml(path) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    where = str(path) if path is not None else "scenario"
+    scenario: ScenarioConfig = _build(ScenarioConfig, data, where=where)
+    return scenario
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a table")
+        node = child
+    node[keys[-1]] = value

@@ -7,6 +7,7 @@ Library code only calls ``structlog.get_logger()`` and binds context variables.
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 from typing import IO, Any, Literal, TextIO, cast
@@ -58,3 +59,37 @@ def configure(
 
 def get_logger(**initial: Any) -> Any:
     return structlog.get_logger(**initial)
+
+
+#: High-volume facts (one per page) are logged at debug level; the rest at info.
+_DEBUG_EVENTS = frozenset(
+    {"swap.readpage", "swap.read_done", "alloc.failed", "alloc.emergency", "kswapd.sleep"}
+)
+
+
+def fact_observer(logger: Any | None = None) -> Any:
+    """An observer for the model and the swap device: each fact becomes one log event
+    named by its ``event`` attribute, its fields as the event's fields."""
+    import attrs
+
+    log = logger if logger is not None else structlog.get_logger()
+
+    def observe(fact: Any) -> None:
+        name = getattr(fact, "event", None) or type(fact).__name__
+        if attrs.has(type(fact)):
+            fields = attrs.asdict(fact, recurse=False)
+            fields.pop("event", None)
+            detail = fields.pop("detail", None)
+            if isinstance(detail, dict):
+                fields.update(detail)
+        else:
+            fields = {"fact": repr(fact)}
+        for key, value in fields.items():
+            if isinstance(value, enum.Enum):
+                fields[key] = value.name if value.name else str(value.value)
+        if name in _DEBUG_EVENTS:
+            log.debug(name, **fields)
+        else:
+            log.info(name, **fields)
+
+    return observe

@@ -1,0 +1,99 @@
+"""Workloads that run on the client machine: Mel Gorman's anonymous-memory hog.
+
+``processes`` processes map ``total`` bytes between them and touch every page in rounds:
+a write pass that fills each page with content derived from (process, virtual page,
+generation), then a read pass that checks it.  A page that was swapped out is swapped in
+by the read (or write) fault; every read compares the whole page, so a lost or stale swap
+write shows up as a corrupt page, never as a silent pass.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+import trio
+
+from client.mm import PAGE_SIZE, Memory, Process
+from client.mm.errors import IntegrityError, ProcessKilled
+from testbed.config import HogConfig
+
+_PATTERN = struct.Struct("<QQQQ")
+
+
+def page_content(pid: int, vpage: int, generation: int) -> bytes:
+    """4 KiB that only (pid, vpage, generation) produce."""
+    return _PATTERN.pack(pid, vpage, generation, 0x6E657473776170) * (PAGE_SIZE // 32)
+
+
+@attrs.define
+class Integrity:
+    pages_written: int = 0
+    pages_verified: int = 0
+    corrupt: int = 0
+    steps: int = 0  # workload progress: touches completed (the watchdog's "workload steps")
+
+
+@attrs.define
+class HogResult:
+    name: str
+    processes: int
+    pages_per_process: int
+    rounds: int
+    finished: int = 0
+    killed: int = 0
+
+
+class AnonHog:
+    """One ``anon_hog`` workload on a machine's memory."""
+
+    def __init__(self, config: HogConfig, memory: Memory, integrity: Integrity) -> None:
+        self.config = config
+        self.memory = memory
+        self.integrity = integrity
+        ram = memory.config.total_bytes
+        total_pages = max(config.total_bytes(ram) // PAGE_SIZE, config.processes)
+        self.result = HogResult(
+            config.name, config.processes, total_pages // config.processes, config.rounds
+        )
+
+    async def run(self) -> HogResult:
+        if self.config.start_after:
+            await trio.sleep(self.config.start_after)
+        async with trio.open_nursery() as nursery:
+            for i in range(self.config.processes):
+                nursery.start_soon(self._process, i, name=f"{self.config.name}/{i}")
+        return self.result
+
+    async def _process(self, index: int) -> None:
+        memory = self.memory
+        integrity = self.integrity
+        process = memory.new_process(f"{self.config.name}/{index}")
+        pages = self.result.pages_per_process
+        try:
+            for generation in range(1, self.config.rounds + 1):
+                content = _content_fn(generation)
+                for vpage in range(pages):
+                    await memory.touch(process, vpage, write=True, content_fn=content)
+                    integrity.pages_written += 1
+                    integrity.steps += 1
+                for vpage in range(pages):
+                    try:
+                        await memory.touch(process, vpage, write=False, content_fn=content)
+                    except IntegrityError:
+                        integrity.corrupt += 1
+                    else:
+                        integrity.pages_verified += 1
+                    integrity.steps += 1
+        except ProcessKilled:
+            self.result.killed += 1
+            return
+        memory.exit_process(process)
+        self.result.finished += 1
+
+
+def _content_fn(generation: int):  # type: ignore[no-untyped-def]
+    def content(process: Process, vpage: int) -> bytes:
+        return page_content(process.pid, vpage, generation)
+
+    return content
