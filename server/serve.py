@@ -230,6 +230,7 @@ class NBDServer:
         self._catalog = {name: e.info for name, e in self.exports.items()}
         self._ids = itertools.count(1)
         self._live: dict[int, ServerConnection] = {}
+        self._scopes: dict[int, trio.CancelScope] = {}
         self._all_closed = trio.Event()
         self._all_closed.set()
         self._shutdown = trio.Event()
@@ -350,30 +351,14 @@ class NBDServer:
         self.stats.live = len(self._live)
         reason = "eof"
         counters = {"requests": 0, "rejected": 0, "bytes_read": 0, "bytes_written": 0}
+        scope = self._scopes[cid] = trio.CancelScope()
         with structlog.contextvars.bound_contextvars(conn=cid):
             log.info("server.connection_opened", peer=peer_s)
             try:
-                await stream.send_all(machine.initiate())
-                started: TransmissionStarted | None = None
-                with trio.move_on_after(self.config.handshake_timeout):
-                    started = await self._handshake(stream, machine)
-                    reason = "handshake_ended" if started is None else reason
-                if started is None:
-                    if reason == "eof":
-                        reason = "handshake_timeout"
-                        self.stats.handshake_timeouts += 1
-                        log.warning("nbd.handshake_timeout", timeout=self.config.handshake_timeout)
-                else:
-                    log.info(
-                        "nbd.transmission_started",
-                        export=started.export_name,
-                        structured=started.structured_replies,
-                        via=started.via.name,
-                        flags=int(started.flags),
-                    )
-                    reason = await self._transmission(
-                        stream, machine, self.exports[started.export_name], counters
-                    )
+                with scope:
+                    reason = await self._serve_connection(stream, machine, counters)
+                if scope.cancelled_caught:
+                    reason = "dropped"
             except ProtocolError as exc:
                 reason = "protocol_error"
                 self.stats.protocol_errors += 1
@@ -385,6 +370,7 @@ class NBDServer:
                 log.info("server.connection_lost", error=str(exc) or type(exc).__name__)
             finally:
                 del self._live[cid]
+                del self._scopes[cid]
                 self.stats.live = len(self._live)
                 if not self._live:
                     self._all_closed.set()
@@ -392,6 +378,42 @@ class NBDServer:
                     cs.shield = True
                     await stream.aclose()
                 log.info("server.connection_closed", reason=reason, **counters)
+
+    async def _serve_connection(
+        self, stream: trio.abc.Stream, machine: ServerConnection, counters: dict[str, int]
+    ) -> str:
+        """Greeting, handshake under its deadline, then transmission; the close reason."""
+        reason = "eof"
+        await stream.send_all(machine.initiate())
+        started: TransmissionStarted | None = None
+        with trio.move_on_after(self.config.handshake_timeout):
+            started = await self._handshake(stream, machine)
+            reason = "handshake_ended" if started is None else reason
+        if started is None:
+            if reason == "eof":
+                reason = "handshake_timeout"
+                self.stats.handshake_timeouts += 1
+                log.warning("nbd.handshake_timeout", timeout=self.config.handshake_timeout)
+        else:
+            log.info(
+                "nbd.transmission_started",
+                export=started.export_name,
+                structured=started.structured_replies,
+                via=started.via.name,
+                flags=int(started.flags),
+            )
+            reason = await self._transmission(
+                stream, machine, self.exports[started.export_name], counters
+            )
+        return reason
+
+    def drop_connections(self) -> int:
+        """Cut every live connection at once (a fault to inject: the server "crashed" for
+        its clients, while it keeps listening).  Returns how many were cut."""
+        for scope in self._scopes.values():
+            scope.cancel()
+        log.warning("server.connections_dropped", count=len(self._scopes))
+        return len(self._scopes)
 
     async def _send_quietly(self, stream: trio.abc.Stream, machine: ServerConnection) -> None:
         data = machine.data_to_send()
