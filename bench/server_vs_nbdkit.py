@@ -1,0 +1,543 @@
+#!/usr/bin/env python3
+"""netswap's NBD server against ``nbdkit memory``, under the same client (``nbdcopy``).
+
+A benchmark, not a test (DESIGN.md §8): it reports ratios measured in one run and always
+exits 0 when the measurements themselves succeed, whatever the ratios are.
+
+Each measurement starts a fresh server on 127.0.0.1 with an empty in-memory export -- either
+``python -m testbed.cli server --export bench:SIZE`` or ``nbdkit memory SIZE`` -- and times
+``nbdcopy SRC nbd://127.0.0.1:PORT/...`` writing a file of random data into it (server start
+and stop are not timed).  The two servers alternate (netswap, nbdkit, netswap, nbdkit, ...)
+for ``--rounds`` rounds and each row reports the median.  The CPU time other processes used
+during the timed runs is measured too (``/proc``) and printed under the table: on a shared
+machine that is the noise.  Workloads (all writes, one connection, one nbdcopy thread, no
+sparseness detection, no extent queries):
+
+    4k-qd1    4 KiB requests, 1 in flight
+    4k-qd64   4 KiB requests, 64 in flight
+    128k-qd16 128 KiB requests, 16 in flight
+
+Usage::
+
+    .venv/bin/python bench/server_vs_nbdkit.py [--rounds 3] [--size-scale 1.0]
+        [--json FILE] [--write-docs [--docs docs/benchmarks.md]] [-q]
+
+Needs nbdkit and nbdcopy (Debian: nbdkit, libnbd-bin).  Only the standard library is used
+here; the server under test is run from the interpreter running this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Server vs nbdkit"
+HOST = "127.0.0.1"
+KiB = 1 << 10
+MiB = 1 << 20
+STARTUP_TIMEOUT = 20.0
+COPY_TIMEOUT = 600.0
+#: Random data is made of this block, repeated: nothing in the path compares or dedupes.
+RANDOM_BLOCK = 16 * MiB
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    label: str
+    request_size: int
+    requests: int
+    #: Bytes copied at --size-scale 1: about 1-2 s each on nbdkit 1.32 on a 2-core VM.
+    size: int
+    #: The issue's target for netswap/nbdkit (throughput ratio).
+    target: float
+
+    def scaled_size(self, scale: float) -> int:
+        """``size`` × ``scale``, in whole requests, and at least one full queue."""
+        requests = max(self.requests, int(self.size * scale) // self.request_size)
+        return requests * self.request_size
+
+    def nbdcopy_options(self) -> list[str]:
+        return [
+            f"--request-size={self.request_size}",
+            f"--requests={self.requests}",
+            "--connections=1",
+            "--threads=1",
+            "--sparse=0",  # never turn a run of zeros into WRITE_ZEROES
+            "--no-extents",  # never skip a range: write every byte
+        ]
+
+
+WORKLOADS = (
+    Workload("4k-qd1", "4 KiB, queue depth 1", 4 * KiB, 1, 128 * MiB, 0.8),
+    Workload("4k-qd64", "4 KiB, queue depth 64", 4 * KiB, 64, 384 * MiB, 1.0),
+    Workload("128k-qd16", "128 KiB, queue depth 16", 128 * KiB, 16, 1024 * MiB, 0.6),
+)
+SERVERS = ("netswap", "nbdkit")
+
+
+@dataclass
+class Row:
+    workload: str
+    label: str
+    bytes: int
+    request_size: int
+    requests_in_flight: int
+    target: float
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
+    other_cpu: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
+
+    def median(self, server: str) -> float:
+        return statistics.median(self.seconds[server])
+
+    def mb_s(self, server: str) -> float:
+        return self.bytes / self.median(server) / 1e6
+
+    def ops_s(self, server: str) -> float:
+        return self.bytes / self.request_size / self.median(server)
+
+    @property
+    def ratio(self) -> float:
+        return self.mb_s("netswap") / self.mb_s("nbdkit")
+
+    @property
+    def round_ratios(self) -> list[float]:
+        """netswap/nbdkit throughput per round (each pair ran back to back)."""
+        return [k / n for n, k in zip(self.seconds["netswap"], self.seconds["nbdkit"], strict=True)]
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.ratio >= self.target else "below target"
+
+
+class BenchError(Exception):
+    """A measurement could not be taken (a tool failed, a server did not start)."""
+
+
+# -- servers ------------------------------------------------------------------------------
+class Server:
+    """A server process on 127.0.0.1; ``port`` is known once ``start`` returns."""
+
+    name = ""
+
+    def __init__(self, size: int, workdir: Path) -> None:
+        self.size = size
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.export = ""
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://{HOST}:{self.port}/{self.export}"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise BenchError(f"{self.name} did not stop on SIGTERM") from None
+        if proc.returncode != 0:
+            raise BenchError(f"{self.name} exited {proc.returncode} after SIGTERM")
+
+    def _wait(self, ready: Any, what: str) -> Any:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            value = ready()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited {self.proc.returncode} before {what}")
+            time.sleep(0.02)
+        raise BenchError(f"{self.name}: no {what} within {STARTUP_TIMEOUT} s")
+
+
+class NetswapServer(Server):
+    name = "netswap"
+
+    def start(self) -> None:
+        log = self.workdir / "netswap.log"
+        log.unlink(missing_ok=True)
+        self.export = "bench"
+        cmd = [
+            sys.executable, "-m", "testbed.cli", "server",
+            "--listen", f"{HOST}:0",
+            "--export", f"bench:{self.size}",
+            "--log-file", str(log),
+        ]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+
+        def listening() -> dict[str, Any] | None:
+            try:
+                first = log.read_text().partition("\n")
+            except FileNotFoundError:
+                return None
+            if not first[1]:
+                return None  # the line is not complete yet
+            event: dict[str, Any] = json.loads(first[0])
+            return event
+
+        event = self._wait(listening, "server.listening in its log")
+        if event.get("event") != "server.listening":
+            raise BenchError(f"netswap: first log event is {event.get('event')!r}")
+        self.port = int(event["port"])
+
+
+class NbdkitServer(Server):
+    name = "nbdkit"
+
+    def start(self) -> None:
+        pidfile = self.workdir / "nbdkit.pid"
+        pidfile.unlink(missing_ok=True)
+        self.export = ""
+        self.port = free_port()
+        cmd = [
+            "nbdkit", "-f", "-i", HOST, "-p", str(self.port), "-P", str(pidfile),
+            "--exit-with-parent", "memory", str(self.size),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # nbdkit writes its pidfile once it accepts connections (nbdkit(1), -P).
+        self._wait(lambda: pidfile.exists() and pidfile.read_text().strip(), "pidfile")
+
+
+def free_port() -> int:
+    """A port the kernel just handed out on 127.0.0.1 (closed again; nbdkit binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# -- measuring ----------------------------------------------------------------------------
+def make_source(path: Path, size: int) -> None:
+    block = os.urandom(min(RANDOM_BLOCK, size))
+    with path.open("wb") as fh:
+        left = size
+        while left:
+            n = min(len(block), left)
+            fh.write(block[:n])
+            left -= n
+
+
+def export_size(nbytes: int) -> int:
+    return -(-nbytes // MiB) * MiB
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_seconds() -> float:
+    """CPU time spent in user and system mode on the whole machine (from /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    user, nice, system = (int(x) for x in fields[1:4])
+    return (user + nice + system) / _TICK
+
+
+def _process_seconds(pid: int) -> float:
+    """utime + stime of a live process, all threads (/proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _own_seconds() -> float:
+    """This process and its waited-for children (nbdcopy)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    #: CPU time used during the run by processes other than this script, the server and
+    #: nbdcopy: other people's work on a shared machine, i.e. noise.
+    other_cpu: float
+
+
+def copy_once(server: Server, workload: Workload, source: Path) -> Measurement:
+    """Start ``server``, time one nbdcopy of ``source`` into it, stop it."""
+    server.start()
+    try:
+        assert server.proc is not None
+        cmd = ["nbdcopy", *workload.nbdcopy_options(), str(source), server.uri]
+        cpu0 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
+        t0 = time.perf_counter()
+        result = subprocess.run(cmd, capture_output=True, timeout=COPY_TIMEOUT, check=False)
+        elapsed = time.perf_counter() - t0
+        cpu1 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
+        if result.returncode != 0:
+            raise BenchError(
+                f"{' '.join(cmd)} against {server.name} exited {result.returncode}: "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
+        busy, own, srv = (b - a for a, b in zip(cpu0, cpu1, strict=True))
+        return Measurement(elapsed, max(0.0, busy - own - srv))
+    finally:
+        server.stop()
+
+
+def run_benchmark(rounds: int, scale: float, workdir: Path, progress: bool) -> list[Row]:
+    workloads = [(w, w.scaled_size(scale)) for w in WORKLOADS]
+    sources: dict[int, Path] = {}
+    for _, nbytes in workloads:
+        if nbytes not in sources:
+            sources[nbytes] = workdir / f"random-{nbytes}.img"
+            make_source(sources[nbytes], nbytes)
+    rows = [
+        Row(w.name, w.label, nbytes, w.request_size, w.requests, w.target)
+        for w, nbytes in workloads
+    ]
+    for r in range(rounds):
+        for (w, nbytes), row in zip(workloads, rows, strict=True):
+            for server in (
+                NetswapServer(export_size(nbytes), workdir),
+                NbdkitServer(export_size(nbytes), workdir),
+            ):
+                m = copy_once(server, w, sources[nbytes])
+                row.seconds[server.name].append(m.seconds)
+                row.other_cpu[server.name].append(m.other_cpu)
+                if progress:
+                    print(
+                        f"  round {r + 1}/{rounds} {w.name:<9} {server.name:<7} "
+                        f"{nbytes / MiB:6.0f} MiB in {m.seconds:6.3f} s "
+                        f"({nbytes / m.seconds / 1e6:7.1f} MB/s)"
+                        f"  other CPU {m.other_cpu / m.seconds:4.0%}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    for path in sources.values():
+        path.unlink(missing_ok=True)
+    return rows
+
+
+# -- reporting ----------------------------------------------------------------------------
+def tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:
+        nproc = os.cpu_count() or 0
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": nproc,
+        "cpu": model,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "nbdkit": tool_version(["nbdkit", "--version"]),
+        "nbdcopy": tool_version(["nbdcopy", "--version"]),
+    }
+
+
+HEADER = (
+    "| workload | data | netswap MB/s | netswap ops/s | nbdkit MB/s | nbdkit ops/s "
+    "| netswap/nbdkit | per round | target | |"
+)
+
+
+def noise(rows: list[Row]) -> tuple[float, float]:
+    """Other processes' CPU use during the timed runs, in CPUs: on average and at worst."""
+    pairs = [
+        (cpu, secs)
+        for row in rows
+        for server in SERVERS
+        for cpu, secs in zip(row.other_cpu[server], row.seconds[server], strict=True)
+    ]
+    total = sum(secs for _, secs in pairs)
+    average = sum(cpu for cpu, _ in pairs) / total if total else 0.0
+    worst = max((cpu / secs for cpu, secs in pairs), default=0.0)
+    return average, worst
+
+
+def noise_line(rows: list[Row]) -> str:
+    average, worst = noise(rows)
+    return (
+        f"Other processes used {average:.0%} of one CPU on average during the timed runs "
+        f"({worst:.0%} in the worst run)."
+    )
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / MiB:.1f}".removesuffix(".0")
+
+
+def table(rows: list[Row]) -> str:
+    lines = [HEADER, "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for row in rows:
+        ratios = row.round_ratios
+        spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else "–"
+        lines.append(
+            f"| {row.label} | {mib(row.bytes)} MiB "
+            f"| {row.mb_s('netswap'):.1f} | {row.ops_s('netswap'):,.0f} "
+            f"| {row.mb_s('nbdkit'):.1f} | {row.ops_s('nbdkit'):,.0f} "
+            f"| {row.ratio:.2f} | {spread} | ≥ {row.target:.1f} | {row.verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def section(rows: list[Row], info: dict[str, Any], rounds: int, scale: float) -> str:
+    opts = " ".join(o for o in WORKLOADS[0].nbdcopy_options() if not o.startswith("--request"))
+    return f"""{SECTION}
+
+Measured {info["date"]} by `bench/server_vs_nbdkit.py --rounds {rounds} --size-scale {scale:g}`
+on {info["nproc"]} CPUs ({info["cpu"]}), {info["kernel"]}, {info["python"]},
+{info["nbdkit"]}, {info["nbdcopy"]}.
+
+Each run starts a fresh server with an empty in-memory export on 127.0.0.1 (TCP) --
+`netswap server --export bench:SIZE` or `nbdkit memory SIZE` (default thread pool) -- and
+times `nbdcopy SRC nbd://127.0.0.1:PORT/...` writing a file of random data into it, with
+
+    nbdcopy --request-size=SIZE --requests=DEPTH {opts}
+
+The servers alternate (netswap, nbdkit, netswap, nbdkit, ...); each cell is the median of
+{rounds} runs.  MB/s is 10^6 bytes per second of nbdcopy wall-clock time (server start and
+stop excluded); ops/s is write requests per second.  "netswap/nbdkit" is the ratio of the
+median throughputs, "per round" the range of the ratios of the back-to-back pairs; the
+targets are the issue's (the script prints PASS or "below target" and exits 0 either way).
+
+{table(rows)}
+
+{noise_line(rows)}
+
+On a shared machine, look at that line before the ratios: netswap serves from one Python
+thread and loses more than nbdkit when other processes compete for the CPUs, so a run with
+more than a few percent of other CPU use understates its ratios.
+"""
+
+
+DOCS_INTRO = """# Benchmarks
+
+Performance measurements of netswap (DESIGN.md §8).  They are ratios measured in one run on
+one machine, never timed tests: rerun the script to update a section, and compare numbers
+only within a section.
+"""
+
+
+def write_docs(path: Path, text: str) -> None:
+    """Replace (or append) the ``## Server vs nbdkit`` section of ``path``."""
+    old = path.read_text() if path.exists() else DOCS_INTRO
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text + "\n", old, count=1)
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server (default 3)")
+    parser.add_argument(
+        "--size-scale", type=float, default=1.0, metavar="X",
+        help="multiply every workload's data size by X (default 1; 0.1 for a quick look)",
+    )  # fmt: skip
+    parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
+    parser.add_argument(
+        "--write-docs", action="store_true",
+        help=f"rewrite the '{SECTION}' section of --docs with the results",
+    )  # fmt: skip
+    parser.add_argument("--docs", default=str(DOCS), metavar="FILE", help=f"default {DOCS}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-run progress")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.size_scale <= 0:
+        parser.error("--rounds must be >= 1 and --size-scale > 0")
+    for tool in ("nbdkit", "nbdcopy"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (Debian: nbdkit, libnbd-bin)", file=sys.stderr)
+            return 1
+
+    info = machine()
+    print(
+        f"{info['date']}: {info['nproc']} CPUs ({info['cpu']}), {info['kernel']}, "
+        f"{info['python']}, {info['nbdkit']}, {info['nbdcopy']}",
+        file=sys.stderr,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="netswap-bench-") as tmp:
+            rows = run_benchmark(args.rounds, args.size_scale, Path(tmp), not args.quiet)
+    except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+
+    print(table(rows))
+    print(noise_line(rows))
+    if args.json:
+        payload = {
+            "machine": info,
+            "rounds": args.rounds,
+            "size_scale": args.size_scale,
+            "other_cpu": dict(zip(("average", "worst"), noise(rows), strict=True)),
+            "results": [
+                {
+                    **asdict(row),
+                    **{f"{s}_mb_s": round(row.mb_s(s), 2) for s in SERVERS},
+                    **{f"{s}_ops_s": round(row.ops_s(s)) for s in SERVERS},
+                    "ratio": round(row.ratio, 3),
+                    "round_ratios": [round(r, 3) for r in row.round_ratios],
+                    "verdict": row.verdict,
+                }
+                for row in rows
+            ],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.write_docs:
+        write_docs(Path(args.docs), section(rows, info, args.rounds, args.size_scale))
+        print(f"wrote the '{SECTION}' section of {args.docs}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
