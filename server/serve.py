@@ -189,10 +189,6 @@ class Export:
         flags = (
             TransmissionFlags.HAS_FLAGS
             | TransmissionFlags.SEND_FLUSH
-            | TransmissionFlags.SEND_FUA
-            | TransmissionFlags.SEND_TRIM
-            | TransmissionFlags.SEND_WRITE_ZEROES
-            | TransmissionFlags.SEND_FAST_ZERO
             | TransmissionFlags.SEND_CACHE
             # One store object serves every connection, so a FLUSH on one covers writes
             # completed on all of them: multi-conn is true for both backends.
@@ -200,6 +196,13 @@ class Export:
         )
         if config.read_only:
             flags |= TransmissionFlags.READ_ONLY
+        else:  # writing features only where writing is possible (as nbdkit -r does)
+            flags |= (
+                TransmissionFlags.SEND_FUA
+                | TransmissionFlags.SEND_TRIM
+                | TransmissionFlags.SEND_WRITE_ZEROES
+                | TransmissionFlags.SEND_FAST_ZERO
+            )
         info = ExportInfo(config.name, config.size, flags, config.description)
         return cls(config, store, info)
 
@@ -289,9 +292,12 @@ class NBDServer:
                     await self._all_closed.wait()
                 connections.cancel_scope.cancel()
         finally:
-            for listener in listeners:
-                await listener.aclose()
-            await self._close_stores()
+            # Shielded: a cancelled serve() (its nursery cancelled) must still close the
+            # listeners and flush and close the stores, or acknowledged data is at risk.
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+                await self._close_stores()
             log.info("server.stopped", **attrs.asdict(self.stats))
 
     async def _close_stores(self) -> None:

@@ -117,7 +117,11 @@ class MemoryStore:
             return
         self._zero_partial(offset, first * PAGE)
         pages = self._pages
-        if last - first < len(pages):
+        if not may_trim:  # NO_HOLE: the range must stay allocated, so store zero pages
+            zero = bytes(PAGE)
+            for index in range(first, last):
+                pages[index] = zero
+        elif last - first < len(pages):
             for index in range(first, last):
                 pages.pop(index, None)
         else:

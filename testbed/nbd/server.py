@@ -410,6 +410,10 @@ class ServerConnection(Machine):
         if allowed is None:
             return Errno.EINVAL, f"unknown command {cmd}"
         tflags = self.flags
+        if cmd in _MODIFYING and tflags & TransmissionFlags.READ_ONLY:
+            # Before "not advertised": a read-only export need not advertise TRIM or
+            # WRITE_ZEROES, yet a write of any kind to it is EPERM (proto.md).
+            return Errno.EPERM, "export is read-only"
         need = _CMD_FLAG_FOR.get(cmd)
         if need is not None and not tflags & need:
             return Errno.EINVAL, f"{Cmd(cmd).name} was not advertised"
@@ -419,8 +423,6 @@ class ServerConnection(Machine):
             return Errno.EINVAL, "FUA was not advertised"
         if flags & CmdFlags.DF and not self.structured:
             return Errno.EINVAL, "DF without structured replies"
-        if cmd in _MODIFYING and tflags & TransmissionFlags.READ_ONLY:
-            return Errno.EPERM, "export is read-only"
         if cmd == Cmd.BLOCK_STATUS and not self._meta:
             return Errno.EINVAL, "no meta context was negotiated"
         if cmd == Cmd.READ and length > self.max_payload:

@@ -13,7 +13,9 @@ from testbed.config import ExportConfig, ServerConfig
 
 def make_server(**config: object) -> NBDServer:
     cfg = ServerConfig(
-        listen="127.0.0.1:0", exports=(ExportConfig(name="swap", size=8 << 20),), **config  # type: ignore[arg-type]
+        listen="127.0.0.1:0",
+        exports=(ExportConfig(name="swap", size=8 << 20),),
+        **config,  # type: ignore[arg-type]
     )
     return NBDServer(cfg, [Export.from_config(e) for e in cfg.exports])
 

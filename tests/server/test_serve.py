@@ -428,3 +428,26 @@ async def test_shutdown_refuses_new_options(make_server: Callable[..., Any]) -> 
     await trio.testing.wait_all_tasks_blocked()
     await raw.send(OptionRequest(Opt.LIST))
     assert (await raw.event()).reply == constants.Rep.ERR_SHUTDOWN
+
+
+async def test_read_only_export_advertises_no_writing_features(nbd_server: NBDServer) -> None:
+    flags = nbd_server.exports["ro"].info.flags
+    TF = constants.TransmissionFlags
+    assert flags & TF.READ_ONLY and flags & TF.SEND_FLUSH
+    for feature in (TF.SEND_TRIM, TF.SEND_WRITE_ZEROES, TF.SEND_FUA, TF.SEND_FAST_ZERO):
+        assert not flags & feature
+
+
+async def test_cancelled_server_still_closes_and_flushes_its_stores(tmp_path: Any) -> None:
+    from server import Export
+    from testbed.config import ServerConfig
+
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        exports=(ExportConfig(name="f", size=1 << 20, backend="file", path=str(tmp_path / "f")),),
+    )
+    server = NBDServer(config, [Export.from_config(e) for e in config.exports])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        nursery.cancel_scope.cancel()
+    assert server.exports["f"].store._fd == -1  # type: ignore[attr-defined]

@@ -115,3 +115,10 @@ def test_memory_store_matches_a_flat_reference(sequence: list[tuple[str, int, in
             ref[offset : offset + length] = bytes(length)
     assert store.pread(0, SIZE) == bytes(ref)
     assert sum(n for n, _ in store.extents(0, SIZE)) == SIZE
+
+
+def test_zero_with_no_hole_keeps_the_range_allocated() -> None:
+    store = MemoryStore(SIZE)
+    store.zero(0, 4 * PAGE, may_trim=False)
+    assert store.pread(0, 4 * PAGE) == bytes(4 * PAGE)
+    assert store.extents(0, 4 * PAGE) == [(4 * PAGE, 0)]  # data, not a hole
