@@ -166,8 +166,13 @@ class NBDClient:
             self._slots[cookie] = slot
             try:
                 payload = self._machine.send(Request(cookie, command, offset, length, flags, data))
-                async with self._send_lock:
-                    await self._stream.send_all(payload)
+                try:
+                    async with self._send_lock:
+                        await self._stream.send_all(payload)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    # The send side may notice a dead connection before the reader does.
+                    self._fail(exc)
+                    raise Disconnected(f"connection lost while sending: {exc}") from exc
                 await slot.done.wait()
             finally:
                 self._slots.pop(cookie, None)

@@ -30,7 +30,7 @@ import trio
 
 from client.mm.block import SwapIOError
 from client.nbd_client import Disconnected, NBDClient, NBDError
-from testbed.nbd import ProtocolError
+from testbed.nbd import Errno, ProtocolError
 
 PAGE = 4096
 
@@ -205,12 +205,22 @@ class NBDSwapDevice:
             inflight = self._inflight_writes.setdefault(epoch, set())
             inflight.update(slots)
             try:
-                await self._timed(epoch, self._write_runs(client, slots, pages))
-                return
+                targets = await self._timed(epoch, self._write_runs(client, slots, pages))
+                if all(self._physical(s) == t for s, t in zip(slots, targets, strict=True)):
+                    return
+                # Fenced while in flight: the reply came on the old connection, but the
+                # slots were remapped before we saw it, so the data is at the old place
+                # (now quarantined).  Write it again where the slots live now.
+                self.stats.resubmitted += 1
+                continue
             except (Disconnected, _Timeout) as exc:
                 self._lost(epoch, str(exc))
                 self.stats.resubmitted += 1
             except NBDError as exc:
+                if exc.errno == Errno.ESHUTDOWN:  # the server is going away: reconnect
+                    self._lost(epoch, str(exc))
+                    self.stats.resubmitted += 1
+                    continue
                 self.stats.io_errors += 1
                 raise SwapIOError(str(exc)) from exc
             finally:
@@ -218,17 +228,20 @@ class NBDSwapDevice:
 
     async def _write_runs(
         self, client: NBDClient, slots: range, pages: Sequence[memoryview]
-    ) -> None:
-        """One NBD WRITE per run of physically contiguous blocks (one, unless remapped)."""
+    ) -> list[int]:
+        """One NBD WRITE per run of physically contiguous blocks (one, unless remapped).
+        Returns the physical block each slot was written to."""
+        targets = [self._physical(slot) for slot in slots]
         start = 0
         while start < len(pages):
-            phys = self._physical(slots[start])
+            phys = targets[start]
             end = start + 1
-            while end < len(pages) and self._physical(slots[end]) == phys + (end - start):
+            while end < len(pages) and targets[end] == phys + (end - start):
                 end += 1
             data = b"".join(pages[start:end]) if end - start > 1 else bytes(pages[start])
             await client.write(phys * PAGE, data)
             start = end
+        return targets
 
     async def read(self, slot: int, into: memoryview) -> None:
         while True:
@@ -240,6 +253,10 @@ class NBDSwapDevice:
                 self.stats.resubmitted += 1
                 continue
             except NBDError as exc:
+                if exc.errno == Errno.ESHUTDOWN:  # "the server is shutting down": reconnect
+                    self._lost(epoch, str(exc))
+                    self.stats.resubmitted += 1
+                    continue
                 self.stats.io_errors += 1
                 raise SwapIOError(str(exc)) from exc
             into[:] = data

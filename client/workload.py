@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from client.mm import PAGE_SIZE, Memory, Process
-from client.mm.errors import IntegrityError, ProcessKilled
+from client.mm.errors import IntegrityError, ProcessKilled, SwapReadError
 from testbed.config import HogConfig
 
 _PATTERN = struct.Struct("<QQQQ")
@@ -42,6 +42,7 @@ class HogResult:
     rounds: int
     finished: int = 0
     killed: int = 0
+    sigbus: int = 0
 
 
 class AnonHog:
@@ -87,6 +88,10 @@ class AnonHog:
                     integrity.steps += 1
         except ProcessKilled:
             self.result.killed += 1
+            return
+        except SwapReadError:
+            # do_swap_page: a failed swap-in read is VM_FAULT_SIGBUS for the process.
+            self.result.sigbus += 1
             return
         memory.exit_process(process)
         self.result.finished += 1
