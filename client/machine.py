@@ -10,19 +10,26 @@ turns them into log events.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
+import trio.testing
 
 from client.mm import Memory, MemoryConfig
-from client.mm.policy import NullPolicy, ReservePolicy
+from client.net.noise import consume, flood
+from client.net.socket import ModelledSocket
+from client.net.stack import NOISE, SWAP, NetStack
+from client.policy import Policy, make_policy
 from client.swapdev import Connect, NBDSwapDevice
 from client.workload import AnonHog, Integrity
 from testbed.config import ScenarioConfig
 
 Observer = Callable[[object], None]
+#: Runs beside the workloads (the harness's watchdog); a dict it returns ends the run as a
+#: deadlock and becomes the summary's ``deadlock`` entry (``cycle``, ``chain``, ...).
+Supervisor = Callable[["ClientMachine"], Awaitable[dict[str, Any] | None]]
 
 
 def _drop(_fact: object) -> None:
@@ -36,10 +43,13 @@ class ClientMachine:
         connect: Connect,
         *,
         observer: Observer = _drop,
-        policy: ReservePolicy | None = None,
-        policy_name: str = "none",
+        policy: str | None = None,
     ) -> None:
         self.scenario = scenario
+        self.policy_name = policy or scenario.policy
+        self.policy: Policy = make_policy(self.policy_name, scenario)
+        self.observer = observer
+        self._connect = connect
         m = scenario.machine
         self.memory = Memory.from_config(
             MemoryConfig(
@@ -51,12 +61,12 @@ class ClientMachine:
                 swap_queue_depth=m.swap_queue_depth,
                 bio_pool_size=m.bio_pool_size,
             ),
-            policy=policy or NullPolicy(),
+            policy=self.policy,
             observer=observer,
         )
         s = scenario.swap
         self.device = NBDSwapDevice(
-            connect,
+            self._connect_swap,
             s.export,
             depth=s.depth,
             io_timeout=s.io_timeout,
@@ -66,39 +76,114 @@ class ClientMachine:
         )
         self.integrity = Integrity()
         self.hogs = [AnonHog(w, self.memory, self.integrity) for w in scenario.workloads]
-        self.policy_name = policy_name
+        self.net: NetStack | None = None
+        self.deadlock: dict[str, Any] | None = None
+        self.min_free = self.memory.nr_free_pages
+        self._swap_sockets = 0
         self.outcome = "running"
         self.reason = ""
         self._started = 0.0
 
-    async def run(self) -> dict[str, Any]:
-        """Run to the end of the workloads (or the time limit); the summary as a dict."""
+    async def _connect_swap(self) -> trio.abc.Stream:
+        """Open the swap connection as a modelled socket (``SOCK_MEMALLOC`` if the policy
+        says so); the watchdog learns that its RX task is what "the swap device" is."""
+        assert self.net is not None
+        raw = await self._connect()
+        name = f"nbd{self._swap_sockets}"
+        self._swap_sockets += 1
+        s = self.scenario.swap
+        sock = self.net.socket(raw, name, SWAP, sndbuf=s.sndbuf, rcvbuf=s.rcvbuf, latency=s.latency)
+        waits = self.memory.waits
+        for role in ("swap device", "mempool_free"):
+            waits.roles[role] = [sock.rx_task_name]
+        return sock
+
+    def progress(self) -> tuple[int, ...]:
+        """What the watchdog counts as progress (never retries or drops)."""
+        p = self.memory.progress
+        return (p.pages_freed, p.writebacks_completed, p.swapins_completed, self.integrity.steps)
+
+    async def run(self, *, supervisor: Supervisor | None = None) -> dict[str, Any]:
+        """Run to the end of the workloads, a deadlock, or the time limit; the summary."""
         wall = time.perf_counter()
         self._started = trio.current_time()
+        timed_out = False
         try:
             async with trio.open_nursery() as nursery:
+                self.net = NetStack(self.memory, self.policy, nursery, observer=self.observer)
+                self.memory.waits.roles["kswapd"] = ["kswapd0"]
                 await self.device.start(nursery)
                 self.memory.swapon(self.device)
                 await self.memory.start(nursery)
+                nursery.start_soon(self._sample_min_free)
                 with trio.move_on_after(self.scenario.run.time_limit) as limit:
-                    async with trio.open_nursery() as workloads:
-                        for hog in self.hogs:
-                            workloads.start_soon(hog.run, name=f"workload {hog.config.name}")
-                self._decide(timed_out=limit.cancelled_caught)
+                    async with trio.open_nursery() as run:
+                        if supervisor is not None:
+                            run.start_soon(self._supervise, supervisor, run.cancel_scope)
+                        async with trio.open_nursery() as workloads:
+                            self._start_noise(run)
+                            for hog in self.hogs:
+                                workloads.start_soon(hog.run, name=f"workload {hog.config.name}")
+                        run.cancel_scope.cancel()  # workloads done: stop noise and watchdog
+                timed_out = limit.cancelled_caught
+                self._decide(timed_out=timed_out)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self.device.close()
         return self.summary(wall_seconds=time.perf_counter() - wall)
 
+    async def _supervise(self, supervisor: Supervisor, run: trio.CancelScope) -> None:
+        verdict = await supervisor(self)
+        if verdict is not None:
+            self.deadlock = verdict
+            run.cancel()
+
+    def _start_noise(self, nursery: trio.Nursery) -> None:
+        assert self.net is not None
+        for noise in self.scenario.noise:
+            for i in range(noise.sockets):
+                peer, local = trio.testing.lockstep_stream_pair()
+                sock = self.net.socket(local, f"{noise.name}{i}", NOISE, rcvbuf=noise.rcvbuf)
+                consumer = f"{noise.name}{i} consumer"
+                self.memory.waits.roles[sock.consumer_role] = [consumer]
+                nursery.start_soon(
+                    self._delayed,
+                    noise.start_after,
+                    flood(peer, noise.rate),
+                    name=f"{noise.name}{i} peer",
+                )
+                nursery.start_soon(
+                    self._delayed,
+                    noise.start_after,
+                    consume(sock, self.memory, noise.consume_rate, noise.process_pages),
+                    name=consumer,
+                )
+
+    @staticmethod
+    async def _delayed(delay: float, coro: Any) -> None:
+        if delay:
+            await trio.sleep(delay)
+        await coro
+
+    async def _sample_min_free(self) -> None:
+        while True:
+            self.min_free = min(self.min_free, self.memory.nr_free_pages)
+            await trio.sleep(0.01)
+
     def _decide(self, *, timed_out: bool) -> None:
         killed = sum(h.result.killed for h in self.hogs)
-        if self.integrity.corrupt:
+        if self.deadlock is not None:
+            self.outcome = "deadlock"
+            self.reason = f"no progress for {self.deadlock.get('stalled_for', 0):.1f}s"
+        elif self.integrity.corrupt:
             self.outcome, self.reason = "integrity_error", f"{self.integrity.corrupt} corrupt pages"
         elif timed_out:
             self.outcome, self.reason = "error", f"time limit {self.scenario.run.time_limit}s"
         elif killed:
             self.outcome, self.reason = "error", f"{killed} processes OOM-killed"
+        elif sigbus := sum(h.result.sigbus for h in self.hogs):
+            self.outcome, self.reason = "error", f"{sigbus} processes got SIGBUS (swap-in failed)"
         else:
             self.outcome = "completed"
 
@@ -135,4 +220,14 @@ class ClientMachine:
                 "swap_pages": self.device.swap_pages,
                 **attrs.asdict(self.device.stats),
             },
+            "min_free_pages": self.min_free,
+            "net": self._net_summary(),
+            "policy_report": self.policy.report(),
+            "deadlock": self.deadlock,
         }
+
+    def _net_summary(self) -> dict[str, Any]:
+        if self.net is None:
+            return {}
+        sockets: list[ModelledSocket] = [*self.net.sockets.values(), *self.net.closed]
+        return {**self.net.totals(), "sockets": [s.snapshot() for s in sockets]}

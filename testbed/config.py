@@ -249,12 +249,19 @@ class MachineConfig:
             raise ConfigError("machine.min_free_kbytes must not be negative")
 
 
+def _buf_size(value: str | int) -> int:
+    return parse_size(value, what="socket buffer size")
+
+
 @attrs.frozen
 class SwapConfig:
     """The swap device: an NBD export, the connection's depth and its failure handling."""
 
     export: str = "swap"
     size: int = attrs.field(default=512 << 20, converter=_swap_size)  # for embedded servers
+    sndbuf: int = attrs.field(default=256 << 10, converter=_buf_size)  # sk_sndbuf
+    rcvbuf: int = attrs.field(default=1 << 20, converter=_buf_size)  # sk_rcvbuf
+    latency: float = 0.0  # seconds a packet takes to reach the client (replies and ACKs)
     depth: int = 32
     io_timeout: float = 30.0
     spare_pages: int | None = None  # remap space for fenced writes (default: 1/16)
@@ -303,6 +310,52 @@ class HogConfig:
         return self.total
 
 
+def _rate(value: str | int) -> int:
+    return parse_size(value, what="noise rate (bytes/s)")
+
+
+@attrs.frozen
+class NoiseConfig:
+    """Other traffic competing for receive memory: a peer floods ``sockets`` connections at
+    ``rate`` bytes/s each (0: as fast as the socket takes it), and a consumer process on the
+    machine reads ``consume_rate`` bytes/s and allocates ``process_pages`` user pages per
+    page it consumes (Christoph Lameter's fileserver beside the swapping machine)."""
+
+    name: str = "fileserver"
+    sockets: int = 2
+    rate: int = attrs.field(default=0, converter=_rate)
+    rcvbuf: int = attrs.field(default=256 << 10, converter=_buf_size)
+    consume_rate: int = attrs.field(default=1 << 20, converter=_rate)
+    process_pages: int = 1
+    start_after: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.sockets < 0 or self.process_pages < 0 or self.consume_rate <= 0:
+            raise ConfigError(f"noise {self.name!r}: sockets, process_pages >= 0, consume_rate > 0")
+
+
+@attrs.frozen
+class ReserveConfig:
+    """Zijlstra's reserve sizes, in pages (``policy = "reserve"``)."""
+
+    tx_pages: int = 32  # TX_RESERVE_PAGES per memalloc socket: "max packet size 64k, double it"
+    rx_pages: int = 128  # the SKB data reserve (512K in his /proc/reserve_info example)
+    block_pages: int = 16
+
+    def __attrs_post_init__(self) -> None:
+        if min(self.tx_pages, self.rx_pages, self.block_pages) < 0:
+            raise ConfigError("reserve sizes must not be negative")
+
+
+POLICY_NAMES = ("none", "recursive", "reserve", "pfmemalloc")
+
+
+def _policy(value: str) -> str:
+    if value not in POLICY_NAMES:
+        raise ConfigError(f"policy {value!r}: choose one of {', '.join(POLICY_NAMES)}")
+    return value
+
+
 @attrs.frozen
 class RunConfig:
     seed: int = 0
@@ -319,6 +372,10 @@ class ScenarioConfig:
     machine: MachineConfig = MachineConfig()
     swap: SwapConfig = SwapConfig()
     workloads: tuple[HogConfig, ...] = (HogConfig(),)
+    noise: tuple[NoiseConfig, ...] = ()
+    policy: str = attrs.field(default="none", converter=_policy)
+    reserve: ReserveConfig = ReserveConfig()
+    throttle: bool = True  # pfmemalloc: throttle direct reclaimers at half the min watermarks
     run: RunConfig = RunConfig()
     server: ServerConfig | None = None
 

@@ -98,9 +98,20 @@ def memalloc_noio() -> AbstractContextManager[PF]:
     return task_flags(PF.MEMALLOC_NOIO)
 
 
-def serving_softirq() -> AbstractContextManager[PF]:
-    """Run the block as softirq context (``in_serving_softirq()`` is true)."""
-    return task_flags(PF.SOFTIRQ)
+@contextmanager
+def serving_softirq() -> Iterator[PF]:
+    """Run the block as softirq context (``in_serving_softirq()`` is true).
+
+    kernel/softirq.c __do_softirq: "Mask out PF_MEMALLOC as the current task context is
+    borrowed for the softirq. A softirq handled, such as network RX, might set PF_MEMALLOC
+    again if the socket is related to swapping." — so whoever's context the softirq runs
+    in, its allocations do not inherit that task's reserve access.
+    """
+    token = _task_flags.set((_task_flags.get() & ~PF.MEMALLOC) | PF.SOFTIRQ)
+    try:
+        yield _task_flags.get()
+    finally:
+        _task_flags.reset(token)
 
 
 def in_interrupt(flags: PF) -> bool:

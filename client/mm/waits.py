@@ -36,6 +36,22 @@ class WaitRegistry:
     """Which task waits for what, right now (the machine-wide ``machine_waits``)."""
 
     _waits: dict[trio.lowlevel.Task, WaitFor] = attrs.field(factory=dict)
+    #: Role (a ``WaitFor.waker``) -> names of the trio tasks that play it.
+    roles: dict[str, list[str]] = attrs.field(factory=dict)
+
+    def provide(self, role: str, task_name: str) -> None:
+        """Record that the task named ``task_name`` can provide ``role`` (idempotent)."""
+        tasks = self.roles.setdefault(role, [])
+        if task_name not in tasks:
+            tasks.append(task_name)
+
+    def retire(self, role: str, task_name: str) -> None:
+        """The task named ``task_name`` no longer provides ``role`` (no error if it did not)."""
+        tasks = self.roles.get(role)
+        if tasks is not None and task_name in tasks:
+            tasks.remove(task_name)
+            if not tasks:
+                del self.roles[role]
 
     def snapshot(self) -> dict[str, WaitFor]:
         """Task name -> what it waits for (names are trio task names)."""

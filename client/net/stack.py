@@ -1,0 +1,120 @@
+"""The client machine's network stack as memory sees it: its sockets and the policy hooks.
+
+The stack asks the machine's policy the questions the kernel answers in code: what gfp the
+device-level RX allocation uses (``__netdev_alloc_skb``), which reserve an emergency RX
+allocation charges, and how a new socket is set up (``sk_set_memalloc`` or not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, Memory
+from client.net.socket import ModelledSocket
+
+if TYPE_CHECKING:
+    pass
+
+SWAP = "swap"
+NOISE = "noise"
+
+
+class NetPolicy(Protocol):
+    """The network decision points of a reserve policy (see ``client/policy``)."""
+
+    def socket_created(self, sock: ModelledSocket, kind: str) -> None:
+        """Set a new socket up: ``sock.memalloc``, ``sock.allocation``, ``sock.tx_reserve``."""
+        ...
+
+    def socket_closed(self, sock: ModelledSocket) -> None: ...
+
+    def rx_gfp(self, memalloc_socks: int) -> GFP:
+        """The gfp of an RX skb allocation, made before the socket is known."""
+        ...
+
+    def rx_reserve(self) -> object | None:
+        """The reserve an emergency RX allocation charges (None: no bean counting)."""
+        ...
+
+
+class PlainNet:
+    """No reserve for the network: Linux before 2012 (nbd sets GFP_NOIO, nothing else)."""
+
+    def socket_created(self, sock: ModelledSocket, kind: str) -> None:
+        sock.allocation = GFP_NOIO  # nbd's sock_xmit: sk_allocation = GFP_NOIO
+
+    def socket_closed(self, sock: ModelledSocket) -> None:
+        pass
+
+    def rx_gfp(self, memalloc_socks: int) -> GFP:
+        return GFP_ATOMIC
+
+    def rx_reserve(self) -> object | None:
+        return None
+
+
+class NetStack:
+    def __init__(
+        self,
+        memory: Memory,
+        policy: NetPolicy,
+        nursery: trio.Nursery,
+        *,
+        observer: Callable[[object], None] = lambda _f: None,
+    ) -> None:
+        self.memory = memory
+        self.policy = policy
+        self.nursery = nursery
+        self.observer = observer
+        self.sockets: dict[str, ModelledSocket] = {}
+        self.closed: list[ModelledSocket] = []
+
+    def socket(
+        self,
+        inner: trio.abc.Stream,
+        name: str,
+        kind: str,
+        *,
+        sndbuf: int = 256 * 1024,
+        rcvbuf: int = 256 * 1024,
+        latency: float = 0.0,
+    ) -> ModelledSocket:
+        """Wrap ``inner``; the policy sets the socket up; its RX task starts at once."""
+        if name in self.sockets:
+            raise ValueError(f"socket {name!r} exists")
+        sock = ModelledSocket(self, inner, name, sndbuf=sndbuf, rcvbuf=rcvbuf, latency=latency)
+        self.policy.socket_created(sock, kind)
+        self.sockets[name] = sock
+        sock.start(self.nursery)
+        return sock
+
+    def socket_closed(self, sock: ModelledSocket) -> None:
+        if self.sockets.get(sock.name) is sock:
+            del self.sockets[sock.name]
+            self.closed.append(sock)
+            self.policy.socket_closed(sock)
+
+    @property
+    def memalloc_socks(self) -> int:
+        """``sk_memalloc_socks()``: how many open sockets have SOCK_MEMALLOC."""
+        return sum(1 for s in self.sockets.values() if s.memalloc)
+
+    def rx_gfp(self) -> GFP:
+        return self.policy.rx_gfp(self.memalloc_socks)
+
+    def rx_reserve(self) -> object | None:
+        return self.policy.rx_reserve()
+
+    def observe(self, fact: object) -> None:
+        self.observer(fact)
+
+    def totals(self) -> dict[str, int]:
+        every = [*self.sockets.values(), *self.closed]
+        return {
+            "PFMemallocDrop": sum(s.stats.pfmemalloc_drop for s in every),
+            "rx_alloc_fail": sum(s.stats.rx_alloc_fail for s in every),
+            "emergency_rx": sum(s.stats.emergency_rx for s in every),
+        }

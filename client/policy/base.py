@@ -1,0 +1,68 @@
+"""What every policy shares: the hooks with their "do nothing special" answers.
+
+A policy is one object per machine that the allocator (``client.mm.policy.ReservePolicy``)
+and the network stack (``client.net.stack.NetPolicy``) consult at their decision points.
+Subclasses override only the decisions their kernel design changes.  Nothing outside a
+policy looks at a policy's name: outcomes come from what these hooks do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from client.mm import GFP, GFP_ATOMIC, GFP_NOIO
+
+if TYPE_CHECKING:
+    from client.mm import Memory
+    from client.net.socket import ModelledSocket
+
+
+class Policy:
+    name: ClassVar[str] = "base"
+    #: One line for tables and docs: who it models.
+    models: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.memory: Memory | None = None
+
+    # -- the allocator's hooks (client.mm.policy.ReservePolicy) ---------------------------
+    def attach(self, memory: Memory) -> None:
+        self.memory = memory
+
+    def extra_min_pages(self) -> int:
+        return 0
+
+    async def charge_emergency(self, gfp: GFP, reserve: object | None) -> bool:
+        return True  # no bean counting: whoever may dip below min, may
+
+    def uncharge_emergency(self, reserve: object | None) -> None:
+        pass
+
+    async def memalloc_failed(self, gfp: GFP) -> bool:
+        return False
+
+    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
+        pass
+
+    def kswapd_pass(self) -> None:
+        pass
+
+    # -- the network stack's hooks (client.net.stack.NetPolicy) ---------------------------
+    def socket_created(self, sock: ModelledSocket, kind: str) -> None:
+        # drivers/block/nbd.c sock_xmit (before 3.6): sk_allocation = GFP_NOIO.
+        sock.allocation = GFP_NOIO
+
+    def socket_closed(self, sock: ModelledSocket) -> None:
+        pass
+
+    def rx_gfp(self, memalloc_socks: int) -> GFP:
+        # __netdev_alloc_skb in softirq: GFP_ATOMIC, which reaches 3/8 of min and no further.
+        return GFP_ATOMIC
+
+    def rx_reserve(self) -> object | None:
+        return None
+
+    # -- reporting ------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """Policy-specific figures for the run summary (reserve table, throttling, ...)."""
+        return {}

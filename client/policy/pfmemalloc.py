@@ -1,0 +1,99 @@
+"""``pfmemalloc``: Mel Gorman's swap over NBD, merged for Linux 3.6 (commits of 31 Jul 2012).
+
+"Uses throttling instead of dynamically resized memory reserves": no tree, no bean counting;
+the min watermark itself is the reserve, "the responsibility of the admin to adjust
+min_free_kbytes" (``sk_set_memalloc`` kernel-doc).
+
+* ``sk_set_memalloc`` on the swap socket: ``SOCK_MEMALLOC``, ``sk_allocation |=
+  __GFP_MEMALLOC`` (nbd: ``GFP_NOIO | __GFP_MEMALLOC``).
+* ``__alloc_skb``: "if (sk_memalloc_socks() && (flags & SKB_ALLOC_RX)) gfp_mask |=
+  __GFP_MEMALLOC" — any RX skb may come from the reserve while a memalloc socket exists;
+  pages taken below min are pfmemalloc and are dropped at ``sk_filter`` unless the socket
+  has SOCK_MEMALLOC (``PFMemallocDrop``).
+* ``throttle_direct_reclaim`` (commit 5515061d22f0): at the start of direct reclaim, if
+  ``allow_direct_reclaim`` fails — free pages at most half of the summed min watermarks —
+  wake kswapd and wait on ``pfmemalloc_wait``; kernel threads are never throttled; a caller
+  without ``__GFP_FS`` waits at most HZ.  kswapd wakes the throttled when the check passes
+  and before it sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import trio
+
+from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PF
+from client.mm.gfp import current_task_flags
+from client.mm.waits import WaitFor
+from client.net.socket import ModelledSocket
+from client.net.stack import SWAP
+from client.policy.base import Policy
+
+HZ_SECONDS = 1.0
+
+
+class PfmemallocPolicy(Policy):
+    name = "pfmemalloc"
+    models = "Gorman, Linux 3.6: __GFP_MEMALLOC sockets, pfmemalloc drops, reclaim throttling"
+
+    def __init__(self, *, throttle: bool = True) -> None:
+        super().__init__()
+        self.throttle = throttle
+        self._pfmemalloc_wait = trio.lowlevel.ParkingLot()
+        self.throttled = 0
+        self.throttle_wakeups = 0
+
+    # -- throttling -----------------------------------------------------------------------
+    def allow_direct_reclaim(self) -> bool:
+        """mm/vmscan.c allow_direct_reclaim (pfmemalloc_watermark_ok before 2017): the free
+        pages of the node's zones against half their summed min watermarks."""
+        assert self.memory is not None
+        reserve = sum(z.watermarks.min for z in self.memory.zones)
+        free = sum(z.nr_free for z in self.memory.zones)
+        return free > reserve // 2
+
+    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
+        if not self.throttle:
+            return
+        flags = current_task_flags()
+        if flags & (PF.KTHREAD | PF.KSWAPD):  # "Kernel threads should not be throttled"
+            return
+        if self.allow_direct_reclaim():
+            return
+        assert self.memory is not None
+        self.memory.stat.pgscan_direct_throttle += 1
+        self.throttled += 1
+        for zone in self.memory.zones:  # "wake kswapd" when the check fails
+            self.memory.reclaimer.wakeup_kswapd(zone)
+        what = WaitFor("pfmemalloc_wait", self.memory.zones[0].name, waker="kswapd")
+        # "If the caller cannot enter the filesystem ... throttle for at most HZ";
+        # everyone else waits (killably) until kswapd wakes them.
+        # wait_event_interruptible_timeout(..., HZ) bounds the whole wait, not each sleep.
+        deadline = trio.current_time() + (HZ_SECONDS if not gfp & GFP.FS else math.inf)
+        while not self.allow_direct_reclaim():
+            remaining = deadline - trio.current_time()
+            if remaining <= 0 or not await self.memory.waits.park(
+                self._pfmemalloc_wait, what, remaining
+            ):
+                return
+
+    def kswapd_pass(self) -> None:
+        if self.allow_direct_reclaim() and self._pfmemalloc_wait.statistics().tasks_waiting:
+            self.throttle_wakeups += 1
+            self._pfmemalloc_wait.unpark_all()
+
+    # -- the network ----------------------------------------------------------------------
+    def socket_created(self, sock: ModelledSocket, kind: str) -> None:
+        if kind == SWAP:
+            sock.memalloc = True  # sk_set_memalloc
+            sock.allocation = GFP_NOIO | GFP.MEMALLOC
+        else:
+            sock.allocation = GFP_NOIO
+
+    def rx_gfp(self, memalloc_socks: int) -> GFP:
+        return GFP_ATOMIC | GFP.MEMALLOC if memalloc_socks else GFP_ATOMIC
+
+    def report(self) -> dict[str, Any]:
+        return {"throttled": self.throttled, "throttle_wakeups": self.throttle_wakeups}

@@ -1,0 +1,102 @@
+"""Running a scenario: an embedded server, one client machine, and the watchdog over it.
+
+``run_scenario`` is what ``netswap run`` and ``netswap compare`` call.  The transport is real
+TCP on loopback (the command line) or an in-memory stream pair (outcome tests under trio's
+virtual clock); the model, the server and the watchdog are the same code either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import structlog
+import trio
+import trio.testing
+
+from client.machine import ClientMachine
+from server import Export, NBDServer
+from testbed.config import ExportConfig, ScenarioConfig, ServerConfig
+from testbed.log import fact_observer
+from testbed.watchdog import Watchdog
+
+Transport = Literal["tcp", "memory"]
+
+
+def watchdog_supervisor(stall_seconds: float, log: Any) -> Callable[[ClientMachine], Any]:
+    """The machine's supervisor: a Watchdog on its progress and named waits."""
+
+    async def supervise(machine: ClientMachine) -> dict[str, Any] | None:
+        watchdog = Watchdog(machine.progress, machine.memory.waits, stall_seconds=stall_seconds)
+        verdict = await watchdog.run()
+        log.warning(
+            "watchdog.deadlock",
+            cycle=verdict.path,
+            has_cycle=verdict.cycle is not None,
+            description=verdict.describe(),
+            stalled_for=round(verdict.stalled_for, 3),
+            waiting=verdict.waiting,
+            progress=list(verdict.progress),
+        )
+        return {
+            "cycle": verdict.path,
+            "has_cycle": verdict.cycle is not None,
+            "waiting": verdict.waiting,
+            "stalled_for": round(verdict.stalled_for, 3),
+        }
+
+    return supervise
+
+
+def embedded_server(scenario: ScenarioConfig) -> NBDServer:
+    base = scenario.server or ServerConfig(listen="127.0.0.1:0")
+    exports = base.exports or (ExportConfig(name=scenario.swap.export, size=scenario.swap.size),)
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        exports=tuple(exports),
+        max_payload=base.max_payload,
+        handshake_timeout=base.handshake_timeout,
+        max_connections=base.max_connections,
+        shutdown_grace=0.5,
+    )
+    return NBDServer(config, [Export.from_config(e) for e in config.exports])
+
+
+async def run_scenario(
+    scenario: ScenarioConfig,
+    *,
+    policy: str | None = None,
+    transport: Transport = "tcp",
+    log: Any = None,
+) -> dict[str, Any]:
+    """One run of ``scenario`` under ``policy``; returns the machine's summary."""
+    log = log if log is not None else structlog.get_logger()
+    name = policy or scenario.policy
+    log = log.bind(machine=scenario.machine.name, policy=name)
+    server = embedded_server(scenario)
+    async with trio.open_nursery() as nursery:
+        if transport == "tcp":
+            host, port = await nursery.start(server.serve)
+
+            async def connect() -> trio.abc.Stream:
+                return await trio.open_tcp_stream(host, port)
+
+        else:
+
+            async def connect() -> trio.abc.Stream:
+                client_end, server_end = trio.testing.memory_stream_pair()
+                nursery.start_soon(server.handle_stream, server_end)
+                return client_end
+
+        machine = ClientMachine(scenario, connect, observer=fact_observer(log), policy=name)
+        log.info(
+            "run.start",
+            transport=transport,
+            memory=scenario.machine.memory,
+            description=scenario.description,
+        )
+        summary = await machine.run(supervisor=watchdog_supervisor(scenario.run.stall_seconds, log))
+        log.info("run.summary", **summary)
+        server.shutdown()
+        nursery.cancel_scope.cancel()
+    return summary
