@@ -104,7 +104,9 @@ def zone_watermark_ok(
     return free_pages > wmin + lowmem_reserve
 
 
-@attrs.define(eq=False)
+# on_setattr NO_OP: validators run at construction only; otherwise attrs generates a
+# validating __setattr__ that runs on every nr_free update of the allocator's fast path.
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class Zone:
     """One zone: a contiguous range of frames, its free list and its watermarks.
 
