@@ -19,10 +19,13 @@ from typing import Any, NoReturn
 
 import structlog
 import trio
+import trio.testing
 
 from testbed import log as logsetup
 from testbed.config import (
+    POLICY_NAMES,
     ConfigError,
+    ScenarioConfig,
     is_loopback,
     load_scenario,
     load_server_config,
@@ -63,6 +66,17 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
         default="info",
         choices=("debug", "info", "warning", "error"),
         help="minimum level to log (default: info)",
+    )
+
+
+def _add_clock(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--clock",
+        choices=("virtual", "real"),
+        default="virtual",
+        help="virtual (default): server and client joined in memory on trio's virtual clock, "
+        "so the model's own CPU time costs no simulated time and outcomes are deterministic; "
+        "real: loopback TCP and the wall clock",
     )
 
 
@@ -137,6 +151,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging(cli)
     cli.set_defaults(func=cmd_client)
+
+    run = sub.add_parser(
+        "run",
+        help="run a scenario: embedded server and one client machine in one process",
+        description="Run one scenario with an embedded NBD server over loopback TCP, watched "
+        "by the deadlock watchdog.",
+    )
+    run.add_argument("scenario", metavar="FILE", help="scenario TOML (see configs/)")
+    run.add_argument("--policy", choices=POLICY_NAMES, help="override the scenario's policy")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by dotted path, e.g. machine.min_free_kbytes=128",
+    )
+    run.add_argument("--summary", metavar="FILE", help="write the run's summary as JSON")
+    _add_clock(run)
+    _add_logging(run)
+    run.set_defaults(func=cmd_run)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="run every policy on the same scenario and print a table",
+        description="Run the scenario once per policy (embedded server, real TCP) and compare.",
+    )
+    cmp.add_argument("scenario", metavar="FILE")
+    cmp.add_argument(
+        "--policies",
+        default=",".join(POLICY_NAMES),
+        help=f"comma-separated, default {','.join(POLICY_NAMES)}",
+    )
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmp.add_argument("--summary", metavar="FILE", help="write {runs: [...]} as JSON")
+    _add_clock(cmp)
+    _add_logging(cmp)
+    cmp.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser(
         "demo",
@@ -248,14 +300,18 @@ def cmd_client(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot reach {args.server}: {exc.strerror or exc}") from None
         await probe.aclose()
-        machine = ClientMachine(scenario, connect, observer=logsetup.fact_observer(log))
+        machine = ClientMachine(
+            scenario, connect, observer=logsetup.fact_observer(log), policy=args.policy
+        )
         log.info(
             "run.start",
             server=args.server,
             policy=machine.policy_name,
             memory=scenario.machine.memory,
         )
-        summary = await machine.run()
+        from testbed.scenario import watchdog_supervisor
+
+        summary = await machine.run(supervisor=watchdog_supervisor(scenario.run.stall_seconds, log))
         log.info("run.summary", **summary)
         return summary
 
@@ -294,6 +350,92 @@ def exit_code(outcome: str) -> int:
     return {"completed": EXIT_OK, "deadlock": EXIT_DEADLOCK, "integrity_error": EXIT_INTEGRITY}.get(
         outcome, EXIT_ERROR
     )
+
+
+def _scenario_from(args: argparse.Namespace) -> ScenarioConfig:
+    return load_scenario(args.scenario, parse_overrides(args.overrides))
+
+
+def _run_one(scenario: ScenarioConfig, policy: str | None, clock: str) -> dict[str, Any]:
+    from testbed.scenario import run_scenario
+
+    if clock == "virtual":
+        return trio.run(
+            lambda: run_scenario(scenario, policy=policy, transport="memory"),
+            clock=trio.testing.MockClock(autojump_threshold=0),
+        )
+    return trio.run(lambda: run_scenario(scenario, policy=policy, transport="tcp"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    scenario = _scenario_from(args)
+    logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
+    summary = _run_one(scenario, args.policy, args.clock)
+    write_summary(args.summary, summary)
+    print_outcome(summary)
+    if summary.get("deadlock"):
+        print("deadlock: " + " -> ".join(summary["deadlock"]["cycle"]))
+    return exit_code(summary["outcome"])
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown or not policies:
+        raise ConfigError(
+            f"--policies: unknown {unknown or 'empty'}; choose from {', '.join(POLICY_NAMES)}"
+        )
+    scenario = _scenario_from(args)
+    logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
+    runs = []
+    for policy in policies:
+        print(f"running {policy} ...", file=sys.stderr, flush=True)
+        runs.append(_run_one(scenario, policy, args.clock))
+    print(compare_table(runs))
+    if args.summary:
+        write_summary(args.summary, {"scenario": args.scenario, "runs": runs})
+    return EXIT_OK
+
+
+def compare_table(runs: list[dict[str, Any]]) -> str:
+    """policy, outcome, time, pswpout, minimum free pages, reserve peak, drops, throttled."""
+    header = (
+        "policy",
+        "outcome",
+        "time s",
+        "pswpout",
+        "min free",
+        "reserve peak",
+        "drops",
+        "throttled",
+        "verified",
+        "corrupt",
+    )
+    rows = [header]
+    for r in runs:
+        report = r.get("policy_report") or {}
+        net = r.get("net") or {}
+        rows.append(
+            (
+                r["policy"],
+                r["outcome"],
+                f"{r['duration']:.1f}",
+                str(r["vmstat"]["pswpout"]),
+                str(r.get("min_free_pages", "")),
+                str(report.get("reserve_peak", "-")),
+                str(net.get("PFMemallocDrop", 0) + net.get("rx_alloc_fail", 0)),
+                str(r["vmstat"].get("pgscan_direct_throttle", 0)),
+                str(r["integrity"]["pages_verified"]),
+                str(r["integrity"]["corrupt"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in runs:
+        if r.get("deadlock"):
+            lines.append(f"{r['policy']}: " + " -> ".join(r["deadlock"]["cycle"]))
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

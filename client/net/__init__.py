@@ -1,0 +1,1 @@
+"""Sockets as memory sees them: TX and RX buffers charged to the modelled machine."""

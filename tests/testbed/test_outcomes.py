@@ -1,0 +1,82 @@
+"""Outcomes emerge from the mechanics (DESIGN.md §4.3): the same scenario, different rules.
+
+Every run here is the real model, server and watchdog, joined in memory on trio's virtual
+clock (the model's own CPU time costs no simulated time, as a kernel's is negligible beside
+a network round trip).  The machine is the swap-over-NBD scenario scaled to 16 MiB so that
+each run takes seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from testbed.config import load_scenario
+from testbed.scenario import run_scenario
+
+SCENARIO = Path(__file__).resolve().parents[2] / "configs" / "swap-over-nbd.toml"
+SMALL = {"machine.memory": "16M", "workloads.0.processes": 8}
+
+
+async def run(policy: str, **overrides: Any) -> dict[str, Any]:
+    scenario = load_scenario(SCENARIO, {**SMALL, **overrides})
+    return await run_scenario(scenario, policy=policy, transport="memory")
+
+
+def completed_clean(summary: dict[str, Any]) -> bool:
+    integrity = summary["integrity"]
+    return (
+        summary["outcome"] == "completed"
+        and integrity["corrupt"] == 0
+        and integrity["pages_verified"] == integrity["pages_written"] > 0
+    )
+
+
+@pytest.mark.parametrize("policy", ["none", "recursive"])
+async def test_without_reserves_swap_over_nbd_deadlocks_on_rx(
+    autojump_clock: trio.abc.Clock, policy: str
+) -> None:
+    summary = await run(policy)
+    assert summary["outcome"] == "deadlock"
+    cycle = summary["deadlock"]["cycle"]
+    assert cycle[0] == cycle[-1] == "kswapd0"
+    assert "rx_buffer(sock nbd0)" in cycle  # the reply (or ACK) that cannot be received
+    assert summary["net"]["rx_alloc_fail"] > 0
+    assert summary["min_free_pages"] < summary["memory"]["zones"][0]["min"] * 3 // 8
+
+
+@pytest.mark.parametrize("policy", ["reserve", "pfmemalloc"])
+async def test_with_reserves_swap_over_nbd_completes(
+    autojump_clock: trio.abc.Clock, policy: str
+) -> None:
+    summary = await run(policy)
+    assert completed_clean(summary), summary["reason"]
+    # Lameter's fileserver never ends up holding an emergency buffer: each one it would
+    # have received was dropped at the socket filter.
+    for sock in summary["net"]["sockets"]:
+        if not sock["memalloc"]:
+            assert sock["emergency_rx"] == 0 and sock["emergency_rx_held"] == 0
+
+
+async def test_none_completes_without_memory_pressure(autojump_clock: trio.abc.Clock) -> None:
+    summary = await run("none", **{"workloads.0.total": "0.5x"})
+    assert completed_clean(summary)
+    assert summary["vmstat"]["pswpout"] == 0
+
+
+async def test_reserve_sized_far_too_small_deadlocks(autojump_clock: trio.abc.Clock) -> None:
+    summary = await run("reserve", **{"reserve.tx_pages": 2, "reserve.rx_pages": 1})
+    assert summary["outcome"] == "deadlock"
+    waits = " ".join(summary["deadlock"]["waiting"].values())
+    assert "reserve(" in waits  # someone waits on a reserve charge that never comes
+
+
+async def test_pfmemalloc_with_a_tiny_min_free_kbytes_deadlocks(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    summary = await run("pfmemalloc", **{"machine.min_free_kbytes": 128})
+    assert summary["outcome"] == "deadlock"
+    assert summary["min_free_pages"] == 0  # the whole reserve (min itself) was used up
