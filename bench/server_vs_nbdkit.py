@@ -465,10 +465,10 @@ only within a section.
 """
 
 
-def write_docs(path: Path, text: str) -> None:
-    """Replace (or append) the ``## Server vs nbdkit`` section of ``path``."""
+def write_docs(path: Path, text: str, section: str = SECTION) -> None:
+    """Replace (or append at the end) the ``section`` of ``path`` (default: this script's)."""
     old = path.read_text() if path.exists() else DOCS_INTRO
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(old):
         new = pattern.sub(lambda _: text + "\n", old, count=1)
     else:

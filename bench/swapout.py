@@ -54,7 +54,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -935,14 +934,7 @@ when a frame is written (`try_alloc` never writes one).
 
 def write_docs(path: Path, text: str) -> None:
     """Replace (or append at the end) the ``## Client machine`` section of ``path``."""
-    old = path.read_text() if path.exists() else svn.DOCS_INTRO
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new.rstrip("\n") + "\n")
+    svn.write_docs(path, text, SECTION)
 
 
 def main(argv: list[str] | None = None) -> int:

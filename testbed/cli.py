@@ -69,6 +69,18 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by dotted path, e.g. machine.min_free_kbytes=128 or "
+        "workloads.0.processes=8",
+    )
+
+
 def _add_clock(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clock",
@@ -137,14 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the swap export (loopback unless --allow-remote)",
     )
     cli.add_argument("--config", metavar="FILE", help="scenario TOML (see configs/)")
-    cli.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key by dotted path, e.g. machine.memory=32M",
-    )
+    _add_overrides(cli)
     cli.add_argument("--summary", metavar="FILE", help="write the run's summary as JSON")
     cli.add_argument(
         "--allow-remote", action="store_true", help="allow a server that is not on loopback"
@@ -155,19 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a scenario: embedded server and one client machine in one process",
-        description="Run one scenario with an embedded NBD server over loopback TCP, watched "
-        "by the deadlock watchdog.",
+        description="Run one scenario with an embedded NBD server, watched by the deadlock "
+        "watchdog (see --clock).",
     )
     run.add_argument("scenario", metavar="FILE", help="scenario TOML (see configs/)")
     run.add_argument("--policy", choices=POLICY_NAMES, help="override the scenario's policy")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key by dotted path, e.g. machine.min_free_kbytes=128",
-    )
+    _add_overrides(run)
     run.add_argument("--summary", metavar="FILE", help="write the run's summary as JSON")
     _add_clock(run)
     _add_logging(run)
@@ -176,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser(
         "compare",
         help="run every policy on the same scenario and print a table",
-        description="Run the scenario once per policy (embedded server, real TCP) and compare.",
+        description="Run the scenario once per policy (embedded server) and compare.",
     )
     cmp.add_argument("scenario", metavar="FILE")
     cmp.add_argument(
@@ -184,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(POLICY_NAMES),
         help=f"comma-separated, default {','.join(POLICY_NAMES)}",
     )
-    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_overrides(cmp)
     cmp.add_argument("--summary", metavar="FILE", help="write {runs: [...]} as JSON")
     _add_clock(cmp)
     _add_logging(cmp)

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO
+from client.mm.policy import NullPolicy
 
 if TYPE_CHECKING:
     from client.mm import Memory
     from client.net.socket import ModelledSocket
 
 
-class Policy:
+class Policy(NullPolicy):
     name: ClassVar[str] = "base"
     #: One line for tables and docs: who it models.
     models: ClassVar[str] = ""
@@ -25,27 +26,9 @@ class Policy:
     def __init__(self) -> None:
         self.memory: Memory | None = None
 
-    # -- the allocator's hooks (client.mm.policy.ReservePolicy) ---------------------------
+    # -- the allocator's hooks: NullPolicy's answers, unless a subclass overrides them -----
     def attach(self, memory: Memory) -> None:
         self.memory = memory
-
-    def extra_min_pages(self) -> int:
-        return 0
-
-    async def charge_emergency(self, gfp: GFP, reserve: object | None) -> bool:
-        return True  # no bean counting: whoever may dip below min, may
-
-    def uncharge_emergency(self, reserve: object | None) -> None:
-        pass
-
-    async def memalloc_failed(self, gfp: GFP) -> bool:
-        return False
-
-    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
-        pass
-
-    def kswapd_pass(self) -> None:
-        pass
 
     # -- the network stack's hooks (client.net.stack.NetPolicy) ---------------------------
     def socket_created(self, sock: ModelledSocket, kind: str) -> None:
