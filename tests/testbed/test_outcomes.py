@@ -80,3 +80,20 @@ async def test_pfmemalloc_with_a_tiny_min_free_kbytes_deadlocks(
     summary = await run("pfmemalloc", **{"machine.min_free_kbytes": 128})
     assert summary["outcome"] == "deadlock"
     assert summary["min_free_pages"] == 0  # the whole reserve (min itself) was used up
+
+
+async def test_fairness_the_flood_cannot_eat_the_swap_sockets_reserve(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Lameter's fileserver floods eight ordinary sockets beside the swap socket: under
+    pfmemalloc its reserve-backed packets are dropped (counted), it never holds one, and
+    swap-out completes."""
+    scenario = load_scenario(SCENARIO.with_name("fairness.toml"))
+    summary = await run_scenario(scenario, transport="memory")
+    assert summary["policy"] == "pfmemalloc"
+    assert completed_clean(summary), summary["reason"]
+    assert summary["net"]["PFMemallocDrop"] > 0
+    noise = [s for s in summary["net"]["sockets"] if not s["memalloc"]]
+    assert len(noise) == 8
+    assert all(s["emergency_rx"] == 0 and s["emergency_rx_held"] == 0 for s in noise)
+    assert sum(s["pfmemalloc_drop"] for s in noise) == summary["net"]["PFMemallocDrop"]
