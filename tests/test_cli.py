@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) 
         (["server", "--max-connections", "lots"], ["lots"]),
         (["server", "--frobnicate"], ["--frobnicate"]),
         (["launch"], ["launch"]),
-        (["demo", "--size", "huge"], ["'huge'"]),
+        (["demo", "--set", "machine.memory=huge"], ["'huge'"]),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], needles: list[str]) -> None:
@@ -83,8 +84,28 @@ def test_port_in_use_is_a_one_line_error() -> None:
         assert_usage_error(netswap("server", "--listen", f"127.0.0.1:{port}"), "cannot listen")
 
 
-def test_demo_writes_reads_back_and_verifies_every_page() -> None:
-    result = netswap("demo", "--size", "4M", "--depth", "8")
+def test_demo_compares_every_policy_and_writes_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "demo.jsonl"
+    result = netswap(
+        "demo",
+        "--set",
+        "machine.memory=16M",
+        "--set",
+        "workloads.0.processes=8",
+        "--log-file",
+        str(log),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    assert "outcome: completed" in result.stdout
-    assert "pages verified: 1024  corrupt: 0" in result.stdout
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:6]}
+    assert rows == {
+        "none": "deadlock",
+        "recursive": "deadlock",
+        "reserve": "completed",
+        "pfmemalloc": "completed",
+    }
+    assert "none: kswapd0 -> " in result.stdout
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    summaries = [e for e in events if e["event"] == "run.summary"]
+    assert [s["policy"] for s in summaries] == ["none", "recursive", "reserve", "pfmemalloc"]
+    assert any(e["event"] == "watchdog.deadlock" for e in events)
