@@ -213,16 +213,8 @@ class NBDSwapDevice:
                 # (now quarantined).  Write it again where the slots live now.
                 self.stats.resubmitted += 1
                 continue
-            except (Disconnected, _Timeout) as exc:
-                self._lost(epoch, str(exc))
-                self.stats.resubmitted += 1
-            except NBDError as exc:
-                if exc.errno == Errno.ESHUTDOWN:  # the server is going away: reconnect
-                    self._lost(epoch, str(exc))
-                    self.stats.resubmitted += 1
-                    continue
-                self.stats.io_errors += 1
-                raise SwapIOError(str(exc)) from exc
+            except (NBDError, _Timeout) as exc:
+                self._retry_or_raise(epoch, exc)
             finally:
                 inflight.difference_update(slots)
 
@@ -248,19 +240,22 @@ class NBDSwapDevice:
             client, epoch = await self._current()
             try:
                 data = await self._timed(epoch, client.read(self._physical(slot) * PAGE, PAGE))
-            except (Disconnected, _Timeout) as exc:
-                self._lost(epoch, str(exc))
-                self.stats.resubmitted += 1
+            except (NBDError, _Timeout) as exc:
+                self._retry_or_raise(epoch, exc)
                 continue
-            except NBDError as exc:
-                if exc.errno == Errno.ESHUTDOWN:  # "the server is shutting down": reconnect
-                    self._lost(epoch, str(exc))
-                    self.stats.resubmitted += 1
-                    continue
-                self.stats.io_errors += 1
-                raise SwapIOError(str(exc)) from exc
             into[:] = data
             return
+
+    def _retry_or_raise(self, epoch: int, exc: NBDError | _Timeout) -> None:
+        """A request failed: if the connection is gone (broken, timed out, or the server
+        answered ESHUTDOWN, "the server is shutting down") mark it lost so that the caller
+        resubmits on the next one; any other error reply is the device's I/O error."""
+        if isinstance(exc, Disconnected | _Timeout) or exc.errno == Errno.ESHUTDOWN:
+            self._lost(epoch, str(exc))
+            self.stats.resubmitted += 1
+            return
+        self.stats.io_errors += 1
+        raise SwapIOError(str(exc)) from exc
 
     async def _current(self) -> tuple[NBDClient, int]:
         while self._client is None:
