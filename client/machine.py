@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import trio
@@ -27,6 +27,28 @@ from client.workload import AnonHog, Integrity
 from testbed.config import ScenarioConfig
 
 Observer = Callable[[object], None]
+
+
+@attrs.frozen
+class VmSample:
+    """The machine at one instant, every ``run.sample_interval`` seconds: what a timeline
+    plot needs (free pages against the watermarks, writeback, reserve use, drops)."""
+
+    event: ClassVar[str] = "vm.sample"
+    t: float  # seconds since the run started (the run's clock: virtual or real)
+    nr_free_pages: int
+    zones: list[dict[str, int | str]]  # name, free, min, low, high
+    nr_writeback: int
+    nr_emergency: int  # pages served below min still in use (reserve usage)
+    reserve_used: int  # the reserve policy's charged pages (0 for other policies)
+    pswpout: int
+    pswpin: int
+    allocstall: int
+    drops: int  # RX buffers dropped or failed: PFMemallocDrop + rx_alloc_fail
+    throttled: int  # pgscan_direct_throttle
+    psi_some_avg10: float
+    psi_full_avg10: float
+    pages_verified: int
 #: Runs beside the workloads (the harness's watchdog); a dict it returns ends the run as a
 #: deadlock and becomes the summary's ``deadlock`` entry (``cycle``, ``chain``, ...).
 Supervisor = Callable[["ClientMachine"], Awaitable[dict[str, Any] | None]]
@@ -115,7 +137,7 @@ class ClientMachine:
                 await self.device.start(nursery)
                 self.memory.swapon(self.device)
                 await self.memory.start(nursery)
-                nursery.start_soon(self._sample_min_free)
+                nursery.start_soon(self._sample)
                 with trio.move_on_after(self.scenario.run.time_limit) as limit:
                     async with trio.open_nursery() as run:
                         if supervisor is not None:
@@ -166,10 +188,50 @@ class ClientMachine:
             await trio.sleep(delay)
         await coro
 
-    async def _sample_min_free(self) -> None:
+    async def _sample(self) -> None:
+        """Track the lowest free count (every 10 ms) and emit ``vm.sample`` facts."""
+        interval = self.scenario.run.sample_interval
+        tick = 0.01 if interval <= 0 else min(0.01, interval)
+        next_sample = trio.current_time()
         while True:
             self.min_free = min(self.min_free, self.memory.nr_free_pages)
-            await trio.sleep(0.01)
+            now = trio.current_time()
+            if interval > 0 and now >= next_sample:
+                self.observer(self.sample())
+                next_sample = now + interval
+            await trio.sleep(tick)
+
+    def sample(self) -> VmSample:
+        """The machine now, as a ``vm.sample`` fact (also the control endpoint's status)."""
+        m = self.memory
+        stat = m.stat
+        psi = m.pressure()
+        net = self.net.totals() if self.net is not None else {}
+        return VmSample(
+            t=round(trio.current_time() - self._started, 6),
+            nr_free_pages=m.nr_free_pages,
+            zones=[
+                {
+                    "name": z.name,
+                    "free": z.nr_free,
+                    "min": z.watermarks.min,
+                    "low": z.watermarks.low,
+                    "high": z.watermarks.high,
+                }
+                for z in m.zones
+            ],
+            nr_writeback=stat.nr_writeback,
+            nr_emergency=stat.nr_emergency,
+            reserve_used=self.policy.reserve_in_use(),
+            pswpout=stat.pswpout,
+            pswpin=stat.pswpin,
+            allocstall=stat.allocstall,
+            drops=net.get("PFMemallocDrop", 0) + net.get("rx_alloc_fail", 0),
+            throttled=stat.pgscan_direct_throttle,
+            psi_some_avg10=psi.some.avg10,
+            psi_full_avg10=psi.full.avg10,
+            pages_verified=self.integrity.pages_verified,
+        )
 
     def _decide(self, *, timed_out: bool) -> None:
         killed = sum(h.result.killed for h in self.hogs)

@@ -199,6 +199,7 @@ class Allocator:
         page.pfmemalloc = True
         page.reserve = reserve
         self.stat.alloc_emergency += 1
+        self.stat.nr_emergency += 1
         self.observer(AllocEmergency(gfp, tflags, page.zone.name, page.zone.nr_free))
         return page
 
@@ -254,6 +255,7 @@ class Allocator:
         if self._free_wait:
             self._free_wait.unpark_all()
         if pfmemalloc:
+            self.stat.nr_emergency -= 1
             # Zijlstra's kfree_reserve: free first, then uncharge, "ensures memory is
             # actually present when a subsequent charge succeeds".
             self.policy.uncharge_emergency(reserve)

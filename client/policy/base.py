@@ -46,6 +46,10 @@ class Policy(NullPolicy):
         return None
 
     # -- reporting ------------------------------------------------------------------------
+    def reserve_in_use(self) -> int:
+        """Pages charged to the policy's own reserves right now (``vm.sample``)."""
+        return 0
+
     def report(self) -> dict[str, Any]:
         """Policy-specific figures for the run summary (reserve table, throttling, ...)."""
         return {}

@@ -193,5 +193,8 @@ class ReservePolicyZ(Policy):
     def report(self) -> dict[str, Any]:
         return {"reserve_info": self.root.rows(), "reserve_peak": self.peak()}
 
+    def reserve_in_use(self) -> int:
+        return sum(r["usage"] for r in self.root.rows())
+
     def peak(self) -> int:
         return sum(r["peak"] for r in self.root.rows())
