@@ -1,6 +1,7 @@
 """The netswap NBD server: real, strict, and fast enough to stand beside nbdkit."""
 
+from .faults import Faults
 from .serve import Export, NBDServer
 from .stores import FileStore, MemoryStore, Store, StoreError
 
-__all__ = ["Export", "FileStore", "MemoryStore", "NBDServer", "Store", "StoreError"]
+__all__ = ["Export", "Faults", "FileStore", "MemoryStore", "NBDServer", "Store", "StoreError"]

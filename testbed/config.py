@@ -16,6 +16,8 @@ import attrs
 import cattrs
 from cattrs.v import transform_error
 
+from testbed.nbd.constants import Cmd, Errno
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 10809
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -28,7 +30,7 @@ class ConfigError(ValueError):
 
 def parse_size(value: str | int, *, what: str = "size") -> int:
     """``"64M"`` → 67108864.  K/M/G/T are powers of 1024; a bare number is bytes."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, str | int):
         raise ConfigError(f"{what}: expected a size, got {value!r}")
     if isinstance(value, int):
         if value < 0:
@@ -72,6 +74,88 @@ def _max_payload(value: str | int) -> int:
     return parse_size(value, what="max_payload")
 
 
+#: Commands a fault may fail, by the names ``[exports.faults.errors]`` uses (proto.md's
+#: ``NBD_CMD_*`` in lower case); DISC has no reply to fail.
+FAULT_COMMANDS: dict[str, Cmd] = {
+    name.lower(): cmd for name, cmd in Cmd.__members__.items() if cmd is not Cmd.DISC
+}
+#: Errors a fault may answer with: the spec's wire values (proto.md "Error values").
+FAULT_ERRNOS: dict[str, Errno] = {
+    name: err for name, err in Errno.__members__.items() if err is not Errno.OK
+}
+
+
+@attrs.frozen
+class FaultErrorConfig:
+    """One command's injected error: each request of that command fails with probability
+    ``rate``, answered with ``errno`` (a name: ``EIO``, ``ENOSPC``, ``EPERM``, ...)."""
+
+    command: str
+    rate: float
+    errno: str = "EIO"
+
+    def __attrs_post_init__(self) -> None:
+        if self.command not in FAULT_COMMANDS:
+            raise ConfigError(
+                f"faults.errors: unknown command {self.command!r} "
+                f"(choose from {', '.join(FAULT_COMMANDS)})"
+            )
+        if isinstance(self.rate, bool) or not isinstance(self.rate, int | float):
+            raise ConfigError(f"faults.errors.{self.command}.rate: {self.rate!r} is not a number")
+        if not 0.0 <= self.rate <= 1.0:
+            raise ConfigError(f"faults.errors.{self.command}.rate {self.rate}: must be in [0, 1]")
+        if self.errno not in FAULT_ERRNOS:
+            raise ConfigError(
+                f"faults.errors.{self.command}.errno {self.errno!r}: "
+                f"choose from {', '.join(FAULT_ERRNOS)}"
+            )
+
+
+def _fault_errors(value: Any) -> tuple[FaultErrorConfig, ...]:
+    """``{write = {rate = 0.01, errno = "EIO"}}`` (TOML) → records sorted by command.
+
+    Also takes records, or a mapping of command to a record or a ``(rate, errno)`` pair."""
+    if isinstance(value, tuple | list) and all(isinstance(v, FaultErrorConfig) for v in value):
+        return tuple(sorted(value, key=lambda e: e.command))
+    if not isinstance(value, dict):
+        raise ConfigError(f"faults.errors: expected a table of commands, got {value!r}")
+    out = []
+    for command, spec in value.items():
+        if isinstance(spec, FaultErrorConfig):
+            spec = {"rate": spec.rate, "errno": spec.errno}
+        elif isinstance(spec, tuple | list) and len(spec) == 2:
+            spec = {"rate": spec[0], "errno": spec[1]}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"faults.errors.{command}: expected {{rate = R, errno = NAME}}")
+        unknown = set(spec) - {"rate", "errno"}
+        if unknown:
+            raise ConfigError(f"faults.errors.{command}: unknown key(s) {sorted(unknown)}")
+        if "rate" not in spec:
+            raise ConfigError(f"faults.errors.{command}: missing rate")
+        out.append(FaultErrorConfig(str(command), spec["rate"], spec.get("errno", "EIO")))
+    return tuple(sorted(out, key=lambda e: e.command))
+
+
+@attrs.frozen
+class FaultConfig:
+    """Faults injected into one export (``[server.exports.faults]``): ``delay`` seconds
+    before each request is served, and per-command error rates drawn from a generator
+    seeded with ``seed`` (the same seed and requests give the same failures).  Stalls,
+    drops and restarts are runtime actions (``server.faults``), not configuration."""
+
+    delay: float = 0.0
+    seed: int = 0
+    errors: tuple[FaultErrorConfig, ...] = attrs.field(default=(), converter=_fault_errors)
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.delay, bool) or not isinstance(self.delay, int | float):
+            raise ConfigError(f"faults.delay: {self.delay!r} is not a number of seconds")
+        if not 0.0 <= self.delay < float("inf"):
+            raise ConfigError(f"faults.delay {self.delay}: must be >= 0 and finite")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"faults.seed: {self.seed!r} is not an integer")
+
+
 @attrs.frozen
 class ExportConfig:
     name: str
@@ -80,6 +164,7 @@ class ExportConfig:
     path: str | None = None
     read_only: bool = False
     description: str = ""
+    faults: FaultConfig = FaultConfig()
 
     def __attrs_post_init__(self) -> None:
         if len(self.name.encode()) > 4096:
@@ -237,8 +322,15 @@ class MachineConfig:
     max_io_pages: int = 32
     swap_queue_depth: int = 32
     bio_pool_size: int = 2
+    swappiness: int = 60  # vm.swappiness
+    disk_read_latency: float = 0.0001  # seconds per readahead window from the local disk
+    readahead_pages: int = 32
 
     def __attrs_post_init__(self) -> None:
+        if not 0 <= self.swappiness <= 200:
+            raise ConfigError(f"machine.swappiness {self.swappiness}: must be 0..200")
+        if self.disk_read_latency < 0 or self.readahead_pages < 1:
+            raise ConfigError("machine.disk_read_latency must be >= 0, readahead_pages >= 1")
         if self.memory < 1 << 20:
             raise ConfigError(f"machine.memory {self.memory}: at least 1M")
         if not 1 <= self.max_io_pages <= 256:
@@ -291,7 +383,7 @@ def _total(value: str | int) -> str | int:
 class HogConfig:
     """Mel Gorman's anonymous-memory hog: ``processes`` map ``total`` (bytes, or a multiple
     of RAM like "4x") between them and touch it in ``rounds`` of a write pass then a
-    read-and-verify pass."""
+    read-and-verify pass, at ``rate`` pages/s per process (0: as fast as it can)."""
 
     kind: Literal["anon_hog"] = "anon_hog"
     name: str = "hog"
@@ -299,15 +391,62 @@ class HogConfig:
     total: str | int = attrs.field(default="4x", converter=_total)
     rounds: int = 1
     start_after: float = 0.0
+    rate: float = 0.0  # pages/s each process touches (0: as fast as it can)
 
     def __attrs_post_init__(self) -> None:
         if self.processes < 1 or self.rounds < 1:
             raise ConfigError(f"workload {self.name!r}: processes and rounds must be >= 1")
+        if self.rate < 0:
+            raise ConfigError(f"workload {self.name!r}: rate must not be negative")
 
     def total_bytes(self, ram: int) -> int:
         if isinstance(self.total, str):
             return int(float(self.total[:-1]) * ram)
         return self.total
+
+
+@attrs.frozen
+class FileReaderConfig:
+    """Readers of files through the page cache: ``processes`` each stream through a file of
+    ``size`` (bytes, or a multiple of RAM like "0.5x") ``passes`` times, at ``rate`` pages/s
+    each (0: as fast as the disk allows). The pages they leave behind are clean."""
+
+    kind: Literal["file_reader"] = "file_reader"
+    name: str = "reader"
+    processes: int = 1
+    size: str | int = attrs.field(default="0.5x", converter=_total)
+    passes: int = 1
+    rate: float = 0.0
+    start_after: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.processes < 1 or self.passes < 1:
+            raise ConfigError(f"workload {self.name!r}: processes and passes must be >= 1")
+        if self.rate < 0:
+            raise ConfigError(f"workload {self.name!r}: rate must not be negative")
+
+    def size_bytes(self, ram: int) -> int:
+        if isinstance(self.size, str):
+            return int(float(self.size[:-1]) * ram)
+        return self.size
+
+
+WorkloadConfig = HogConfig | FileReaderConfig
+WORKLOAD_KINDS: dict[str, type[Any]] = {"anon_hog": HogConfig, "file_reader": FileReaderConfig}
+
+
+def _structure_workload(data: Any, _type: Any) -> Any:
+    """A ``[[workloads]]`` table, by its ``kind`` (default ``anon_hog``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a workload must be a table, got {data!r}")
+    kind = data.get("kind", "anon_hog")
+    cls = WORKLOAD_KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ConfigError(f"workload kind {kind!r}: choose from {', '.join(WORKLOAD_KINDS)}")
+    return _converter.structure(data, cls)
+
+
+_converter.register_structure_hook(WorkloadConfig, _structure_workload)
 
 
 def _rate(value: str | int) -> int:
@@ -364,6 +503,57 @@ class RunConfig:
     sample_interval: float = 0.1
 
 
+#: The allocations a ``fail_page_alloc`` fault may fail (client/faults.py gives each its
+#: meaning, after the kernel's ``ignore-gfp-wait`` and ``ignore-gfp-highmem``).
+GFP_FILTER_NAMES = ("any", "atomic", "nowait", "wait", "highmem", "nohighmem")
+
+
+@attrs.frozen
+class AllocFaultConfig:
+    """``fail_page_alloc`` as Documentation/fault-injection/fault-injection.rst describes it:
+    after ``space`` bytes of allocations, every ``interval``-th matching allocation fails with
+    ``probability`` (0..1; the kernel's percent / 100), at most ``times`` times (-1: no
+    limit).  ``gfp`` picks the allocations it applies to (see ``GFP_FILTER_NAMES``), ``task``
+    a substring of the allocating task's name (the kernel's per-task ``make-it-fail``)."""
+
+    probability: float
+    interval: int = 1
+    times: int = -1
+    space: int = 0
+    gfp: str = "any"
+    task: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:  # also refuses NaN
+            raise ConfigError(f"alloc fault: probability {self.probability!r} is not in 0..1")
+        if self.interval < 1:
+            raise ConfigError(f"alloc fault: interval {self.interval} must be >= 1")
+        if self.times < -1:
+            raise ConfigError(f"alloc fault: times {self.times} must be >= 0, or -1 (no limit)")
+        if self.space < 0:
+            raise ConfigError(f"alloc fault: space {self.space} must be >= 0")
+        if self.gfp not in GFP_FILTER_NAMES:
+            raise ConfigError(
+                f"alloc fault: gfp {self.gfp!r}: choose one of {', '.join(GFP_FILTER_NAMES)}"
+            )
+        if self.task is not None and not self.task:
+            raise ConfigError("alloc fault: task must not be empty (leave it out for any task)")
+
+
+@attrs.frozen
+class ClientFaultsConfig:
+    """Client faults set from the start of a run (the control endpoint can change them later):
+    the swap connection's latency in milliseconds (overrides ``swap.latency``) and a
+    ``fail_page_alloc`` filter.  Server faults live with the server."""
+
+    latency_ms: float | None = None
+    alloc: AllocFaultConfig | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.latency_ms is not None and not 0.0 <= self.latency_ms < float("inf"):
+            raise ConfigError(f"faults.latency_ms {self.latency_ms!r}: must be >= 0 and finite")
+
+
 @attrs.frozen
 class ScenarioConfig:
     """One run: the machine, its swap, its workloads, and (for ``netswap run``) a server."""
@@ -371,13 +561,14 @@ class ScenarioConfig:
     description: str = ""
     machine: MachineConfig = MachineConfig()
     swap: SwapConfig = SwapConfig()
-    workloads: tuple[HogConfig, ...] = (HogConfig(),)
+    workloads: tuple[WorkloadConfig, ...] = (HogConfig(),)
     noise: tuple[NoiseConfig, ...] = ()
     policy: str = attrs.field(default="none", converter=_policy)
     reserve: ReserveConfig = ReserveConfig()
     throttle: bool = True  # pfmemalloc: throttle direct reclaimers at half the min watermarks
     run: RunConfig = RunConfig()
     server: ServerConfig | None = None
+    faults: ClientFaultsConfig = ClientFaultsConfig()
 
 
 def load_scenario(

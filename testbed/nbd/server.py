@@ -423,6 +423,9 @@ class ServerConnection(Machine):
             return Errno.EINVAL, "FUA was not advertised"
         if flags & CmdFlags.DF and not self.structured:
             return Errno.EINVAL, "DF without structured replies"
+        if cmd == Cmd.FLUSH and (offset or length):
+            # "the client MUST set offset and length to zero" (proto.md); nbdkit: EINVAL.
+            return Errno.EINVAL, f"FLUSH with offset {offset} and length {length}, not 0 and 0"
         if cmd == Cmd.BLOCK_STATUS and not self._meta:
             return Errno.EINVAL, "no meta context was negotiated"
         if cmd == Cmd.READ and length > self.max_payload:
@@ -535,7 +538,9 @@ def _fast_masks(tflags: TransmissionFlags, structured: bool) -> dict[int, int]:
     masks = {}
     for cmd, allowed in _ALLOWED_FLAGS.items():
         need = _CMD_FLAG_FOR.get(cmd)
-        if cmd in (Cmd.DISC, Cmd.BLOCK_STATUS) or (need is not None and not tflags & need):
+        if cmd in (Cmd.DISC, Cmd.BLOCK_STATUS, Cmd.FLUSH):
+            continue  # FLUSH: its zero offset and length are checked on the slow path
+        if need is not None and not tflags & need:
             continue
         if cmd in _MODIFYING and tflags & TransmissionFlags.READ_ONLY:
             continue

@@ -327,6 +327,14 @@ def test_block_status_without_a_meta_context_is_einval() -> None:
     rejected(pair, Request(1, Cmd.BLOCK_STATUS, 0, 4096), Errno.EINVAL)
 
 
+@pytest.mark.parametrize(("offset", "length"), [(4096, 0), (0, 4096), (512, 512)])
+def test_flush_with_an_offset_or_a_length_is_einval(offset: int, length: int) -> None:
+    """ "The client MUST set offset and length to zero" (proto.md); nbdkit answers EINVAL.
+    Found by the live-server fuzz test."""
+    pair = connected()
+    rejected(pair, Request(1, Cmd.FLUSH, offset, length), Errno.EINVAL)
+
+
 def test_zero_length_block_status_is_einval() -> None:
     pair = connected()
     rejected(pair, Request(1, Cmd.BLOCK_STATUS, 0, 0), Errno.EINVAL)
