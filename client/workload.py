@@ -1,10 +1,15 @@
-"""Workloads that run on the client machine: Mel Gorman's anonymous-memory hog.
+"""Workloads that run on the client machine: Mel Gorman's anonymous-memory hog, and a
+reader of files through the page cache (the clean memory of Christoph Lameter's argument).
 
 ``processes`` processes map ``total`` bytes between them and touch every page in rounds:
 a write pass that fills each page with content derived from (process, virtual page,
 generation), then a read pass that checks it.  A page that was swapped out is swapped in
 by the read (or write) fault; every read compares the whole page, so a lost or stale swap
 write shows up as a corrupt page, never as a silent pass.
+
+A ``file_reader`` process reads its own file of ``size`` bytes from start to end in
+``passes``, at ``rate`` pages/s (0: as fast as it can); every page read is checked against
+what the disk holds.  Its pages stay in the page cache, clean, after the reader exits.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import attrs
 import trio
 
 from client.mm import PAGE_SIZE, Memory, Process
-from client.mm.errors import IntegrityError, ProcessKilled, SwapReadError
-from testbed.config import HogConfig
+from client.mm.errors import IntegrityError, OutOfMemory, ProcessKilled, SwapReadError
+from client.mm.pagecache import CachedFile
+from testbed.config import FileReaderConfig, HogConfig
 
 _PATTERN = struct.Struct("<QQQQ")
 
@@ -31,6 +37,7 @@ class Integrity:
     pages_written: int = 0
     pages_verified: int = 0
     corrupt: int = 0
+    file_pages_verified: int = 0  # page cache reads checked against the disk
     steps: int = 0  # workload progress: touches completed (the watchdog's "workload steps")
 
 
@@ -71,6 +78,7 @@ class AnonHog:
         integrity = self.integrity
         process = memory.new_process(f"{self.config.name}/{index}")
         pages = self.result.pages_per_process
+        interval = 1 / self.config.rate if self.config.rate else 0.0
         try:
             for generation in range(1, self.config.rounds + 1):
                 content = _content_fn(generation)
@@ -78,6 +86,8 @@ class AnonHog:
                     await memory.touch(process, vpage, write=True, content_fn=content)
                     integrity.pages_written += 1
                     integrity.steps += 1
+                    if interval:
+                        await trio.sleep(interval)
                 for vpage in range(pages):
                     try:
                         await memory.touch(process, vpage, write=False, content_fn=content)
@@ -86,6 +96,8 @@ class AnonHog:
                     else:
                         integrity.pages_verified += 1
                     integrity.steps += 1
+                    if interval:
+                        await trio.sleep(interval)
         except ProcessKilled:
             self.result.killed += 1
             return
@@ -102,3 +114,66 @@ def _content_fn(generation: int):  # type: ignore[no-untyped-def]
         return page_content(process.pid, vpage, generation)
 
     return content
+
+
+def file_content(file: CachedFile, index: int) -> bytes:
+    """4 KiB that only (file, page) produce: what the local disk holds."""
+    return _PATTERN.pack(file.ident, index, 0xF11E, 0x6E657473776170) * (PAGE_SIZE // 32)
+
+
+@attrs.define
+class ReaderResult:
+    name: str
+    processes: int
+    pages_per_file: int
+    passes: int
+    finished: int = 0
+    killed: int = 0
+    failed: int = 0  # reads that found no memory (read(2) returned an error)
+
+
+class FileReader:
+    """One ``file_reader`` workload: each process streams through its own file."""
+
+    def __init__(self, config: FileReaderConfig, memory: Memory, integrity: Integrity) -> None:
+        self.config = config
+        self.memory = memory
+        self.integrity = integrity
+        pages = max(config.size_bytes(memory.config.total_bytes) // PAGE_SIZE, 1)
+        self.result = ReaderResult(config.name, config.processes, pages, config.passes)
+
+    async def run(self) -> ReaderResult:
+        if self.config.start_after:
+            await trio.sleep(self.config.start_after)
+        async with trio.open_nursery() as nursery:
+            for i in range(self.config.processes):
+                nursery.start_soon(self._process, i, name=f"{self.config.name}/{i}")
+        return self.result
+
+    async def _process(self, index: int) -> None:
+        memory = self.memory
+        integrity = self.integrity
+        name = f"{self.config.name}/{index}"
+        process = memory.new_process(name)
+        file = memory.open_file(name, self.result.pages_per_file)
+        interval = 1 / self.config.rate if self.config.rate else 0.0
+        try:
+            for _ in range(self.config.passes):
+                for page in range(file.nr_pages):
+                    try:
+                        await memory.read_file(process, file, page, file_content)
+                    except IntegrityError:
+                        integrity.corrupt += 1
+                    else:
+                        integrity.file_pages_verified += 1
+                    integrity.steps += 1
+                    if interval:
+                        await trio.sleep(interval)
+        except ProcessKilled:
+            self.result.killed += 1
+            return
+        except OutOfMemory:
+            self.result.failed += 1
+            return
+        memory.exit_process(process)
+        self.result.finished += 1

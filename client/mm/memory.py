@@ -24,9 +24,10 @@ from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE, GFP_KERNEL
 from client.mm.lru import Lru
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
+from client.mm.pagecache import CachedFile, FileContentFn, PageCache
 from client.mm.policy import NullPolicy, ReservePolicy
 from client.mm.process import Process
-from client.mm.reclaim import Reclaimer
+from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
 from client.mm.swap import SwapArea
 from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
 from client.mm.waits import WaitFor, WaitRegistry
@@ -59,6 +60,13 @@ class MemoryConfig:
     max_io_pages: int = attrs.field(default=32, validator=_positive)
     swap_queue_depth: int = attrs.field(default=32, validator=_positive)
     bio_pool_size: int = attrs.field(default=BIO_POOL_SIZE, validator=attrs.validators.ge(0))
+    swappiness: int = attrs.field(
+        default=DEFAULT_SWAPPINESS, validator=[attrs.validators.ge(0), attrs.validators.le(200)]
+    )
+    disk_read_latency: float = attrs.field(default=0.0001, validator=attrs.validators.ge(0))
+    readahead_pages: int = attrs.field(default=32, validator=_positive)
+    swap_read_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    swap_read_retry_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
 
     @property
     def nr_pages(self) -> int:
@@ -130,7 +138,21 @@ class Memory:
             psi=self.psi,
             observer=observer,
         )
-        self.reclaimer = Reclaimer(self.allocator, self.lru, max_io_pages=config.max_io_pages)
+        self.pagecache = PageCache(
+            self.allocator,
+            self.lru,
+            self.frames,
+            self.stat,
+            read_latency=config.disk_read_latency,
+            readahead=config.readahead_pages,
+        )
+        self.reclaimer = Reclaimer(
+            self.allocator,
+            self.lru,
+            max_io_pages=config.max_io_pages,
+            swappiness=config.swappiness,
+            pagecache=self.pagecache,
+        )
         self.allocator.reclaimer = self.reclaimer
         self.allocator.out_of_memory = self.out_of_memory
         self.min_free_kbytes = (
@@ -142,6 +164,7 @@ class Memory:
         self._pids = itertools.count(1000)
         self._oom_hook = oom_hook
         self._swapin: dict[int, _SwapIn] = {}
+        self._files = 0
         self._nursery: trio.Nursery | None = None
         self.set_policy(NullPolicy() if policy is None else policy)
 
@@ -304,6 +327,7 @@ class Memory:
         """
         self.stat.pgfault += 1
         await trio.lowlevel.checkpoint()
+        failed_reads = 0
         while True:
             self._check_alive(process)
             page = process.present.get(vpage)
@@ -313,7 +337,19 @@ class Memory:
             if slot is None:
                 page = await self._do_anonymous_page(process, vpage)
             else:
-                page = await self._do_swap_page(process, vpage, slot)
+                try:
+                    page = await self._do_swap_page(process, vpage, slot)
+                except SwapReadError:
+                    # The kernel gives up at once (VM_FAULT_SIGBUS); a network block device
+                    # fails transiently, so the testbed retries the fault a few times, with
+                    # backoff, before the process gets its SIGBUS. The slot still holds the
+                    # data: a failed read loses nothing.
+                    if failed_reads >= self.config.swap_read_retries:
+                        raise
+                    self.stat.swap_read_retries += 1
+                    await trio.sleep(self.config.swap_read_retry_delay * 2**failed_reads)
+                    failed_reads += 1
+                    continue
             if page is not None:
                 return page
 
@@ -434,6 +470,30 @@ class Memory:
         self.observer(SwapReadDone(bio.id, bio.slot, err))
         pending.done.set()
 
+    # -- the page cache ----------------------------------------------------------------------
+
+    def open_file(self, name: str, nr_pages: int) -> CachedFile:
+        """A read-only file of ``nr_pages`` on the machine's local disk."""
+        self._files += 1
+        return CachedFile(name, nr_pages, ident=self._files)
+
+    async def read_file(
+        self, process: Process, file: CachedFile, index: int, content_fn: FileContentFn
+    ) -> None:
+        """``read(2)`` of one page of ``file`` through the page cache; checks the page
+        holds what the disk holds (``IntegrityError`` otherwise). Raises ``ProcessKilled``
+        once the process was killed, ``OutOfMemory`` if no page can be had."""
+        with self.psi.nonidle():
+            self._check_alive(process)
+            await trio.lowlevel.checkpoint()  # cond_resched, as in _fault
+            data = await self.pagecache.read(file, index, content_fn)
+            if data is None:
+                self._check_alive(process)
+                raise OutOfMemory(f"no page cache page for process {process.pid}")
+            if data != content_fn(file, index):
+                self.observer(IntegrityFailure(process.pid, index))
+                raise IntegrityError(process.pid, index)
+
     def exit_process(self, process: Process) -> None:
         """exit_mmap: unmap and free every page, drop every swap entry.
 
@@ -498,6 +558,9 @@ class Memory:
         stats["nr_free_pages"] = self.nr_free_pages
         stats["nr_inactive_anon"] = self.lru.nr_inactive
         stats["nr_active_anon"] = self.lru.nr_active
+        stats["nr_inactive_file"] = self.lru.nr_inactive_file
+        stats["nr_active_file"] = self.lru.nr_active_file
+        stats["nr_file_pages"] = self.pagecache.nr_pages
         stats["nr_swapcached"] = len(self.swap.cache) if self.swap is not None else 0
         return stats
 

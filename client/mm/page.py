@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
+    from client.mm.pagecache import CachedFile
     from client.mm.process import Process
     from client.mm.zone import Zone
 
@@ -22,7 +23,8 @@ class Page:
 
     ``mapping``/``index`` name the owner while the page is mapped (the kernel's anon_vma and
     ``page->index``); ``private`` holds the swap slot while ``swapcache`` is set (the kernel
-    keeps the ``swp_entry_t`` there). ``lru`` is ``PageLRU``: on an LRU list, not isolated.
+    keeps the ``swp_entry_t`` there). ``file`` names the file of a page cache page (then
+    ``index`` is its offset in pages). ``lru`` is ``PageLRU``: on an LRU list, not isolated.
     ``reserve`` is the opaque reserve an emergency (pfmemalloc) page was charged to.
     """
 
@@ -40,6 +42,7 @@ class Page:
     pfmemalloc: bool = False
     lru: bool = False
     reserve: object | None = None
+    file: CachedFile | None = None  # page cache page of this file (not PageSwapBacked)
 
     def reset(self) -> None:
         """Return to the state of a free frame (``free_pages_check`` expects it clean)."""
@@ -49,12 +52,15 @@ class Page:
         self.referenced = self.active = self.dirty = self.writeback = False
         self.reclaim = self.swapcache = self.pfmemalloc = self.lru = False
         self.reserve = None
+        self.file = None
 
     def __repr__(self) -> str:
         names = ("referenced", "active", "dirty", "writeback", "reclaim", "swapcache",
                  "pfmemalloc", "lru")  # fmt: skip
         flags = ",".join(n for n in names if getattr(self, n))
         owner = "" if self.mapping is None else f" owner={self.mapping.pid}:{self.index}"
+        if self.file is not None:
+            owner = f" file={self.file.name}:{self.index}"
         slot = f" slot={self.private}" if self.swapcache else ""
         return f"<Page {self.pfn} {self.zone.name}{owner}{slot} [{flags}]>"
 

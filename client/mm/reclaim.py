@@ -1,6 +1,7 @@
 """Page reclaim: shrink_page_list, pageout to swap, writeback completion, kswapd (mm/vmscan.c).
 
-Anonymous pages only. A dirty page is freed in two scans: the first adds it to swap, unmaps
+Anonymous pages and clean page cache pages. A clean file page is freed by the scan that
+finds it, with no I/O. A dirty anonymous page is freed in two scans: the first adds it to swap, unmaps
 it and starts writeback; the I/O completes later (``end_page_writeback`` rotates it to the
 inactive tail); the next scan finds it clean and frees it. Freed memory therefore lags the
 swap device's round trip, and that lag is what the reserves have to cover.
@@ -31,11 +32,13 @@ from client.mm.gfp import (
 )
 from client.mm.lru import Lru
 from client.mm.page import Page
+from client.mm.pagecache import PageCache
 from client.mm.swap import SwapArea
 from client.mm.waits import IDLE, WaitFor
 from client.mm.zone import Zone
 
 SWAP_CLUSTER_MAX = 32  # include/linux/swap.h
+DEFAULT_SWAPPINESS = 60  # mm/vmscan.c: int vm_swappiness = 60
 # kswapd waits this long for writeback before it looks again (congestion_wait(.., HZ/10)).
 KSWAPD_WRITEBACK_WAIT = 0.1
 
@@ -63,12 +66,24 @@ class ScanControl:
 class Reclaimer:
     """Reclaim for one node: the LRU, the swap area and block queue, kswapd."""
 
-    def __init__(self, allocator: Allocator, lru: Lru, *, max_io_pages: int = 32) -> None:
+    def __init__(
+        self,
+        allocator: Allocator,
+        lru: Lru,
+        *,
+        max_io_pages: int = 32,
+        swappiness: int = DEFAULT_SWAPPINESS,
+        pagecache: PageCache | None = None,
+    ) -> None:
         if max_io_pages < 1:
             raise ValueError("max_io_pages must be >= 1")
+        if not 0 <= swappiness <= 200:
+            raise ValueError("swappiness must be 0..200")
         self.allocator = allocator
         self.lru = lru
         self.max_io_pages = max_io_pages
+        self.swappiness = swappiness  # vm.swappiness
+        self.pagecache = pagecache
         self.swap: SwapArea | None = None
         self.block: BlockQueue | None = None
         self.stat = allocator.stat
@@ -80,14 +95,14 @@ class Reclaimer:
 
     # -- the LRU scan ------------------------------------------------------------------------
 
-    def shrink_active_list(self, nr_to_scan: int, sc: ScanControl) -> None:
+    def shrink_active_list(self, nr_to_scan: int, sc: ScanControl, *, file: bool = False) -> None:
         """mm/vmscan.c shrink_active_list: move pages from the active to the inactive list.
 
         ``page_referenced()`` clears the young bits; anon pages are deactivated whether or
-        not they were referenced (only executable file pages stay active), so their second
-        chance is to be referenced again while inactive.
+        not they were referenced (only executable file pages stay active, and the model's
+        files are data), so their second chance is to be referenced again while inactive.
         """
-        pages = self.lru.isolate(nr_to_scan, active=True)
+        pages = self.lru.isolate(nr_to_scan, active=True, file=file)
         sc.nr_refill += len(pages)
         self.stat.pgrefill += len(pages)
         for page in pages:
@@ -97,7 +112,7 @@ class Reclaimer:
         self.stat.pgdeactivate += len(pages)
 
     def shrink_page_list(self, pages: list[Page], sc: ScanControl) -> list[Page]:
-        """mm/vmscan.c shrink_page_list for isolated inactive anon pages.
+        """mm/vmscan.c shrink_page_list for isolated inactive pages.
 
         Each page is freed, or put back (kept or activated). Returns the pages whose
         writeback was started (``pageout``); the caller submits them (``blk_finish_plug``).
@@ -106,6 +121,15 @@ class Reclaimer:
         may_io = bool(sc.gfp & GFP.IO)
         plug: list[Page] = []
         for page in pages:
+            if page.file is not None:
+                # page_check_references on an unmapped page cache page: "Reclaim if clean,
+                # defer dirty pages to writeback" (PAGEREF_RECLAIM_CLEAN even if referenced;
+                # mark_page_accessed already promoted the hot ones). Clean: no I/O, so a
+                # GFP_NOIO reclaimer frees it too. __remove_mapping, then free.
+                assert self.pagecache is not None
+                self.pagecache.remove(page)
+                self._free(page, sc)
+                continue
             if page.writeback:
                 # PageWriteback: SetPageReclaim, nr_writeback++; keep it for a later scan.
                 # DESIGN.md §4.1 says "skip": the page stays inactive, and completion rotates
@@ -170,6 +194,7 @@ class Reclaimer:
 
     def _activate(self, page: Page, sc: ScanControl) -> None:
         page.active = True  # activate_locked: SetPageActive
+        self.lru.reclaim_stat.recent_rotated[page.file is not None] += 1  # putback
         sc.nr_activated += 1
         self.stat.pgactivate += 1
         self.lru.add(page)
@@ -190,24 +215,69 @@ class Reclaimer:
         page.referenced = False
         self.stat.nr_anon_pages -= 1
 
+    def get_scan_count(self) -> tuple[int, int]:
+        """mm/vmscan.c get_scan_count (4.x): how many (anon, file) pages one pass scans.
+
+        - "If we have no swap space, do not bother scanning anon pages": SCAN_FILE.
+        - No page cache: everything from anon (SCAN_ANON in effect).
+        - "If there is enough inactive page cache, i.e. if the size of the inactive file
+          list is greater than that of the active list *and* the inactive list actually
+          has some pages to scan on this priority, we do not reclaim anything from the
+          anonymous working set right now": SCAN_FILE.  The model has no scan priority;
+          "some pages to scan" is taken as at least SWAP_CLUSTER_MAX inactive file pages.
+        - Otherwise SCAN_FRACT: ``anon_prio = swappiness``, ``file_prio = 200 -
+          swappiness``, each weighed by "the fraction of recently scanned pages on each
+          list that were recently referenced" (``ap = anon_prio * (recent_scanned[0] + 1)
+          / (recent_rotated[0] + 1)``, ``fp`` alike): a type whose pages keep coming back
+          into use is scanned less. One pass shares SWAP_CLUSTER_MAX pages in the ratio
+          ``ap : fp`` (the kernel scales ``lru_size >> priority`` by it).
+        """
+        lru = self.lru
+        nr_file = lru.nr_file
+        if self.swap is None or self.swap.map.nr_free == 0:
+            return 0, SWAP_CLUSTER_MAX if nr_file else 0
+        if nr_file == 0:
+            return SWAP_CLUSTER_MAX, 0
+        if not lru.inactive_is_low(file=True) and lru.nr_inactive_file >= SWAP_CLUSTER_MAX:
+            return 0, SWAP_CLUSTER_MAX
+        stat = lru.reclaim_stat
+        stat.age(lru.nr_anon, nr_file)
+        anon_prio = self.swappiness
+        ap = anon_prio * (stat.recent_scanned[0] + 1) // (stat.recent_rotated[0] + 1)
+        fp = (200 - anon_prio) * (stat.recent_scanned[1] + 1) // (stat.recent_rotated[1] + 1)
+        denominator = ap + fp + 1
+        return (
+            -(-SWAP_CLUSTER_MAX * ap // denominator),  # rounded up: each type gets a look
+            -(-SWAP_CLUSTER_MAX * fp // denominator),
+        )
+
     async def shrink_node(self, sc: ScanControl) -> int:
-        """One pass of mm/vmscan.c shrink_node (anon only): refill the inactive list while it
-        is low, shrink up to SWAP_CLUSTER_MAX inactive pages, submit their writeback.
+        """One pass of mm/vmscan.c shrink_node: for each LRU type get_scan_count picks,
+        refill its inactive list while it is low, shrink that many inactive pages; submit
+        the anon pages' writeback.
 
         Returns the number of pages looked at (inactive and active).
         """
-        if self.swap is None or self.swap.map.nr_free == 0:
-            # get_scan_count: "if (!sc->may_swap || get_nr_swap_pages() <= 0)": SCAN_FILE,
-            # the anon lists are not scanned at all.
+        nr_anon, nr_file = self.get_scan_count()
+        if not nr_anon and not nr_file:
             return 0
         before = sc.nr_scanned + sc.nr_refill
-        if self.lru.inactive_is_low():
-            self.shrink_active_list(SWAP_CLUSTER_MAX, sc)
-        pages = self.lru.isolate(SWAP_CLUSTER_MAX, active=False)
-        sc.nr_scanned += len(pages)
-        plug = self.shrink_page_list(pages, sc)
-        if plug:
-            await self.flush_plug(plug)
+        if nr_file:
+            if self.lru.inactive_is_low(file=True):
+                self.shrink_active_list(nr_file, sc, file=True)
+            pages = self.lru.isolate(nr_file, active=False, file=True)
+            sc.nr_scanned += len(pages)
+            self.lru.reclaim_stat.recent_scanned[1] += len(pages)
+            self.shrink_page_list(pages, sc)
+        if nr_anon:
+            if self.lru.inactive_is_low():
+                self.shrink_active_list(nr_anon, sc)
+            pages = self.lru.isolate(nr_anon, active=False)
+            sc.nr_scanned += len(pages)
+            self.lru.reclaim_stat.recent_scanned[0] += len(pages)
+            plug = self.shrink_page_list(pages, sc)
+            if plug:
+                await self.flush_plug(plug)
         return sc.nr_scanned + sc.nr_refill - before
 
     async def shrink(self, gfp: GFP, nr_to_reclaim: int = SWAP_CLUSTER_MAX) -> ScanControl:

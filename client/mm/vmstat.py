@@ -36,6 +36,7 @@ class VmStat:
     pgsteal_kswapd: int = 0
     pgsteal_direct: int = 0
     pageoutrun: int = 0
+    pgpgin: int = 0  # KiB read from block devices (here: the page cache's local disk)
     pswpin: int = 0
     pswpout: int = 0
     allocstall: int = 0  # 4.8+ splits it per zone: allocstall_normal, ...
@@ -44,6 +45,7 @@ class VmStat:
     alloc_emergency: int = 0  # not in the kernel: pages served at ALLOC_NO_WATERMARKS
     swap_write_errors: int = 0  # not in the kernel: failed swap writes (pages)
     swap_read_errors: int = 0  # not in the kernel: failed swap reads
+    swap_read_retries: int = 0  # not in the kernel: faults retried after a failed read
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)

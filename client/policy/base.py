@@ -10,12 +10,38 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import attrs
+
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO
+from client.mm.facts import Fact
 from client.mm.policy import NullPolicy
 
 if TYPE_CHECKING:
     from client.mm import Memory
     from client.net.socket import ModelledSocket
+
+
+@attrs.frozen
+class ReserveChargeFailed(Fact):
+    """An emergency allocation found its reserve at its limit (it waits, or fails if it may
+    not sleep): Zijlstra's bean counting saying no."""
+
+    event: ClassVar[str] = "reserve.charge_failed"
+    reserve: str
+    usage: int
+    limit: int
+    waits: bool
+
+
+@attrs.frozen
+class ReclaimThrottled(Fact):
+    """A direct reclaimer was throttled: free pages at or below half the summed min
+    watermarks (Gorman's throttle_direct_reclaim)."""
+
+    event: ClassVar[str] = "reclaim.throttled"
+    free: int
+    threshold: int
+    timeout: float | None  # HZ for callers without __GFP_FS, else None (until woken)
 
 
 class Policy(NullPolicy):

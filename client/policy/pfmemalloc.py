@@ -29,7 +29,7 @@ from client.mm.gfp import current_task_flags
 from client.mm.waits import WaitFor
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
-from client.policy.base import Policy
+from client.policy.base import Policy, ReclaimThrottled
 
 HZ_SECONDS = 1.0
 
@@ -71,7 +71,15 @@ class PfmemallocPolicy(Policy):
         # "If the caller cannot enter the filesystem ... throttle for at most HZ";
         # everyone else waits (killably) until kswapd wakes them.
         # wait_event_interruptible_timeout(..., HZ) bounds the whole wait, not each sleep.
-        deadline = trio.current_time() + (HZ_SECONDS if not gfp & GFP.FS else math.inf)
+        timeout = HZ_SECONDS if not gfp & GFP.FS else math.inf
+        self.memory.observer(
+            ReclaimThrottled(
+                self.memory.nr_free_pages,
+                sum(z.watermarks.min for z in self.memory.zones) // 2,
+                None if math.isinf(timeout) else timeout,
+            )
+        )
+        deadline = trio.current_time() + timeout
         while not self.allow_direct_reclaim():
             remaining = deadline - trio.current_time()
             if remaining <= 0 or not await self.memory.waits.park(

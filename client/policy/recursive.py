@@ -6,7 +6,11 @@ finds nothing even below min, this policy runs reclaim again from inside it, wit
 without ``__GFP_IO`` so that no swap I/O can start (shrink_page_list: ``if (!(sc->gfp_mask &
 __GFP_IO)) goto keep_locked``), frees what is clean, and retries.  Anonymous memory under
 swap-out leaves it little that is clean; his argument rests on dirty limits keeping most
-memory clean, which holds for file pages.
+memory clean, which holds for file pages (``configs/clean-pages.toml``).
+
+The hook fires for every allocation of a ``PF_MEMALLOC`` task that fails, ``__GFP_NOMEMALLOC``
+ones included (kswapd's bio mempool refills): in 2.6.23's ``__alloc_pages`` both reach the
+same ``goto nopage`` from the ``PF_MEMALLOC`` branch, which is where the recursion hooks in.
 """
 
 from __future__ import annotations

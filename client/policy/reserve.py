@@ -31,7 +31,7 @@ from client.mm import GFP, GFP_ATOMIC, GFP_NOIO
 from client.mm.waits import WaitFor
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
-from client.policy.base import Policy
+from client.policy.base import Policy, ReserveChargeFailed
 from testbed.config import ReserveConfig
 
 
@@ -121,6 +121,9 @@ class ReservePolicyZ(Policy):
             "block reserve", pages=self.config.block_pages, limit=self.config.block_pages
         )
         self._sockets: dict[str, MemReserve] = {}
+        self._closed: list[MemReserve] = []  # reserves of sockets closed during the run
+        self._in_use = 0  # pages charged anywhere in the tree now
+        self._peak = 0  # the most charged at one moment
         self.root.connect(self.block)
         self.network.connect(self.tx)
         self.network.connect(self.rx)
@@ -137,19 +140,29 @@ class ReservePolicyZ(Policy):
     async def charge_emergency(self, gfp: GFP, reserve: object | None) -> bool:
         if not isinstance(reserve, MemReserve):
             return True  # the VM's own PF_MEMALLOC work is not bean counted
+        first = True
         while not reserve.charge(1):
-            if not gfp & GFP.DIRECT_RECLAIM:
-                return False  # "return NULL when !__GFP_WAIT"
+            may_wait = bool(gfp & GFP.DIRECT_RECLAIM)
             assert self.memory is not None
+            if first:
+                self.memory.observer(
+                    ReserveChargeFailed(reserve.name, reserve.usage, reserve.limit, may_wait)
+                )
+                first = False
+            if not may_wait:
+                return False  # "return NULL when !__GFP_WAIT"
             reserve.waits += 1
             what = WaitFor("reserve", reserve.name, waker=reserve.waker)
             # wait_event(res->waitqueue, charge succeeds)
             await self.memory.waits.park(reserve.lot, what, math.inf)
+        self._in_use += 1
+        self._peak = max(self._peak, self._in_use)
         return True
 
     def uncharge_emergency(self, reserve: object | None) -> None:
         if isinstance(reserve, MemReserve):
             reserve.uncharge(1)
+            self._in_use -= 1
 
     # -- the network ----------------------------------------------------------------------
     def socket_created(self, sock: ModelledSocket, kind: str) -> None:
@@ -181,6 +194,7 @@ class ReservePolicyZ(Policy):
         node = self._sockets.pop(sock.name, None)
         if node is not None:
             self.tx.disconnect(node)
+            self._closed.append(node)
             self._resize()
 
     def rx_gfp(self, memalloc_socks: int) -> GFP:
@@ -191,10 +205,14 @@ class ReservePolicyZ(Policy):
         return self.skb
 
     def report(self) -> dict[str, Any]:
-        return {"reserve_info": self.root.rows(), "reserve_peak": self.peak()}
+        """The ``/proc/reserve_info`` table (closed sockets' reserves after it, marked) and
+        the most pages charged at one moment."""
+        closed = [{**row, "reserve": f"{row['reserve']} (closed)"} for n in self._closed
+                  for row in n.rows()]  # fmt: skip
+        return {"reserve_info": self.root.rows() + closed, "reserve_peak": self._peak}
 
     def reserve_in_use(self) -> int:
-        return sum(r["usage"] for r in self.root.rows())
+        return self._in_use
 
     def peak(self) -> int:
-        return sum(r["peak"] for r in self.root.rows())
+        return self._peak

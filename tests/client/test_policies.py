@@ -460,8 +460,9 @@ async def test_reserve_rows_give_the_reserve_info_table(make_rig: MakeRig) -> No
     swap, _ = rig.socket("nbd0", SWAP)
     node = swap.tx_reserve
     assert isinstance(node, MemReserve)
-    node.charge(3)
-    node.uncharge(1)
+    for _ in range(3):  # bean counting through the policy, as the allocator does
+        assert await policy.charge_emergency(GFP_ATOMIC, node)
+    policy.uncharge_emergency(node)
     rows = policy.root.rows()
     assert [r["reserve"] for r in rows] == [
         "total reserve",
@@ -485,6 +486,12 @@ async def test_reserve_rows_give_the_reserve_info_table(make_rig: MakeRig) -> No
     assert by_name["SKB data reserve"]["limit"] == 128
     report = policy.report()
     assert report["reserve_info"] == rows and report["reserve_peak"] == 3
+    assert policy.reserve_in_use() == 2
+    # A closed socket's reserve leaves the tree but not the table: its peak is history.
+    policy.socket_closed(swap)
+    rows = policy.report()["reserve_info"]
+    assert rows[-1]["reserve"] == "nbd0 TX (closed)" and rows[-1]["peak"] == 3
+    assert policy.report()["reserve_peak"] == 3
 
 
 # -- recursive (Lameter) ------------------------------------------------------------------

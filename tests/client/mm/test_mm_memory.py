@@ -90,11 +90,31 @@ async def test_swap_read_error_fails_the_fault_and_keeps_the_slot(
         with pytest.raises(SwapReadError):
             await memory.touch(process, vpage, write=False, content_fn=pattern_content)
         assert process.swapped[vpage] == slot and slot not in memory.swap.cache
-        assert memory.nr_free_pages >= free - 1 and memory.stat.swap_read_errors == 1
-        [done] = m.facts_of(SwapReadDone)
-        assert done.slot == slot and done.error is not None
+        retries = memory.config.swap_read_retries
+        assert memory.nr_free_pages >= free - 1
+        assert memory.stat.swap_read_errors == 1 + retries == len(m.facts_of(SwapReadDone))
+        assert memory.stat.swap_read_retries == retries
+        assert all(d.slot == slot and d.error is not None for d in m.facts_of(SwapReadDone))
         device.fail_read = lambda s: False  # a later fault reads it again
         await memory.touch(process, vpage, write=False, content_fn=pattern_content)
+
+
+async def test_a_transient_swap_read_error_is_retried_and_the_page_survives(
+    m: Machine, autojump_clock: trio.testing.MockClock
+) -> None:
+    memory, device = m.memory, m.device
+    assert device is not None
+    async with memory.running():
+        process = memory.new_process("hog")
+        await hog(memory, process, 2048, write=True)
+        vpage, slot = next(iter(process.swapped.items()))
+        failures = iter([True, True])
+        device.fail_read = lambda s: s == slot and next(failures, False)
+        start = trio.current_time()
+        await memory.touch(process, vpage, write=False, content_fn=pattern_content)
+        assert memory.stat.swap_read_errors == 2 and memory.stat.swap_read_retries == 2
+        delay = memory.config.swap_read_retry_delay
+        assert trio.current_time() - start >= delay + 2 * delay  # backoff: 1x, then 2x
 
 
 async def test_concurrent_faults_on_one_slot_share_the_read(
