@@ -5,26 +5,37 @@ connects the swap device (``connect`` opens a trio stream: TCP for ``netswap cli
 in-memory pair in outcome tests), starts kswapd, runs the workloads to the end and returns
 the run's summary.  Facts from the model and the device go to ``observer``; the harness
 turns them into log events.
+
+A *controlled* machine (``controlled=True``: ``netswap client --control``) keeps running
+after its workloads end, until ``stop()``; meanwhile the control endpoint
+(testbed/control.py) injects pressure and faults through the methods under "control":
+``inject_hog``, ``inject_flood``, ``set_swap_latency``, ``reset_swap``, ``set_alloc_fault``,
+``clear_faults``, ``release``, ``status``, ``stop``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import trio
 import trio.testing
 
-from client.mm import Memory, MemoryConfig
+from client.faults import ClientFaults
+from client.mm import PAGE_SIZE, Memory, MemoryConfig, OutOfMemory, Process, ProcessKilled
+from client.mm.alloc import CONGESTION_WAIT
+from client.mm.memory import ContentFn
+from client.mm.waits import IDLE
 from client.net.noise import consume, flood
 from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
 from client.policy import Policy, make_policy
 from client.swapdev import Connect, NBDSwapDevice
-from client.workload import AnonHog, Integrity
-from testbed.config import ScenarioConfig
+from client.workload import AnonHog, FileReader, Integrity
+from testbed.config import AllocFaultConfig, HogConfig, ScenarioConfig
 
 Observer = Callable[[object], None]
 
@@ -39,6 +50,7 @@ class VmSample:
     nr_free_pages: int
     zones: list[dict[str, int | str]]  # name, free, min, low, high
     nr_writeback: int
+    nr_file_pages: int  # clean page cache (reclaimable without I/O)
     nr_emergency: int  # pages served below min still in use (reserve usage)
     reserve_used: int  # the reserve policy's charged pages (0 for other policies)
     pswpout: int
@@ -49,13 +61,182 @@ class VmSample:
     psi_some_avg10: float
     psi_full_avg10: float
     pages_verified: int
+
+
 #: Runs beside the workloads (the harness's watchdog); a dict it returns ends the run as a
 #: deadlock and becomes the summary's ``deadlock`` entry (``cycle``, ``chain``, ...).
 Supervisor = Callable[["ClientMachine"], Awaitable[dict[str, Any] | None]]
 
 
+#: Waits that end only when a peer sends something: a connection with nothing in flight
+#: (the socket's softirq waits for a packet, the NBD reader for a reply).  A machine whose
+#: tasks wait only for these, or idle (kswapd asleep), has nothing to do: it is quiescent,
+#: not deadlocked.
+QUIET_WAITS = frozenset({IDLE, "packet", "rx_data"})
+#: How often a controlled machine looks whether it is quiescent (the watchdog's poll).
+QUIESCENCE_POLL = 0.05
+#: Lameter's fileserver again: an injected flood's consumer reads this many bytes/s and
+#: allocates a page for each page it reads (a slow consumer, as in swap-over-nbd.toml).
+FLOOD_CONSUME_RATE = 256 * 1024
+#: Bounds on what one ``inject_hog`` may ask for (the control protocol checks them too).
+MAX_HOG_PAGES = 1 << 31
+MAX_HOG_PROCESSES = 4096
+
+
+class MachineStateError(Exception):
+    """A control request the machine cannot act on now (not started, ended, no swap
+    connection to cut); ``str()`` is one line for the control peer."""
+
+
 def _drop(_fact: object) -> None:
     pass
+
+
+class HogMemory:
+    """What one ``AnonHog`` sees of the machine's memory (``config``, ``new_process``,
+    ``touch``, ``exit_process``), with what the harness adds around its processes:
+
+    * A page fault whose allocation an injected fault failed (``OutOfMemory`` from
+      ``Memory.touch``, the model's VM_FAULT_OOM) is retried, as the kernel retries such a
+      fault (5.16+, "mm, oom: do not trigger out_of_memory from the #PF":
+      ``pagefault_out_of_memory`` returns and the task faults again); first it waits for a
+      free page as the allocator's own retries do, so that a machine where every
+      allocation fails stalls where the watchdog sees it instead of spinning.  A real
+      OutOfMemory (nothing left to kill) is raised as before.
+    * For injected hogs (``hold``): a process that finished its round keeps its memory
+      until ``release()``; after ``release()`` each process still running exits at its
+      next touch, as on SIGKILL.  Cancelling it instead could interrupt it inside reclaim,
+      with pages isolated for writeback that would then never be written.
+    """
+
+    def __init__(self, memory: Memory, faults: ClientFaults, *, hold: bool = False) -> None:
+        self.memory = memory
+        self.config = memory.config
+        self._faults = faults
+        self._hold = hold
+        self.processes: list[Process] = []
+        self.held: list[Process] = []
+        self.released = False
+        self.exited_by_release = 0
+        self.fault_retries = 0
+
+    def new_process(self, name: str) -> Process:
+        process = self.memory.new_process(name)
+        self.processes.append(process)
+        return process
+
+    async def touch(
+        self, process: Process, vpage: int, *, write: bool, content_fn: ContentFn
+    ) -> None:
+        if self.released:
+            self._exit(process)
+            self.exited_by_release += 1
+            raise ProcessKilled(process.pid)
+        task = trio.lowlevel.current_task().name
+        self._faults.take_injected(task)  # only a failure injected from here on counts
+        while True:
+            try:
+                await self.memory.touch(process, vpage, write=write, content_fn=content_fn)
+                return
+            except OutOfMemory:
+                if not self._faults.take_injected(task):
+                    raise
+                self.fault_retries += 1
+                await self.memory.allocator.wait_for_free_pages(CONGESTION_WAIT)
+
+    def exit_process(self, process: Process) -> None:
+        if self._hold and not self.released:
+            self.held.append(process)
+        else:
+            self._exit(process)
+
+    def _exit(self, process: Process) -> None:
+        if process.pid in self.memory.processes:  # not reaped by the OOM killer already
+            self.memory.exit_process(process)
+
+    def release(self) -> None:
+        """End the hold: held processes exit now, running ones at their next touch."""
+        self.released = True
+        held, self.held = self.held, []
+        for process in held:
+            self._exit(process)
+
+    @property
+    def resident(self) -> int:
+        return sum(p.rss for p in self.processes if not p.killed)
+
+    @property
+    def swapped(self) -> int:
+        return sum(p.swapents for p in self.processes if not p.killed)
+
+
+@attrs.define(eq=False)
+class InjectedHog:
+    """Anonymous-memory pressure injected into a running machine (``inject_hog``)."""
+
+    id: str
+    hog: AnonHog
+    memory: HogMemory
+    rate: float | None  # pages/s over all its processes; None: as fast as they can
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def state(self) -> str:
+        """running, holding (every process wrote and verified its pages), releasing,
+        released (every process has exited), or stopped (the run ended first)."""
+        if self.memory.released:
+            return "released" if self.done.is_set() else "releasing"
+        r = self.hog.result
+        if r.finished + r.killed + r.sigbus >= r.processes:
+            return "holding"
+        return "stopped" if self.done.is_set() else "running"
+
+    @property
+    def oom_killed(self) -> int:
+        return self.hog.result.killed - self.memory.exited_by_release
+
+    def report(self) -> dict[str, Any]:
+        r = self.hog.result
+        return {
+            "id": self.id,
+            "state": self.state,
+            "processes": r.processes,
+            "pages": r.pages_per_process * r.processes,
+            "rate": self.rate,
+            "finished": r.finished,
+            "oom_killed": self.oom_killed,
+            "sigbus": r.sigbus,
+            "resident": self.memory.resident,
+            "swapped": self.memory.swapped,
+            "fault_retries": self.memory.fault_retries,
+        }
+
+
+@attrs.define(eq=False)
+class InjectedFlood:
+    """Noise traffic injected into a running machine (``inject_flood``): a peer floods a new
+    ordinary socket for ``seconds`` while a slow consumer reads it."""
+
+    id: str
+    mbps: float
+    seconds: float
+    sock: ModelledSocket
+    scope: trio.CancelScope  # the peer's: its deadline is the end of the flood
+    state: str = "running"  # running, done, released
+
+    def report(self) -> dict[str, Any]:
+        stats = self.sock.stats
+        return {
+            "id": self.id,
+            "state": self.state,
+            "mbps": self.mbps,
+            "seconds": self.seconds,
+            "socket": self.sock.name,
+            "rx_bytes": stats.rx_bytes,
+            "rx_pages": self.sock.rx_pages,
+            "pfmemalloc_drop": stats.pfmemalloc_drop,
+            "rx_alloc_fail": stats.rx_alloc_fail,
+        }
 
 
 class ClientMachine:
@@ -66,6 +247,7 @@ class ClientMachine:
         *,
         observer: Observer = _drop,
         policy: str | None = None,
+        controlled: bool = False,
     ) -> None:
         self.scenario = scenario
         self.policy_name = policy or scenario.policy
@@ -82,6 +264,9 @@ class ClientMachine:
                 max_io_pages=m.max_io_pages,
                 swap_queue_depth=m.swap_queue_depth,
                 bio_pool_size=m.bio_pool_size,
+                swappiness=m.swappiness,
+                disk_read_latency=m.disk_read_latency,
+                readahead_pages=m.readahead_pages,
             ),
             policy=self.policy,
             observer=observer,
@@ -96,8 +281,20 @@ class ClientMachine:
             quarantine_seconds=s.quarantine_seconds,
             observer=observer,
         )
+        self.faults = ClientFaults(self.memory, seed=scenario.run.seed, observer=observer)
+        if scenario.faults.latency_ms is not None:
+            self.faults.latency = scenario.faults.latency_ms / 1000
         self.integrity = Integrity()
-        self.hogs = [AnonHog(w, self.memory, self.integrity) for w in scenario.workloads]
+        # Where allocation faults may be injected (from the scenario, or later through
+        # control), hogs see memory through HogMemory, which retries a page fault whose
+        # allocation was failed on purpose; elsewhere they use the model directly.
+        faultable = controlled or scenario.faults.alloc is not None
+        self.hogs: list[AnonHog | FileReader] = [
+            AnonHog(w, self._hog_memory() if faultable else self.memory, self.integrity)
+            if isinstance(w, HogConfig)
+            else FileReader(w, self.memory, self.integrity)
+            for w in scenario.workloads
+        ]
         self.net: NetStack | None = None
         self.deadlock: dict[str, Any] | None = None
         self.min_free = self.memory.nr_free_pages
@@ -105,6 +302,25 @@ class ClientMachine:
         self.outcome = "running"
         self.reason = ""
         self._started = 0.0
+        self.swap_socket: ModelledSocket | None = None
+        #: Keep running after the workloads end, until ``stop()`` (a control endpoint).
+        self.controlled = controlled
+        #: Set once the machine runs (swap connected, kswapd started): control may act.
+        self.ready = trio.Event()
+        self.workloads_done = False
+        self.ended = False
+        self.injected_hogs: list[InjectedHog] = []
+        self.injected_floods: list[InjectedFlood] = []
+        self._injections: dict[str, int] = {}
+        self._stop = trio.Event()
+        self._stop_reason = ""
+        self._run_nursery: trio.Nursery | None = None
+        self._workloads_scope: trio.CancelScope | None = None
+        self._cut: ModelledSocket | None = None
+
+    def _hog_memory(self, *, hold: bool = False) -> Memory:
+        """A ``HogMemory`` for an ``AnonHog``, which takes it for the ``Memory`` it uses."""
+        return cast(Memory, HogMemory(self.memory, self.faults, hold=hold))
 
     async def _connect_swap(self) -> trio.abc.Stream:
         """Open the swap connection as a modelled socket (``SOCK_MEMALLOC`` if the policy
@@ -114,11 +330,20 @@ class ClientMachine:
         name = f"nbd{self._swap_sockets}"
         self._swap_sockets += 1
         s = self.scenario.swap
-        sock = self.net.socket(raw, name, SWAP, sndbuf=s.sndbuf, rcvbuf=s.rcvbuf, latency=s.latency)
+        sock = self.net.socket(
+            raw, name, SWAP, sndbuf=s.sndbuf, rcvbuf=s.rcvbuf, latency=self._swap_latency()
+        )
         waits = self.memory.waits
         for role in ("swap device", "mempool_free"):
             waits.roles[role] = [sock.rx_task_name]
+        self.swap_socket = sock
         return sock
+
+    def _swap_latency(self) -> float:
+        """The swap connection's latency: a latency fault's, else the scenario's."""
+        if self.faults.latency is not None:
+            return self.faults.latency
+        return self.scenario.swap.latency
 
     def progress(self) -> tuple[int, ...]:
         """What the watchdog counts as progress (never retries or drops)."""
@@ -126,7 +351,9 @@ class ClientMachine:
         return (p.pages_freed, p.writebacks_completed, p.swapins_completed, self.integrity.steps)
 
     async def run(self, *, supervisor: Supervisor | None = None) -> dict[str, Any]:
-        """Run to the end of the workloads, a deadlock, or the time limit; the summary."""
+        """Run to the end of the workloads (a controlled machine: to ``stop()``), a
+        deadlock, or the time limit; the summary.  A controlled machine's time limit
+        covers its workloads only: after them the operator decides when to stop."""
         wall = time.perf_counter()
         self._started = trio.current_time()
         timed_out = False
@@ -137,29 +364,84 @@ class ClientMachine:
                 await self.device.start(nursery)
                 self.memory.swapon(self.device)
                 await self.memory.start(nursery)
+                self._start_faults()
                 nursery.start_soon(self._sample)
                 with trio.move_on_after(self.scenario.run.time_limit) as limit:
                     async with trio.open_nursery() as run:
+                        self._run_nursery = run
                         if supervisor is not None:
                             run.start_soon(self._supervise, supervisor, run.cancel_scope)
                         async with trio.open_nursery() as workloads:
+                            self._workloads_scope = workloads.cancel_scope
+                            if self._stop.is_set():
+                                workloads.cancel_scope.cancel()
+                            self.ready.set()
                             self._start_noise(run)
                             for hog in self.hogs:
                                 workloads.start_soon(hog.run, name=f"workload {hog.config.name}")
+                        self.workloads_done = True
+                        if self.controlled:
+                            limit.deadline = math.inf
+                            await self._stop.wait()
                         run.cancel_scope.cancel()  # workloads done: stop noise and watchdog
                 timed_out = limit.cancelled_caught
                 self._decide(timed_out=timed_out)
                 nursery.cancel_scope.cancel()
         finally:
+            self.ended = True
+            self._run_nursery = None
             with trio.CancelScope(shield=True):
                 await self.device.close()
         return self.summary(wall_seconds=time.perf_counter() - wall)
 
+    def _start_faults(self) -> None:
+        """The scenario's ``[faults]``, from the start."""
+        if self.faults.latency is not None and self.swap_socket is not None:
+            self.faults.fired(
+                "latency", ms=self.scenario.faults.latency_ms, sock=self.swap_socket.name
+            )
+        if self.scenario.faults.alloc is not None:
+            self.faults.set_alloc(self.scenario.faults.alloc)
+
     async def _supervise(self, supervisor: Supervisor, run: trio.CancelScope) -> None:
-        verdict = await supervisor(self)
+        if self.controlled:
+            verdict = await self._supervise_while_busy(supervisor)
+        else:
+            verdict = await supervisor(self)
         if verdict is not None:
             self.deadlock = verdict
             run.cancel()
+
+    def quiescent(self) -> bool:
+        """Nothing to do: every task that waits, waits for a peer or idles (``QUIET_WAITS``).
+        A controlled machine between commands is like this; no progress then is no stall."""
+        return all(what.kind in QUIET_WAITS for what in self.memory.waits.snapshot().values())
+
+    async def _supervise_while_busy(self, supervisor: Supervisor) -> dict[str, Any] | None:
+        """Run the supervisor only while the machine is not quiescent, afresh each time it
+        gets busy: a machine waiting for commands makes no progress without being stuck.
+        A deadlock is never quiescent (someone waits for memory, writeback, a reserve), so
+        the watchdog sees every deadlock it would see without control."""
+        while True:
+            while self.quiescent():
+                await trio.sleep(QUIESCENCE_POLL)
+            verdict: dict[str, Any] | None = None
+            async with trio.open_nursery() as watch:
+
+                async def until_quiescent() -> None:
+                    while not self.quiescent():
+                        await trio.sleep(QUIESCENCE_POLL)
+                    watch.cancel_scope.cancel()
+
+                async def judge() -> None:
+                    nonlocal verdict
+                    verdict = await supervisor(self)
+                    watch.cancel_scope.cancel()
+
+                watch.start_soon(until_quiescent)
+                watch.start_soon(judge)
+            if verdict is not None:
+                return verdict
 
     def _start_noise(self, nursery: trio.Nursery) -> None:
         assert self.net is not None
@@ -221,6 +503,7 @@ class ClientMachine:
                 for z in m.zones
             ],
             nr_writeback=stat.nr_writeback,
+            nr_file_pages=m.pagecache.nr_pages,
             nr_emergency=stat.nr_emergency,
             reserve_used=self.policy.reserve_in_use(),
             pswpout=stat.pswpout,
@@ -235,6 +518,7 @@ class ClientMachine:
 
     def _decide(self, *, timed_out: bool) -> None:
         killed = sum(h.result.killed for h in self.hogs)
+        killed += sum(i.oom_killed for i in self.injected_hogs)
         if self.deadlock is not None:
             self.outcome = "deadlock"
             self.reason = f"no progress for {self.deadlock.get('stalled_for', 0):.1f}s"
@@ -244,10 +528,15 @@ class ClientMachine:
             self.outcome, self.reason = "error", f"time limit {self.scenario.run.time_limit}s"
         elif killed:
             self.outcome, self.reason = "error", f"{killed} processes OOM-killed"
-        elif sigbus := sum(h.result.sigbus for h in self.hogs):
+        elif sigbus := sum(h.result.sigbus for h in self.hogs if isinstance(h, AnonHog)) + sum(
+            i.hog.result.sigbus for i in self.injected_hogs
+        ):
             self.outcome, self.reason = "error", f"{sigbus} processes got SIGBUS (swap-in failed)"
+        elif failed := sum(h.result.failed for h in self.hogs if isinstance(h, FileReader)):
+            self.outcome, self.reason = "error", f"{failed} readers got ENOMEM"
         else:
             self.outcome = "completed"
+            self.reason = self._stop_reason
 
     def summary(self, *, wall_seconds: float = 0.0) -> dict[str, Any]:
         psi = self.memory.pressure()
@@ -286,6 +575,15 @@ class ClientMachine:
             "net": self._net_summary(),
             "policy_report": self.policy.report(),
             "deadlock": self.deadlock,
+            "pressure": self.pressure_report(),
+            "faults": self.faults.report(),
+        }
+
+    def pressure_report(self) -> dict[str, Any]:
+        """The pressure injected through control: hogs and floods, with their state."""
+        return {
+            "hogs": [h.report() for h in self.injected_hogs],
+            "floods": [f.report() for f in self.injected_floods],
         }
 
     def _net_summary(self) -> dict[str, Any]:
@@ -293,3 +591,177 @@ class ClientMachine:
             return {}
         sockets: list[ModelledSocket] = [*self.net.sockets.values(), *self.net.closed]
         return {**self.net.totals(), "sockets": [s.snapshot() for s in sockets]}
+
+    # -- control ----------------------------------------------------------------------------
+    def require_running(self) -> trio.Nursery:
+        """The nursery injected pressure runs in; MachineStateError unless running."""
+        if self.ended or self._stop.is_set():
+            raise MachineStateError("the run has ended")
+        if not self.ready.is_set() or self._run_nursery is None or self.net is None:
+            raise MachineStateError("the machine is not running yet")
+        return self._run_nursery
+
+    def _next_id(self, kind: str) -> str:
+        self._injections[kind] = n = self._injections.get(kind, 0) + 1
+        return f"{kind}{n}"
+
+    def inject_hog(
+        self, pages: int, *, rate: float | None = None, processes: int = 1
+    ) -> dict[str, Any]:
+        """Start ``processes`` processes mapping ``pages`` anonymous pages between them: each
+        writes its pages (``rate`` pages/s shared between them, or as fast as it can), reads
+        and verifies them, then holds them until ``release()``.  They count in the
+        machine's integrity like the scenario's workloads."""
+        if not 0 < processes <= MAX_HOG_PROCESSES or not processes <= pages <= MAX_HOG_PAGES:
+            raise ValueError(
+                f"hog: pages {pages} must be in {processes}..{MAX_HOG_PAGES} and processes "
+                f"{processes} in 1..{MAX_HOG_PROCESSES}"
+            )
+        if rate is not None and not 0 < rate < math.inf:
+            raise ValueError(f"hog: rate {rate!r} must be > 0 and finite")
+        nursery = self.require_running()
+        hog_id = self._next_id("hog")
+        config = HogConfig(
+            name=hog_id,
+            processes=processes,
+            total=pages * PAGE_SIZE,
+            rounds=1,
+            rate=rate / processes if rate is not None else 0.0,
+        )
+        memory = self._hog_memory(hold=True)
+        hog = AnonHog(config, memory, self.integrity)
+        injected = InjectedHog(hog_id, hog, cast(HogMemory, memory), rate)
+        self.injected_hogs.append(injected)
+        nursery.start_soon(self._run_injected_hog, injected, name=f"workload {hog_id}")
+        return {
+            "id": hog_id,
+            "processes": [f"{hog_id}/{i}" for i in range(processes)],
+            "pages_per_process": hog.result.pages_per_process,
+            "pages": hog.result.pages_per_process * processes,
+        }
+
+    @staticmethod
+    async def _run_injected_hog(injected: InjectedHog) -> None:
+        try:
+            await injected.hog.run()
+        finally:
+            injected.done.set()
+
+    def inject_flood(self, mbps: float, seconds: float) -> dict[str, Any]:
+        """A peer floods a new ordinary socket at ``mbps`` megabit/s for ``seconds``; a
+        consumer process reads it slowly (``FLOOD_CONSUME_RATE``), allocating as it goes."""
+        if not 0 < mbps < math.inf or not 0 < seconds < math.inf:
+            raise ValueError(f"flood: mbps {mbps!r} and seconds {seconds!r} must be > 0")
+        nursery = self.require_running()
+        assert self.net is not None
+        flood_id = self._next_id("flood")
+        peer, local = trio.testing.lockstep_stream_pair()
+        sock = self.net.socket(local, flood_id, NOISE)
+        scope = trio.CancelScope(deadline=trio.current_time() + seconds)
+        injected = InjectedFlood(flood_id, mbps, seconds, sock, scope)
+        self.injected_floods.append(injected)
+        nursery.start_soon(self._run_flood, injected, peer, name=f"{flood_id} peer")
+        return {"id": flood_id, "socket": sock.name, "seconds": seconds}
+
+    async def _run_flood(self, injected: InjectedFlood, peer: trio.abc.Stream) -> None:
+        sock = injected.sock
+        consumer = f"{injected.id} consumer"
+        waits = self.memory.waits
+        waits.provide(sock.consumer_role, consumer)
+        rate = max(1, int(injected.mbps * 1_000_000 / 8))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume, sock, self.memory, FLOOD_CONSUME_RATE, 1, name=consumer)
+                with injected.scope:
+                    await flood(peer, rate)
+                # Over: cut both ends.  The consumer is not cancelled (it may be inside the
+                # allocator); it frees what it holds and then reads end-of-file.
+                await trio.aclose_forcefully(peer)
+                await sock.aclose()
+        finally:
+            waits.retire(sock.consumer_role, consumer)
+            if injected.state == "running":
+                injected.state = "done"
+
+    def set_swap_latency(self, ms: float) -> dict[str, Any]:
+        """The swap connection's latency becomes ``ms`` (this connection and the next)."""
+        if not 0 <= ms < math.inf:
+            raise ValueError(f"latency: ms {ms!r} must be >= 0 and finite")
+        self.require_running()
+        self.faults.latency = ms / 1000
+        sock = self.swap_socket
+        if sock is not None:
+            sock.latency = self.faults.latency
+        self.faults.fired("latency", ms=ms, sock=sock.name if sock else None)
+        return {"latency_ms": ms, "socket": sock.name if sock else None}
+
+    async def reset_swap(self) -> dict[str, Any]:
+        """Cut the swap connection under the NBD client, as a reset would: the swap device
+        notices at its next request, reconnects and resubmits what was in flight."""
+        self.require_running()
+        sock = self.swap_socket
+        if sock is None or sock is self._cut or not self.device.connected:
+            raise MachineStateError("the swap connection is already down (reconnecting)")
+        self._cut = sock
+        self.faults.fired("reset", sock=sock.name)
+        await trio.aclose_forcefully(sock.inner)
+        return {"socket": sock.name, "connects": self.device.stats.connects}
+
+    def set_alloc_fault(self, config: AllocFaultConfig) -> dict[str, Any]:
+        """Install ``fail_page_alloc`` with ``config`` (replacing any earlier one)."""
+        self.require_running()
+        return self.faults.set_alloc(config).report()
+
+    def clear_faults(self) -> dict[str, Any]:
+        """Remove every client fault; the swap latency is the scenario's again."""
+        self.require_running()
+        self.faults.clear()
+        if self.swap_socket is not None:
+            self.swap_socket.latency = self.scenario.swap.latency
+        return {"faults": self.faults.report()}
+
+    def release(self) -> dict[str, Any]:
+        """End injected pressure: hog processes exit (at once if they hold their memory,
+        else at their next page) and free their memory; floods stop."""
+        self.require_running()
+        hogs, floods = [], []
+        for hog in self.injected_hogs:
+            if not hog.memory.released:
+                hog.memory.release()
+                hogs.append(hog.id)
+        for fl in self.injected_floods:
+            if fl.state == "running":
+                fl.state = "released"
+                fl.scope.cancel()
+                floods.append(fl.id)
+        return {"hogs": hogs, "floods": floods, "nr_free_pages": self.memory.nr_free_pages}
+
+    def status(self) -> dict[str, Any]:
+        """The machine now: the ``vm.sample`` fact and the counters behind it."""
+        return {
+            "machine": self.scenario.machine.name,
+            "policy": self.policy_name,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "t": round(trio.current_time() - self._started, 6),
+            "workloads_done": self.workloads_done,
+            "sample": attrs.asdict(self.sample()),
+            "vmstat": self.memory.vmstat(),
+            "psi": attrs.asdict(self.memory.pressure()),
+            "policy_report": self.policy.report(),
+            "integrity": attrs.asdict(self.integrity),
+            "net": self._net_summary(),
+            "swap_device": {"connected": self.device.connected, **attrs.asdict(self.device.stats)},
+            "pressure": self.pressure_report(),
+            "faults": self.faults.report(),
+        }
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End the run as if its workloads had ended (any still running are cut short)."""
+        if self._stop.is_set():
+            return
+        if not self.workloads_done:
+            self._stop_reason = f"{reason} before the workloads finished"
+            if self._workloads_scope is not None:
+                self._workloads_scope.cancel()
+        self._stop.set()

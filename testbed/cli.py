@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import sys
 import tomllib
@@ -153,8 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--allow-remote", action="store_true", help="allow a server that is not on loopback"
     )
+    cli.add_argument("--policy", choices=POLICY_NAMES, help="override the scenario's policy")
+    cli.add_argument(
+        "--control",
+        metavar="HOST:PORT",
+        help="serve the control endpoint here (netswap pressure; port 0 picks a free port, "
+        "printed as 'control listening on HOST:PORT' on stderr); the machine then keeps "
+        "running after its workloads, until 'stop', SIGINT or SIGTERM",
+    )
+    cli.add_argument(
+        "--allow-remote-control",
+        action="store_true",
+        help="allow a control address that is not on loopback (anyone who reaches it can "
+        "drive the machine)",
+    )
     _add_logging(cli)
     cli.set_defaults(func=cmd_client)
+
+    _add_pressure(sub)
 
     run = sub.add_parser(
         "run",
@@ -183,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overrides(cmp)
     cmp.add_argument("--summary", metavar="FILE", help="write {runs: [...]} as JSON")
+    cmp.add_argument("--plot", metavar="FILE.png", help="draw the policies' timelines side by side")
     _add_clock(cmp)
     _add_logging(cmp)
     cmp.set_defaults(func=cmd_compare)
@@ -201,8 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="JSON-lines log of every run (default demo.jsonl)",
     )
+    demo.add_argument(
+        "--plot",
+        default="demo.png",
+        metavar="FILE.png",
+        help="the policies' timelines side by side (default demo.png)",
+    )
     demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     demo.set_defaults(func=cmd_demo)
+
+    rep = sub.add_parser(
+        "report",
+        help="tell a run's story from its log",
+        description="Read a JSON-lines log written with --log-file (by run, compare, demo or "
+        "client) and print each run: outcome, vmstat, free pages against the watermarks, PSI, "
+        "reserves, drops, the deadlock cycle.",
+    )
+    rep.add_argument("log", metavar="LOG", help="a JSON-lines log (e.g. demo.jsonl)")
+    rep.add_argument("--plot", metavar="FILE.png", help="also draw the timeline of every run")
+    rep.add_argument("--json", action="store_true", help="print the report as JSON instead")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
@@ -291,6 +327,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     if export:
         overrides["swap.export"] = export
     scenario = load_scenario(args.config, overrides)
+    control: tuple[str, int] | None = None
+    if args.control is not None:
+        from testbed.control import DEFAULT_CONTROL_PORT, check_control_address
+
+        control = parse_hostport(args.control, what="--control", default_port=DEFAULT_CONTROL_PORT)
+        check_control_address(control[0], allow_remote=args.allow_remote_control)
     logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
     log = structlog.get_logger().bind(machine=scenario.machine.name)
 
@@ -304,17 +346,26 @@ def cmd_client(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot reach {args.server}: {exc.strerror or exc}") from None
         await probe.aclose()
         machine = ClientMachine(
-            scenario, connect, observer=logsetup.fact_observer(log), policy=args.policy
+            scenario,
+            connect,
+            observer=logsetup.fact_observer(log),
+            policy=args.policy,
+            controlled=control is not None,
         )
         log.info(
             "run.start",
             server=args.server,
             policy=machine.policy_name,
             memory=scenario.machine.memory,
+            control=args.control,
         )
         from testbed.scenario import watchdog_supervisor
 
-        summary = await machine.run(supervisor=watchdog_supervisor(scenario.run.stall_seconds, log))
+        supervisor = watchdog_supervisor(scenario.run.stall_seconds, log)
+        if control is None:
+            summary = await machine.run(supervisor=supervisor)
+        else:
+            summary = await _run_controlled(machine, control, supervisor, log)
         log.info("run.summary", **summary)
         return summary
 
@@ -324,10 +375,158 @@ def cmd_client(args: argparse.Namespace) -> int:
         for leaf in _leaves(exc):
             if isinstance(leaf, ConfigError):
                 raise leaf from None
+            if control and isinstance(leaf, OSError) and leaf.errno in _LISTEN_ERRNOS:
+                raise ConfigError(f"--control {args.control}: {leaf.strerror}") from None
         raise
     write_summary(args.summary, summary)
     print_outcome(summary)
     return exit_code(summary["outcome"])
+
+
+async def _run_controlled(
+    machine: Any, address: tuple[str, int], supervisor: Any, log: Any
+) -> dict[str, Any]:
+    """Run ``machine`` with its control endpoint on ``address``, until ``stop``, SIGINT or
+    SIGTERM (each ends the run with its summary, as its workloads ending would)."""
+    from testbed.control import ControlEndpoint, serve_control
+
+    endpoint = ControlEndpoint(machine, log=log)
+    summary: dict[str, Any] = {}
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_control, endpoint, *address)
+            print(f"control listening on {_hostport(host, port)}", file=sys.stderr, flush=True)
+
+            async def watch() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    log.info("client.signal", signal=name)
+                    machine.stop(f"stopped by {name}")
+
+            async def run() -> None:
+                summary.update(await machine.run(supervisor=supervisor))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(run)
+    return summary
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- netswap pressure -----------------------------------------------------------------------
+def _add_pressure(sub: Any) -> None:
+    from testbed.config import GFP_FILTER_NAMES
+
+    pr = sub.add_parser(
+        "pressure",
+        help="send one command to a running client's control endpoint",
+        description="Inject pressure or faults into a client started with --control, or ask "
+        "its status.  Prints the JSON answer; exit 0 if it is ok, 2 if it is an error (or "
+        "the arguments are bad), 1 if the endpoint cannot be reached.",
+    )
+    pr.add_argument("--control", required=True, metavar="HOST:PORT", help="the endpoint")
+    pr.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the answer (default 30)",
+    )
+    what = pr.add_subparsers(dest="what", required=True, metavar="COMMAND", parser_class=_Parser)
+    hog = what.add_parser("hog", help="start anonymous-memory hogs that hold until release")
+    hog.add_argument("--pages", type=int, required=True, help="pages between the processes")
+    hog.add_argument("--rate", type=float, help="pages/s over all processes (default: max)")
+    hog.add_argument("--processes", type=int, help="how many processes (default 1)")
+    flood = what.add_parser("flood", help="flood a new ordinary socket of the machine")
+    flood.add_argument("--mbps", type=float, required=True, help="megabit/s the peer sends")
+    flood.add_argument("--seconds", type=float, required=True, help="for how long")
+    fault = what.add_parser("fault", help="set or clear a client fault")
+    kinds = fault.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
+    lat = kinds.add_parser("latency", help="the swap connection's latency")
+    lat.add_argument("--ms", type=float, required=True, help="milliseconds")
+    kinds.add_parser("reset", help="cut the swap connection (the device reconnects)")
+    alloc = kinds.add_parser("alloc", help="fail_page_alloc, as in the kernel's fault-injection")
+    alloc.add_argument("--probability", type=float, required=True, help="0..1")
+    alloc.add_argument("--interval", type=int, help="fail only every N-th (default 1)")
+    alloc.add_argument("--times", type=int, help="at most N failures (default -1: no limit)")
+    alloc.add_argument("--space", type=int, help="bytes of allocations spared first (default 0)")
+    alloc.add_argument("--gfp", choices=GFP_FILTER_NAMES, help="which allocations (default any)")
+    alloc.add_argument("--task", metavar="NAME", help="only tasks whose name contains NAME")
+    kinds.add_parser("clear", help="remove every client fault")
+    what.add_parser("release", help="end injected pressure: hogs exit, floods stop")
+    what.add_parser("status", help="the machine's state")
+    what.add_parser("stop", help="end the run (the client prints its summary and exits)")
+    raw = what.add_parser("raw", help="send one request line as given")
+    raw.add_argument("line", metavar="JSON", help='e.g. \'{"cmd": "status"}\'')
+    pr.set_defaults(func=cmd_pressure)
+
+
+def pressure_request(args: argparse.Namespace) -> str:
+    """The request line for ``netswap pressure`` arguments (options left out are left to
+    the endpoint's defaults)."""
+    if args.what == "raw":
+        line: str = args.line
+        return line
+    request: dict[str, Any] = {"cmd": args.what}
+    if args.what == "fault":
+        request["kind"] = args.kind
+    names = {
+        "hog": ("pages", "rate", "processes"),
+        "flood": ("mbps", "seconds"),
+        "fault": ("ms", "probability", "interval", "times", "space", "gfp", "task"),
+    }.get(args.what, ())
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            request[name] = value
+    return json.dumps(request)
+
+
+def cmd_pressure(args: argparse.Namespace) -> int:
+    import socket
+
+    from testbed.control import DEFAULT_CONTROL_PORT
+
+    host, port = parse_hostport(args.control, what="--control", default_port=DEFAULT_CONTROL_PORT)
+    line = pressure_request(args)
+    if "\n" in line:
+        raise UsageError("netswap pressure raw: the request must be one line")
+    where = _hostport(host, port)
+    try:
+        with socket.create_connection((host, port), timeout=args.timeout) as sock:
+            sock.sendall(line.encode() + b"\n")
+            answer_line = _read_line(sock)
+    except TimeoutError:
+        print(f"netswap pressure: no answer from {where} in {args.timeout}s", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        print(f"netswap pressure: cannot reach {where}: {reason}", file=sys.stderr)
+        return EXIT_ERROR
+    if answer_line is None:
+        print(f"netswap pressure: {where} closed the connection unanswered", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        answer = json.loads(answer_line)
+    except ValueError:
+        print(f"netswap pressure: {where} answered something not JSON", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(answer, indent=2))
+    return EXIT_OK if isinstance(answer, dict) and answer.get("ok") is True else EXIT_USAGE
+
+
+def _read_line(sock: Any) -> bytes | None:
+    """One answer line (None if the peer closed first)."""
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf[: buf.index(b"\n")])
 
 
 def write_summary(path: str | None, summary: dict[str, Any]) -> None:
@@ -389,7 +588,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"--policies: unknown {unknown or 'empty'}; choose from {', '.join(POLICY_NAMES)}"
         )
     scenario = _scenario_from(args)
-    logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
+    plot = getattr(args, "plot", None)
+    if plot:
+        _check_writable(plot, "--plot")
+    capture = logsetup.Capture() if plot else None
+    logsetup.configure(
+        log_file=args.log_file, log_format=args.log_format, level=args.log_level, capture=capture
+    )
     runs = []
     for policy in policies:
         print(f"running {policy} ...", file=sys.stderr, flush=True)
@@ -397,6 +602,46 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(compare_table(runs))
     if args.summary:
         write_summary(args.summary, {"scenario": args.scenario, "runs": runs})
+    if capture is not None and plot:
+        from testbed.plot import plot_runs
+        from testbed.report import load_runs
+
+        lines = (json.dumps(e, default=str) for e in capture.events)
+        plot_runs(load_runs(lines), plot, title=f"netswap compare: {Path(args.scenario).name}")
+        print(f"plot: {plot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _check_writable(path: str, what: str) -> None:
+    """Fail before a long run, not after it, when an output file cannot be written."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: directory {parent} does not exist")
+    if not path.lower().endswith(".png"):
+        raise ConfigError(f"{what} {path}: the plot is a PNG; name it FILE.png")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from testbed.report import ReportError, load_runs, render_report, report_json
+
+    if args.plot:
+        _check_writable(args.plot, "--plot")
+    try:
+        runs = load_runs(args.log)
+    except ReportError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report_json(runs), indent=2, default=str))
+    else:
+        print(render_report(runs))
+    if args.plot:
+        from testbed.plot import plot_runs
+
+        try:
+            plot_runs(runs, args.plot, title=f"netswap report: {Path(args.log).name}")
+        except ReportError as exc:
+            raise ConfigError(str(exc)) from None
+        print(f"plot: {args.plot}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -453,7 +698,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.log_format = "json"
     _scenario_from(args)  # a bad --set is a one-line error before anything runs
     print(
-        f"netswap demo: {DEMO_SCENARIO.name}, every policy, log in {args.log_file}",
+        f"netswap demo: {DEMO_SCENARIO.name}, every policy, log in {args.log_file},"
+        f" plot in {args.plot}",
         file=sys.stderr,
     )
     return cmd_compare(args)
@@ -493,6 +739,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `netswap report LOG | head`: the reader left; say nothing more, as cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,14 +18,65 @@ LogFormat = Literal["json", "console"]
 _opened: list[IO[str]] = []
 
 
+#: The events a report or a plot is built from (``testbed.report``).
+RUN_EVENTS = frozenset({"run.start", "vm.sample", "watchdog.deadlock", "run.summary"})
+
+
+class Capture:
+    """A processor that keeps a copy of the run events (for ``compare --plot``)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        if event_dict.get("event") in RUN_EVENTS:
+            self.events.append(dict(event_dict))
+        return event_dict
+
+
+class ProgressLine:
+    """A one-line live display on a terminal, redrawn from each ``vm.sample`` and cleared
+    at ``run.summary``; it writes to the terminal only, never into a log or a pipe."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self._shown = False
+
+    def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event = event_dict.get("event")
+        if event == "vm.sample":
+            zones = event_dict.get("zones") or [{}]
+            line = (
+                f"{event_dict.get('machine', '?')} {event_dict.get('policy', '?')}"
+                f"  t {event_dict.get('t', 0):6.2f}s  free {event_dict.get('nr_free_pages')}"
+                f" (min {sum(z.get('min', 0) for z in zones)})"
+                f"  writeback {event_dict.get('nr_writeback')}"
+                f"  pswpout {event_dict.get('pswpout')}  pswpin {event_dict.get('pswpin')}"
+                f"  drops {event_dict.get('drops')}  verified {event_dict.get('pages_verified')}"
+            )
+            self.out.write("\r\x1b[2K" + line[:160])
+            self.out.flush()
+            self._shown = True
+        elif event in ("run.summary", "watchdog.deadlock") and self._shown:
+            self.out.write("\r\x1b[2K")
+            self.out.flush()
+            self._shown = False
+        return event_dict
+
+
 def configure(
     *,
     log_file: str | None = None,
     log_format: LogFormat | None = None,
     level: str = "info",
     stream: IO[str] | None = None,
+    capture: Capture | None = None,
+    progress: bool | None = None,
 ) -> None:
-    """Set up logging for a process.  ``log_format`` None picks json unless on a terminal."""
+    """Set up logging for a process.  ``log_format`` None picks json unless on a terminal.
+
+    ``progress`` None shows the live progress line when stderr is a terminal and the log
+    goes to a file (a console log on that terminal would be torn by it)."""
     for fh in _opened:
         fh.close()
     _opened.clear()
@@ -41,12 +92,20 @@ def configure(
         if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    extra: list[Any] = []
+    if capture is not None:
+        extra.append(capture)
+    if progress is None:
+        progress = log_file is not None and sys.stderr.isatty()
+    if progress:
+        extra.append(ProgressLine(sys.stderr))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *extra,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

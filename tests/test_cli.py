@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+SMALL = str(Path(__file__).resolve().parents[1] / "configs" / "small.toml")
+
 
 def netswap(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -44,6 +46,18 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) 
         (["server", "--frobnicate"], ["--frobnicate"]),
         (["launch"], ["launch"]),
         (["demo", "--set", "machine.memory=huge"], ["'huge'"]),
+        # The errors a user of run/compare/client makes (issue D), each one line, exit 2.
+        (["run", "/nonexistent/scenario.toml"], ["does not exist"]),
+        (["run", SMALL, "--set", "machine.memroy=64M"], ["memroy"]),
+        (["run", SMALL, "--set", "machine.memory=[1]"], ["machine.memory"]),
+        (["run", SMALL, "--policy", "magic"], ["magic", "pfmemalloc"]),
+        (["compare", SMALL, "--policies", "none,magic"], ["magic"]),
+        (["run", SMALL, "--set", "workloads.0.kind=disk"], ["'disk'"]),
+        (["client", "--server", "nbd://127.0.0.1:1/swap"], ["cannot reach"]),
+        (["client", "--server", "http://127.0.0.1/swap"], ["nbd://"]),
+        (["report", "/nonexistent/run.jsonl"], ["no such file"]),
+        (["report", SMALL], ["no netswap run"]),
+        (["compare", SMALL, "--plot", "/nonexistent/dir/x.png"], ["does not exist"]),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], needles: list[str]) -> None:
@@ -94,9 +108,12 @@ def test_demo_compares_every_policy_and_writes_its_log(tmp_path: Path) -> None:
         "workloads.0.processes=8",
         "--log-file",
         str(log),
+        "--plot",
+        str(tmp_path / "demo.png"),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
     rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:6]}
     assert rows == {
         "none": "deadlock",
@@ -109,3 +126,14 @@ def test_demo_compares_every_policy_and_writes_its_log(tmp_path: Path) -> None:
     summaries = [e for e in events if e["event"] == "run.summary"]
     assert [s["policy"] for s in summaries] == ["none", "recursive", "reserve", "pfmemalloc"]
     assert any(e["event"] == "watchdog.deadlock" for e in events)
+
+
+def test_report_and_plot_on_a_recorded_log(tmp_path: Path) -> None:
+    log = Path(__file__).parent / "testbed" / "data" / "compare.jsonl"
+    png = tmp_path / "story.png"
+    result = netswap("report", str(log), "--plot", str(png))
+    assert result.returncode == 0, result.stderr
+    assert "kswapd0 -> mempool(bio)" in result.stdout and "pfmemalloc" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    as_json = json.loads(netswap("report", str(log), "--json").stdout)
+    assert [r["policy"] for r in as_json["runs"]] == ["none", "recursive", "reserve", "pfmemalloc"]

@@ -73,6 +73,8 @@ class Allocator:
         self.policy: ReservePolicy = NullPolicy() if policy is None else policy
         self.reclaimer: Reclaimer | None = None
         self.out_of_memory: Callable[[GFP], bool] = lambda gfp: False
+        #: Fault injection (client/faults.py): ``should_fail_alloc_page``; None: no fault.
+        self.fail_page_alloc: Callable[[GFP], bool] | None = None
         self._free_wait = trio.lowlevel.ParkingLot()
 
     # -- fast path ---------------------------------------------------------------------------
@@ -96,6 +98,10 @@ class Allocator:
         """``alloc_page(gfp)``: fast path, then the slow path. None means the allocation failed
         (counted ``alloc_fail``, fact ``AllocFailed``). Never blocks unless ``gfp`` has
         __GFP_DIRECT_RECLAIM. ``reserve`` is passed to the policy's charge hook."""
+        # prepare_alloc_pages: "if (should_fail_alloc_page(gfp_mask, order)) return false".
+        should_fail = self.fail_page_alloc
+        if should_fail is not None and should_fail(gfp):
+            return self._fail_injected(gfp)
         page = self.try_alloc()
         if page is not None:
             return page
@@ -236,6 +242,12 @@ class Allocator:
         self.stat.alloc_fail += 1
         self.observer(AllocFailed(gfp, alloc_flags, tflags))
         return None
+
+    def _fail_injected(self, gfp: GFP) -> Page | None:
+        """An injected failure: counted and reported exactly as a real one."""
+        tflags = current_task_flags()
+        gfp = current_gfp_context(gfp, tflags)
+        return self._fail(gfp, gfp_to_alloc_flags(gfp, tflags), tflags)
 
     # -- free --------------------------------------------------------------------------------
 

@@ -67,6 +67,42 @@ async def test_none_completes_without_memory_pressure(autojump_clock: trio.abc.C
     assert summary["vmstat"]["pswpout"] == 0
 
 
+async def test_plenty_of_clean_pages_lets_recursive_complete(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Lameter's argument, on his terms: with a hot page cache beside the hogs, recursive
+    reclaim of clean pages (GFP_NOIO, no I/O) carries the writeout path over the RX floor
+    where none deadlocks on the same scenario."""
+    scenario = load_scenario(SCENARIO.with_name("clean-pages.toml"))
+    recursive = await run_scenario(scenario, policy="recursive", transport="memory")
+    assert completed_clean(recursive), recursive["reason"]
+    assert recursive["integrity"]["file_pages_verified"] > 0
+    report = recursive["policy_report"]
+    assert report["recursive_freed"] > 0  # the mechanism did the work
+    assert recursive["vmstat"]["nr_file_pages"] > 0  # clean pages were there to drop
+    none = await run_scenario(scenario, policy="none", transport="memory")
+    assert none["outcome"] == "deadlock"
+    assert "rx_buffer(sock nbd0)" in none["deadlock"]["cycle"]
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIO.parent.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_scenario_loads(path: Path) -> None:
+    if path.name == "server.toml":
+        return  # a server config, not a scenario (tests/server covers it)
+    scenario = load_scenario(path)
+    assert scenario.description
+
+
+@pytest.mark.parametrize("policy", ["none", "recursive", "reserve", "pfmemalloc"])
+async def test_the_no_pressure_control_completes_without_swapping(
+    autojump_clock: trio.abc.Clock, policy: str
+) -> None:
+    scenario = load_scenario(SCENARIO.with_name("no-pressure.toml"))
+    summary = await run_scenario(scenario, policy=policy, transport="memory")
+    assert completed_clean(summary), summary["reason"]
+    assert summary["vmstat"]["pswpout"] == 0 and summary["duration"] > 4
+
+
 async def test_reserve_sized_far_too_small_deadlocks(autojump_clock: trio.abc.Clock) -> None:
     summary = await run("reserve", **{"reserve.tx_pages": 2, "reserve.rx_pages": 1})
     assert summary["outcome"] == "deadlock"
