@@ -334,7 +334,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         control = parse_hostport(args.control, what="--control", default_port=DEFAULT_CONTROL_PORT)
         check_control_address(control[0], allow_remote=args.allow_remote_control)
     logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
-    log = structlog.get_logger().bind(machine=scenario.machine.name)
+    log = structlog.get_logger().bind(
+        machine=scenario.machine.name, policy=args.policy or scenario.policy
+    )
 
     async def main() -> dict[str, Any]:
         async def connect() -> trio.abc.Stream:
@@ -354,9 +356,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         )
         log.info(
             "run.start",
-            server=args.server,
-            policy=machine.policy_name,
+            transport="tcp",
             memory=scenario.machine.memory,
+            description=scenario.description,
+            server=args.server,
             control=args.control,
         )
         from testbed.scenario import watchdog_supervisor
