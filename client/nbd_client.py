@@ -10,6 +10,7 @@ superseded writes belong to the swap device above it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -57,11 +58,34 @@ class Disconnected(NBDError):
 
 
 class _Slot:
-    __slots__ = ("done", "reply")
+    """One request in flight: its reply, and the task waiting for it.
+
+    Lighter than a ``trio.Event`` per request: the reader reschedules the waiting task.
+    """
+
+    __slots__ = ("done", "reply", "task")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done = False
         self.reply: Reply | None = None
+        self.task: trio.lowlevel.Task | None = None
+
+    def set(self) -> None:
+        self.done = True
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.done:
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class NBDClient:
@@ -70,8 +94,14 @@ class NBDClient:
     def __init__(self, stream: trio.abc.Stream, machine: ClientConnection, depth: int) -> None:
         self._stream = stream
         self._machine = machine
-        self._depth = trio.Semaphore(depth)
-        self._send_lock = trio.Lock()
+        # The queue depth (a semaphore, acquired as trio.Semaphore does) and the send lock:
+        # both handed over to the next waiter, as trio's are, but the send lock costs no
+        # scheduling round when it is free, so that a burst of requests is written out
+        # in one round instead of each holding the lock across a round of its own.
+        self._depth_free = depth
+        self._depth_waiters = trio.lowlevel.ParkingLot()
+        self._send_busy = False
+        self._send_waiters = trio.lowlevel.ParkingLot()
         self._slots: dict[int, _Slot] = {}
         self._cookies = itertools.count(1)
         self._closed = False
@@ -158,7 +188,15 @@ class NBDClient:
         *,
         check: bool = True,
     ) -> Reply:
-        async with self._depth:
+        # trio.Semaphore.acquire: a cancellation point, then a place in the queue (handed
+        # over by a finishing request) or a schedule point.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._depth_free:
+            self._depth_free -= 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._depth_waiters.park()
+        try:
             if self._closed:
                 raise Disconnected(f"connection closed: {self._failure or 'by us'}")
             cookie = next(self._cookies)
@@ -167,27 +205,43 @@ class NBDClient:
             try:
                 payload = self._machine.send(Request(cookie, command, offset, length, flags, data))
                 try:
-                    async with self._send_lock:
-                        await self._stream.send_all(payload)
+                    await self._send(payload)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     # The send side may notice a dead connection before the reader does.
                     self._fail(exc)
                     raise Disconnected(f"connection lost while sending: {exc}") from exc
-                await slot.done.wait()
+                await slot.wait()
             finally:
                 self._slots.pop(cookie, None)
-            reply = slot.reply
-            if reply is None:
-                raise Disconnected(
-                    f"connection lost with request {cookie} in flight: {self._failure}"
-                )
-            if check and reply.error:
-                raise NBDError(
-                    f"{Cmd(command).name} {offset}+{length}: {_name(Errno, reply.error)} "
-                    f"{reply.message}".rstrip(),
-                    reply.error,
-                )
-            return reply
+        finally:
+            if self._depth_waiters:
+                self._depth_waiters.unpark()
+            else:
+                self._depth_free += 1
+        reply = slot.reply
+        if reply is None:
+            raise Disconnected(f"connection lost with request {cookie} in flight: {self._failure}")
+        if check and reply.error:
+            raise NBDError(
+                f"{Cmd(command).name} {offset}+{length}: {_name(Errno, reply.error)} "
+                f"{reply.message}".rstrip(),
+                reply.error,
+            )
+        return reply
+
+    async def _send(self, payload: bytes) -> None:
+        """``send_all`` under the send lock (requests must not interleave on the wire)."""
+        if self._send_busy:
+            await self._send_waiters.park()  # the holder hands the lock over
+        else:
+            self._send_busy = True
+        try:
+            await self._stream.send_all(payload)
+        finally:
+            if self._send_waiters:
+                self._send_waiters.unpark()
+            else:
+                self._send_busy = False
 
     async def _reader(self) -> None:
         machine = self._machine
@@ -201,7 +255,7 @@ class NBDClient:
                     slot = self._slots.get(event.cookie)
                     if slot is not None:
                         slot.reply = event
-                        slot.done.set()
+                        slot.set()
                 elif isinstance(event, ConnectionClosed):
                     raise Disconnected("server closed the connection")
         except (ProtocolError, NBDError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -211,7 +265,7 @@ class NBDClient:
         self._closed = True
         self._failure = exc
         for slot in self._slots.values():
-            slot.done.set()
+            slot.set()
 
     @property
     def in_flight(self) -> int:
@@ -221,11 +275,10 @@ class NBDClient:
         """Send DISC (if still connected) and close the stream."""
         if not self._closed:
             self._closed = True
-            try:
-                async with self._send_lock:
-                    await self._stream.send_all(self._machine.send(Request(0, Cmd.DISC)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
-                pass
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError
+            ):
+                await self._send(self._machine.send(Request(0, Cmd.DISC)))
         await self._stream.aclose()
 
 

@@ -49,6 +49,7 @@ class DeviceEvent:
 class DeviceStats:
     connects: int = 0
     reconnects: int = 0
+    reconnect_failures: int = 0
     resubmitted: int = 0
     remapped_slots: int = 0
     quarantined_blocks: int = 0
@@ -163,6 +164,7 @@ class NBDSwapDevice:
             try:
                 await self._open()
             except (OSError, NBDError, ProtocolError, trio.BrokenResourceError) as exc:
+                self.stats.reconnect_failures += 1
                 self._observer(
                     DeviceEvent("swapdev.reconnect_failed", {"error": str(exc), "retry_in": delay})
                 )
@@ -206,7 +208,10 @@ class NBDSwapDevice:
             inflight.update(slots)
             try:
                 targets = await self._timed(epoch, self._write_runs(client, slots, pages))
-                if all(self._physical(s) == t for s, t in zip(slots, targets, strict=True)):
+                remap = self._remap
+                if not remap or all(
+                    remap.get(s, s) == t for s, t in zip(slots, targets, strict=True)
+                ):
                     return
                 # Fenced while in flight: the reply came on the old connection, but the
                 # slots were remapped before we saw it, so the data is at the old place
@@ -223,7 +228,15 @@ class NBDSwapDevice:
     ) -> list[int]:
         """One NBD WRITE per run of physically contiguous blocks (one, unless remapped).
         Returns the physical block each slot was written to."""
-        targets = [self._physical(slot) for slot in slots]
+        if not pages:
+            return []
+        remap = self._remap
+        if not remap or not any(slot in remap for slot in slots):
+            # Nothing remapped: one write at the slots' home (the usual case).
+            data = b"".join(pages) if len(pages) > 1 else bytes(pages[0])
+            await client.write(slots[0] * PAGE, data)
+            return list(slots)
+        targets = [remap.get(slot, slot) for slot in slots]
         start = 0
         while start < len(pages):
             phys = targets[start]

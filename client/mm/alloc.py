@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
@@ -45,6 +45,48 @@ MAX_RECLAIM_RETRIES = 16
 # mm/page_alloc.c should_reclaim_retry: congestion_wait(BLK_RW_ASYNC, HZ/10) when no progress
 # was made and writeback is pending; the same bound for other retry sleeps.
 CONGESTION_WAIT = 0.1
+
+
+class _Plan(NamedTuple):
+    """What the slow path needs to know about one (gfp, task flags) pair, decoded once."""
+
+    gfp: GFP  # after current_gfp_context
+    alloc_flags: AllocFlags
+    wmark_flags: AllocFlags  # alloc_flags & ~ALLOC_NO_WATERMARKS
+    kswapd_reclaim: bool
+    no_watermarks: bool
+    direct_reclaim: bool
+    memalloc: bool  # PF_MEMALLOC
+    nofail: bool
+    noretry: bool
+    fs: bool
+
+
+#: (gfp, task flags) -> the slow path's plan.  These are pure functions of two small flag
+#: sets, and each ``IntFlag`` operator costs about a microsecond (``enum.Flag.__and__``
+#: looks up or builds a member): decoding them on every slow-path allocation cost more than
+#: the allocation itself.
+_PLANS: dict[tuple[GFP, PF], _Plan] = {}
+
+
+def _plan(gfp: GFP, tflags: PF) -> _Plan:
+    plan = _PLANS.get((gfp, tflags))
+    if plan is None:
+        g = current_gfp_context(gfp, tflags)
+        alloc_flags = gfp_to_alloc_flags(g, tflags)
+        plan = _PLANS[(gfp, tflags)] = _Plan(
+            g,
+            alloc_flags,
+            alloc_flags & ~ALLOC_NO_WATERMARKS,
+            bool(g & GFP.KSWAPD_RECLAIM),
+            bool(alloc_flags & ALLOC_NO_WATERMARKS),
+            bool(g & GFP.DIRECT_RECLAIM),
+            bool(tflags & PF.MEMALLOC),
+            bool(g & GFP.NOFAIL),
+            bool(g & GFP.NORETRY),
+            bool(g & GFP.FS),
+        )
+    return plan
 
 
 class Allocator:
@@ -125,28 +167,28 @@ class Allocator:
 
     async def _slowpath(self, gfp: GFP, reserve: object | None) -> Page | None:
         tflags = current_task_flags()
-        gfp = current_gfp_context(gfp, tflags)
-        alloc_flags = gfp_to_alloc_flags(gfp, tflags)
-        # "The slow path first retries with alloc_flags & ~ALLOC_NO_WATERMARKS" (3.6+).
-        wmark_flags = alloc_flags & ~ALLOC_NO_WATERMARKS
+        # current_gfp_context, gfp_to_alloc_flags and "the slow path first retries with
+        # alloc_flags & ~ALLOC_NO_WATERMARKS" (3.6+), decoded once per (gfp, tflags)
+        plan = _plan(gfp, tflags)
+        gfp, alloc_flags, wmark_flags = plan.gfp, plan.alloc_flags, plan.wmark_flags
         no_progress_loops = 0
         while True:
-            if gfp & GFP.KSWAPD_RECLAIM:
+            if plan.kswapd_reclaim:
                 self._wake_all_kswapds()
             page = self._get_page_from_freelist(wmark_flags)
             if page is not None:
                 return page
             # "Allocate without watermarks if the context allows"
-            if alloc_flags & ALLOC_NO_WATERMARKS:
+            if plan.no_watermarks:
                 page = await self._alloc_emergency(gfp, tflags, wmark_flags, reserve)
                 if page is not None:
                     return page
-            if not gfp & GFP.DIRECT_RECLAIM:  # "Atomic allocations - we can't balance anything"
+            if not plan.direct_reclaim:  # "Atomic allocations - we can't balance anything"
                 return self._fail(gfp, alloc_flags, tflags)
-            if tflags & PF.MEMALLOC:  # "Avoid recursion of direct reclaim"
+            if plan.memalloc:  # "Avoid recursion of direct reclaim"
                 if await self.policy.memalloc_failed(gfp):
                     continue
-                if not gfp & GFP.NOFAIL:
+                if not plan.nofail:
                     return self._fail(gfp, alloc_flags, tflags)
                 await self._wait_for_free_pages()
                 continue
@@ -155,7 +197,7 @@ class Allocator:
             page = self._get_page_from_freelist(wmark_flags)
             if page is not None:
                 return page
-            if gfp & GFP.NORETRY:  # __GFP_NORETRY: "don't loop in __alloc_pages"
+            if plan.noretry:  # __GFP_NORETRY: "don't loop in __alloc_pages"
                 return self._fail(gfp, alloc_flags, tflags)
             if nr_reclaimed:  # progress, but others took the pages: retry
                 no_progress_loops = 0
@@ -169,7 +211,7 @@ class Allocator:
             if no_progress_loops <= MAX_RECLAIM_RETRIES:
                 await trio.lowlevel.checkpoint()  # cond_resched()
                 continue
-            if not gfp & GFP.FS:
+            if not plan.fs:
                 # out_of_memory: "The OOM killer does not compensate for IO-less reclaim";
                 # pretend progress and keep looping (order-0 is "too small to fail").
                 await self._wait_for_free_pages()
@@ -177,7 +219,7 @@ class Allocator:
             if self.out_of_memory(gfp):  # __alloc_pages_may_oom
                 no_progress_loops = 0
                 continue
-            if gfp & GFP.NOFAIL:
+            if plan.nofail:
                 await self._wait_for_free_pages()
                 continue
             return self._fail(gfp, alloc_flags, tflags)  # nothing left to kill

@@ -53,11 +53,26 @@ class Bio:
     mem: Page = attrs.field(repr=False)  # the memory this bio costs, from the bio mempool
     end_io: Callable[[Bio], None] = attrs.field(repr=False)
     error: SwapIOError | None = None
-    done: trio.Event = attrs.field(factory=trio.Event, repr=False)
+    completed: bool = attrs.field(default=False, init=False, repr=False)
+    _done: trio.Event | None = attrs.field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:
         return f"req {self.id}"
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once the request completed (made on first use: rarely anyone waits)."""
+        if self._done is None:
+            self._done = trio.Event()
+            if self.completed:
+                self._done.set()
+        return self._done
+
+    def _set_done(self) -> None:
+        self.completed = True
+        if self._done is not None:
+            self._done.set()
 
 
 class BlockQueue:
@@ -144,4 +159,4 @@ class BlockQueue:
         self._tags_free += 1
         self._tag_wait.unpark()
         self.bio_pool.free(bio.mem)
-        bio.done.set()
+        bio._set_done()

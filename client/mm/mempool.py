@@ -15,6 +15,10 @@ T = TypeVar("T")
 # mm/mempool.c mempool_alloc: io_schedule_timeout(5*HZ) while waiting for an element.
 MEMPOOL_WAIT_TIMEOUT = 5.0
 
+#: gfp -> (gfp_mask, gfp_temp) of ``mempool_alloc``, computed once per gfp value: every swap
+#: write allocates a bio, and each ``IntFlag`` operator costs about a microsecond.
+_MASKS: dict[GFP, tuple[GFP, GFP]] = {}
+
 
 class Mempool(Generic[T]):
     """A pool that keeps ``min_nr`` elements in reserve for when its backing allocator fails.
@@ -72,9 +76,13 @@ class Mempool(Generic[T]):
            full gfp; if it may not, return None.
         The backing allocator always gets __GFP_NOMEMALLOC|__GFP_NORETRY|__GFP_NOWARN.
         """
-        # "don't allocate emergency reserves", "don't loop in __alloc_pages", "failures are OK"
-        gfp_mask = gfp | GFP.NOMEMALLOC | GFP.NORETRY | GFP.NOWARN
-        gfp_temp = gfp_mask & ~(GFP.DIRECT_RECLAIM | GFP.IO)
+        masks = _MASKS.get(gfp)
+        if masks is None:
+            # "don't allocate emergency reserves", "don't loop in __alloc_pages", "failures
+            # are OK"
+            gfp_mask = gfp | GFP.NOMEMALLOC | GFP.NORETRY | GFP.NOWARN
+            masks = _MASKS[gfp] = (gfp_mask, gfp_mask & ~(GFP.DIRECT_RECLAIM | GFP.IO))
+        gfp_mask, gfp_temp = masks
         while True:
             element = await self._alloc(gfp_temp)  # repeat_alloc:
             if element is not None:

@@ -34,6 +34,26 @@ def default_min_free_kbytes(lowmem_kbytes: int) -> int:
     return max(MIN_FREE_KBYTES_FLOOR, min(kbytes, MIN_FREE_KBYTES_CEILING))
 
 
+_WMARK_MASK = int(ALLOC_WMARK_MASK)
+_NO_WATERMARKS = int(ALLOC_NO_WATERMARKS)
+_HIGH = int(AllocFlags.HIGH)
+_HARDER = int(AllocFlags.HARDER)
+#: alloc_flags -> (watermark index, ALLOC_NO_WATERMARKS, ALLOC_HIGH, ALLOC_HARDER).  The
+#: watermark check runs on every allocation of the slow path, and an ``IntFlag`` operator
+#: costs about a microsecond (``enum.Flag.__and__`` builds a new member); the few
+#: distinct values are decoded once, with plain ``int`` operations.
+_DECODED: dict[int, tuple[int, bool, bool, bool]] = {}
+
+
+def _decode(alloc_flags: int) -> tuple[int, bool, bool, bool]:
+    decoded = _DECODED.get(alloc_flags)
+    if decoded is None:
+        f = int(alloc_flags)
+        decoded = (f & _WMARK_MASK, bool(f & _NO_WATERMARKS), bool(f & _HIGH), bool(f & _HARDER))
+        _DECODED[f] = decoded
+    return decoded
+
+
 def _validate_order(instance: Watermarks, _attribute: object, high: int) -> None:
     if not 0 <= instance.min <= instance.low <= high:
         raise ValueError(f"watermarks must satisfy 0 <= min <= low <= high: {instance!r}")
@@ -49,7 +69,7 @@ class Watermarks:
 
     def mark(self, alloc_flags: AllocFlags) -> int:
         """The watermark ``alloc_flags & ALLOC_WMARK_MASK`` selects (mm/internal.h)."""
-        index = alloc_flags & ALLOC_WMARK_MASK
+        index = _decode(alloc_flags)[0]
         return (self.min, self.low, self.high)[index]
 
 
@@ -94,12 +114,13 @@ def zone_watermark_ok(
     reaches 3/8 of min); fail if ``free <= min + lowmem_reserve``. ALLOC_NO_WATERMARKS skips
     the check (get_page_from_freelist: ``goto try_this_zone``), down to an empty free list.
     """
-    if alloc_flags & ALLOC_NO_WATERMARKS:
+    _index, no_watermarks, high, harder = _decode(alloc_flags)
+    if no_watermarks:
         return True
     wmin = mark
-    if alloc_flags & AllocFlags.HIGH:  # __zone_watermark_ok: ALLOC_HIGH halves min
+    if high:  # __zone_watermark_ok: ALLOC_HIGH halves min
         wmin -= wmin // 2
-    if alloc_flags & AllocFlags.HARDER:  # __zone_watermark_ok: ALLOC_HARDER, a further quarter
+    if harder:  # __zone_watermark_ok: ALLOC_HARDER, a further quarter
         wmin -= wmin // 4
     return free_pages > wmin + lowmem_reserve
 

@@ -7,7 +7,13 @@ outcome tests).  The bytes are real; the memory they need is charged to the clie
 ``PF_MEMALLOC`` for swap writes): data leaves in skbs of at most 64 KiB (TSO).  For each skb
 the sender waits while the socket's unacknowledged bytes exceed ``sndbuf``
 (``sk_stream_wait_memory``), allocates its pages with the socket's ``sk_allocation`` gfp,
-then sends it.  The pages stay allocated until the skb is acknowledged.
+then queues it for transmission.  The pages stay allocated until the skb is acknowledged.
+As ``tcp_sendmsg`` returns once the data is in skbs, ``send_all`` returns once the skbs are
+queued: the socket's transmit task (``.xmit``, the device queue) hands everything queued to
+the real stream in one write (what TSO/GSO and autocorking do), so a burst of requests from
+many tasks costs one write, not one write and one scheduling round each.  A sender waits
+while more than ``XMIT_QUEUE_MAX`` bytes are queued (the real stream's back-pressure); a
+failed real write breaks the socket for both directions, as an error on a TCP socket does.
 
 **ACKs must be received.**  TCP ACKs are invisible from user space, so the model makes them:
 an skb is due to be acknowledged ``latency`` seconds after it was sent, and that ACK is a
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
     from client.net.stack import NetStack
 
 SKB_MAX = 64 * 1024  # the largest TX skb (GSO/TSO): "max packet size is 64k"
+XMIT_QUEUE_MAX = 1024 * 1024  # queued for the real stream beyond this: the sender waits
 RING_BYTES = 64 * 1024  # what the NIC holds for one socket before TCP's window closes
 BACKOFF_MIN = 0.005  # retransmission back-off after a drop or a failed skb allocation
 BACKOFF_MAX = 0.2
@@ -120,16 +127,38 @@ class ModelledSocket(trio.abc.Stream):
         self._rx_eof = False
         self._rx_error: BaseException | None = None
         self._closed = False
-        self._send_lock = trio.Lock()
+        # The socket lock (lock_sock) of send_all: a FIFO mutex that, unlike trio.Lock,
+        # costs no scheduling round when it is free (handed over to the next waiter).
+        self._send_busy = False
+        self._send_waiters = trio.lowlevel.ParkingLot()
+        # Queued for the real stream (skbs allocated, bytes not yet written): the device.
+        self._xmit: deque[bytes | memoryview] = deque()
+        self._xmit_bytes = 0  # queued + being written
+        self._xmit_busy = False  # a write to the real stream is in progress
+        self._xmit_wake = trio.lowlevel.ParkingLot()
+        self._xmit_drained = trio.lowlevel.ParkingLot()
+        self._tx_error: BaseException | None = None
         self._nic_scope = trio.CancelScope()
         self._softirq_scope = trio.CancelScope()
+        self._xmit_scope = trio.CancelScope()
         self.rx_task_name = f"{name}.rx"
         self.consumer_role = f"{name} consumer"
+        # What this socket's tasks wait for (constant: built once, not per wait).
+        resource = f"sock {name}"
+        self._wait_sndbuf = WaitFor("sndbuf", resource, waker=self.rx_task_name)
+        self._wait_tx_buffer = WaitFor("tx_buffer", resource, waker="kswapd")
+        self._wait_rx_data = WaitFor("rx_data", resource, waker=self.rx_task_name)
+        self._wait_rcvbuf = WaitFor("rcvbuf", resource, waker=self.consumer_role)
+        self._wait_rx_buffer = WaitFor("rx_buffer", resource, waker="kswapd")
+        self._wait_packet = WaitFor("packet", resource, waker="peer")
+        # rx_gfp() -> the same without __GFP_DIRECT_RECLAIM (IntFlag operators are slow)
+        self._rx_gfp_masked: dict[GFP, GFP] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._nic, name=f"{self.name}.nic")
         nursery.start_soon(self._softirq_loop, name=self.rx_task_name)
+        nursery.start_soon(self._xmit_loop, name=f"{self.name}.xmit")
 
     @property
     def tx_pages(self) -> int:
@@ -160,25 +189,42 @@ class ModelledSocket(trio.abc.Stream):
         for lot in (self._rx_ready, self._space, self._softirq, self._ring_space):
             lot.unpark_all()
         self.stack.socket_closed(self)
-        await trio.aclose_forcefully(self.inner)
+        try:
+            await self._flush()  # close() sends what was queued before the FIN
+        finally:
+            self._xmit_scope.cancel()
+            self._xmit.clear()
+            await trio.aclose_forcefully(self.inner)
 
     # -- TX -------------------------------------------------------------------------------
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        async with self._send_lock:
-            for start in range(0, max(len(view), 1), SKB_MAX):
-                await self._send_skb(view[start : start + SKB_MAX])
+        if self._send_busy:
+            await self._send_waiters.park()  # the holder hands the lock over
+        else:
+            self._send_busy = True
+        try:
+            size = len(view)
+            if size <= SKB_MAX:
+                await self._send_skb(view)
+            else:
+                for start in range(0, size, SKB_MAX):
+                    await self._send_skb(view[start : start + SKB_MAX])
+        finally:
+            if self._send_waiters:
+                self._send_waiters.unpark()
+            else:
+                self._send_busy = False
 
     async def _send_skb(self, seg: memoryview) -> None:
         size = len(seg)
         # sk_stream_wait_memory: wait for ACKs while the send buffer is full.
         while self._tx_bytes and self._tx_bytes + size > self.sndbuf:
             self._check_open()
-            what = WaitFor("sndbuf", f"sock {self.name}", waker=self.rx_task_name)
-            await self.memory.waits.park(self._space, what)
+            await self.memory.waits.park(self._space, self._wait_sndbuf)
         pages: list[Page] = []
         try:
-            for _ in range(max(1, math.ceil(size / PAGE_SIZE))):
+            for _ in range(max(1, -(-size // PAGE_SIZE))):
                 pages.append(await self._alloc_tx())
         except BaseException:
             for page in pages:
@@ -187,10 +233,72 @@ class ModelledSocket(trio.abc.Stream):
         self._tx.append(_TxSkb(size, pages, trio.current_time() + self.latency))
         self._tx_bytes += size
         self._tx_pages += len(pages)
-        self.stats.tx_pages_peak = max(self.stats.tx_pages_peak, self._tx_pages)
-        self.stats.tx_bytes += size
-        await self.inner.send_all(seg)
+        stats = self.stats
+        if self._tx_pages > stats.tx_pages_peak:
+            stats.tx_pages_peak = self._tx_pages
+        stats.tx_bytes += size
+        if size:
+            # The skb owns a copy of the data unless the caller's buffer is immutable.
+            self._xmit.append(seg if type(seg.obj) is bytes else bytes(seg))
+            self._xmit_bytes += size
+            if not self._xmit_busy:
+                self._xmit_wake.unpark()
         self._softirq.unpark_all()  # an ACK is now expected
+        while self._xmit_bytes > XMIT_QUEUE_MAX and self._tx_error is None:
+            await self._xmit_drained.park()  # the real stream's back-pressure
+        if self._tx_error is not None:
+            raise trio.BrokenResourceError(str(self._tx_error)) from self._tx_error
+
+    async def _xmit_loop(self) -> None:
+        """The device: write everything queued to the real stream, in one write."""
+        with self._xmit_scope:
+            while True:
+                while not self._xmit:
+                    await self._xmit_wake.park()
+                if self._xmit_busy:  # aclose is flushing: leave it to it
+                    await self._xmit_drained.park()
+                    continue
+                if not await self._write(self._take_xmit()):
+                    return
+
+    def _take_xmit(self) -> bytes | memoryview:
+        xmit = self._xmit
+        if len(xmit) == 1:
+            return xmit.popleft()
+        chunk = b"".join(xmit)
+        xmit.clear()
+        return chunk
+
+    def _tx_failed(self, exc: BaseException) -> None:
+        """A write to the real stream failed: the connection is broken both ways (sk_err)."""
+        self._tx_error = exc
+        self._xmit.clear()
+        self._xmit_bytes = 0
+        if self._rx_error is None:
+            self._rx_error = exc
+        for lot in (self._xmit_drained, self._space, self._softirq, self._rx_ready):
+            lot.unpark_all()
+
+    async def _flush(self) -> None:
+        """Write what is still queued (a close or send_eof), unless the stream is broken."""
+        while self._xmit_busy and self._tx_error is None:
+            await self._xmit_drained.park()
+        if self._xmit and self._tx_error is None:
+            await self._write(self._take_xmit())
+
+    async def _write(self, chunk: bytes | memoryview) -> bool:
+        """One write to the real stream; False if it broke (the socket is then broken)."""
+        self._xmit_busy = True
+        try:
+            await self.inner.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._tx_failed(exc)  # forgets every queued byte
+        finally:
+            self._xmit_busy = False
+            if self._tx_error is None:
+                self._xmit_bytes -= len(chunk)
+            self._xmit_drained.unpark_all()
+        return self._tx_error is None
 
     async def _alloc_tx(self) -> Page:
         """One TX page with ``sk_allocation``; on failure wait for memory and retry
@@ -202,8 +310,7 @@ class ModelledSocket(trio.abc.Stream):
             if page is not None:
                 return page
             self.stats.tx_alloc_wait += 1
-            what = WaitFor("tx_buffer", f"sock {self.name}", waker="kswapd")
-            with self.memory.waits.waiting(what):
+            with self.memory.waits.waiting(self._wait_tx_buffer):
                 await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
@@ -226,33 +333,42 @@ class ModelledSocket(trio.abc.Stream):
 
     async def send_eof(self) -> None:
         if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self._flush()
             await self.inner.send_eof()
 
     # -- RX: the consumer -----------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """The consumer takes received data; its pages are freed as it does."""
-        while not self._rx:
+        rx = self._rx
+        while not rx:
             if self._rx_error is not None:
                 raise trio.BrokenResourceError(str(self._rx_error)) from self._rx_error
             if self._rx_eof or self._closed:
                 return b""
-            what = WaitFor("rx_data", f"sock {self.name}", waker=self.rx_task_name)
-            await self.memory.waits.park(self._rx_ready, what)
-        out = bytearray()
+            await self._park(self._rx_ready, self._wait_rx_data)
         limit = max_bytes or math.inf
-        while self._rx and len(out) < limit:
-            data, page = self._rx[0]
+        data, page = rx[0]
+        if len(data) == limit or (len(rx) == 1 and len(data) < limit):
+            # Exactly one whole packet: the usual case.
+            rx.popleft()
+            self.memory.free_page(page)
+            self._rx_pages -= 1
+            self._rx_bytes -= len(data)
+            self._space.unpark_all()  # room under rcvbuf again
+            return bytes(data)
+        out = bytearray()
+        while rx and len(out) < limit:
+            data, page = rx[0]
             take = int(min(len(data), limit - len(out)))
             out += data[:take]
             if take == len(data):
-                self._rx.popleft()
+                rx.popleft()
                 self.memory.free_page(page)
                 self._rx_pages -= 1
             else:
                 del data[:take]
             self._rx_bytes -= take
         self._space.unpark_all()  # room under rcvbuf again
-        await trio.lowlevel.checkpoint()
         return bytes(out)
 
     # -- RX: the NIC and the softirq ------------------------------------------------------
@@ -277,8 +393,10 @@ class ModelledSocket(trio.abc.Stream):
                 self._rx_ready.unpark_all()
 
     async def _softirq_loop(self) -> None:
+        """The softirq: ACKs and packets, in softirq context (``serving_softirq``) for its
+        whole life, so that every skb it allocates is a softirq allocation."""
         delay = BACKOFF_MIN
-        with self._softirq_scope:
+        with self._softirq_scope, serving_softirq():
             while True:
                 now = trio.current_time()
                 ack_due = bool(self._tx) and self._tx[0].due <= now
@@ -291,9 +409,8 @@ class ModelledSocket(trio.abc.Stream):
                     continue
                 if packet and not ack_due and self._rx_bytes >= self.rcvbuf:
                     # sk_rcvbuf: the receive window is closed until the consumer reads.
-                    what = WaitFor("rcvbuf", f"sock {self.name}", waker=self.consumer_role)
                     ack_in = self._tx[0].due - now if self._tx else math.inf
-                    await self.memory.waits.park(self._space, what, max(ack_in, 0.0))
+                    await self._park(self._space, self._wait_rcvbuf, max(ack_in, 0.0))
                     continue
                 what_kind = "ack" if ack_due else "data"
                 page = await self._alloc_skb()
@@ -309,8 +426,7 @@ class ModelledSocket(trio.abc.Stream):
                     self.stack.observe(SkbDropped(self.name, "no_memory", what_kind))
                 if page is None:
                     # Dropped: the packet stays in the ring, the peer retransmits.
-                    what = WaitFor("rx_buffer", f"sock {self.name}", waker="kswapd")
-                    with self.memory.waits.waiting(what):
+                    with self.memory.waits.waiting(self._wait_rx_buffer):
                         await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
                     continue
@@ -326,17 +442,20 @@ class ModelledSocket(trio.abc.Stream):
 
     async def _wait_for_packets(self, now: float) -> None:
         """Sleep until a packet arrives or the next one (or ACK) becomes due."""
-        due = [
-            t
-            for t in (
-                self._tx[0].due if self._tx else None,
-                self._ring[0][0] if self._ring else None,
-            )
-            if t is not None
-        ]
-        timeout = max(0.0, min(due) - now) if due else math.inf
-        what = WaitFor("packet", f"sock {self.name}", waker="peer")
-        await self.memory.waits.park(self._softirq, what, timeout)
+        due = self._tx[0].due if self._tx else math.inf
+        if self._ring and self._ring[0][0] < due:
+            due = self._ring[0][0]
+        await self._park(self._softirq, self._wait_packet, max(0.0, due - now))
+
+    async def _park(
+        self, lot: trio.lowlevel.ParkingLot, what: WaitFor, timeout: float = math.inf
+    ) -> None:
+        """``memory.waits.park``, without a cancel scope when there is no timeout."""
+        if timeout == math.inf:
+            with self.memory.waits.waiting(what):
+                await lot.park()
+        else:
+            await self.memory.waits.park(lot, what, timeout)
 
     def _take_packet(self, page: Page) -> None:
         _visible, buf = self._ring[0]
@@ -351,15 +470,21 @@ class ModelledSocket(trio.abc.Stream):
         self._rx.append((data, page))
         self._rx_bytes += n
         self._rx_pages += 1
-        self.stats.rx_pages_peak = max(self.stats.rx_pages_peak, self._rx_pages)
-        self.stats.rx_bytes += n
+        stats = self.stats
+        if self._rx_pages > stats.rx_pages_peak:
+            stats.rx_pages_peak = self._rx_pages
+        stats.rx_bytes += n
         self._rx_ready.unpark_all()
 
     async def _alloc_skb(self) -> Page | None:
-        """``__netdev_alloc_skb``: device-level gfp, softirq context, never sleeps."""
-        gfp = self.stack.rx_gfp() & ~GFP.DIRECT_RECLAIM  # a policy must not make RX sleep
-        with serving_softirq():
-            return await self.memory.alloc_page(gfp, reserve=self.stack.rx_reserve())
+        """``__netdev_alloc_skb``: device-level gfp, softirq context (the caller's: the
+        softirq task), never sleeps."""
+        stack = self.stack
+        policy_gfp = stack.rx_gfp()
+        gfp = self._rx_gfp_masked.get(policy_gfp)
+        if gfp is None:  # a policy must not make RX sleep
+            gfp = self._rx_gfp_masked[policy_gfp] = policy_gfp & ~GFP.DIRECT_RECLAIM
+        return await self.memory.alloc_page(gfp, reserve=stack.rx_reserve())
 
     def _check_open(self) -> None:
         if self._closed:
