@@ -302,6 +302,7 @@ class ClientMachine:
         self.outcome = "running"
         self.reason = ""
         self._started = 0.0
+        self._ended_at: float | None = None
         self.swap_socket: ModelledSocket | None = None
         #: Keep running after the workloads end, until ``stop()`` (a control endpoint).
         self.controlled = controlled
@@ -385,6 +386,7 @@ class ClientMachine:
                             await self._stop.wait()
                         run.cancel_scope.cancel()  # workloads done: stop noise and watchdog
                 timed_out = limit.cancelled_caught
+                self._ended_at = trio.current_time()  # before closing: a dead peer may stall
                 self._decide(timed_out=timed_out)
                 nursery.cancel_scope.cancel()
         finally:
@@ -519,7 +521,15 @@ class ClientMachine:
     def _decide(self, *, timed_out: bool) -> None:
         killed = sum(h.result.killed for h in self.hogs)
         killed += sum(i.oom_killed for i in self.injected_hogs)
-        if self.deadlock is not None:
+        if self.deadlock is not None and not self.device.connected:
+            # No progress because the swap server is gone, not because memory ran out:
+            # an error of the testbed's world, not a deadlock of the kernel's.
+            self.outcome = "error"
+            self.reason = (
+                f"no progress for {self.deadlock.get('stalled_for', 0):.1f}s: the swap server"
+                f" is unreachable ({self.device.stats.reconnect_failures} reconnects failed)"
+            )
+        elif self.deadlock is not None:
             self.outcome = "deadlock"
             self.reason = f"no progress for {self.deadlock.get('stalled_for', 0):.1f}s"
         elif self.integrity.corrupt:
@@ -545,7 +555,11 @@ class ClientMachine:
             "policy": self.policy_name,
             "outcome": self.outcome,
             "reason": self.reason,
-            "duration": round(trio.current_time() - self._started, 6),
+            "duration": round(
+                (self._ended_at if self._ended_at is not None else trio.current_time())
+                - self._started,
+                6,
+            ),
             "wall_seconds": round(wall_seconds, 3),
             "memory": {
                 "total_pages": self.memory.config.nr_pages,

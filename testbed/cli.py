@@ -79,6 +79,13 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         help="override a config key by dotted path, e.g. machine.min_free_kbytes=128 or "
         "workloads.0.processes=8",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="run.seed: seeds the faults and, under the virtual clock, trio's scheduler, so "
+        "the same seed gives the same run (default: the scenario's, 0)",
+    )
 
 
 def _add_clock(p: argparse.ArgumentParser) -> None:
@@ -323,7 +330,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from client.machine import ClientMachine
 
     host, port, export = parse_nbd_uri(args.server, allow_remote=args.allow_remote)
-    overrides = parse_overrides(args.overrides)
+    overrides = _overrides(args)
     if export:
         overrides["swap.export"] = export
     scenario = load_scenario(args.config, overrides)
@@ -557,8 +564,15 @@ def exit_code(outcome: str) -> int:
     )
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = parse_overrides(args.overrides)
+    if getattr(args, "seed", None) is not None:
+        overrides["run.seed"] = args.seed
+    return overrides
+
+
 def _scenario_from(args: argparse.Namespace) -> ScenarioConfig:
-    return load_scenario(args.scenario, parse_overrides(args.overrides))
+    return load_scenario(args.scenario, _overrides(args))
 
 
 def _run_one(scenario: ScenarioConfig, policy: str | None, clock: str) -> dict[str, Any]:

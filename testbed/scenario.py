@@ -8,6 +8,7 @@ virtual clock); the model, the server and the watchdog are the same code either 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import structlog
@@ -17,6 +18,7 @@ import trio.testing
 from client.machine import ClientMachine
 from server import Export, NBDServer
 from testbed.config import ExportConfig, ScenarioConfig, ServerConfig
+from testbed.determinism import seeded_scheduling
 from testbed.log import fact_observer
 from testbed.watchdog import Watchdog
 
@@ -74,6 +76,15 @@ async def run_scenario(
     name = policy or scenario.policy
     log = log.bind(machine=scenario.machine.name, policy=name)
     server = embedded_server(scenario)
+    # Under the virtual clock a run is a function of its scenario and run.seed.
+    seeded = seeded_scheduling(scenario.run.seed) if transport == "memory" else nullcontext()
+    with seeded:
+        return await _run(scenario, server, name, transport, log)
+
+
+async def _run(
+    scenario: ScenarioConfig, server: NBDServer, name: str, transport: Transport, log: Any
+) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         if transport == "tcp":
             host, port = await nursery.start(server.serve)

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
+import trio.testing
 
+from client.machine import ClientMachine
 from testbed.config import load_scenario
-from testbed.scenario import run_scenario
+from testbed.scenario import embedded_server, run_scenario, watchdog_supervisor
 
 SCENARIO = Path(__file__).resolve().parents[2] / "configs" / "swap-over-nbd.toml"
 SMALL = {"machine.memory": "16M", "workloads.0.processes": 8}
@@ -133,3 +136,58 @@ async def test_fairness_the_flood_cannot_eat_the_swap_sockets_reserve(
     assert len(noise) == 8
     assert all(s["emergency_rx"] == 0 and s["emergency_rx_held"] == 0 for s in noise)
     assert sum(s["pfmemalloc_drop"] for s in noise) == summary["net"]["PFMemallocDrop"]
+
+
+async def test_a_permanently_dead_server_ends_the_run_as_an_error_not_a_hang(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The server vanishes mid-run and never comes back: the run ends within the
+    watchdog's stall time as an error naming the unreachable server, with no page
+    reported corrupt."""
+    scenario = load_scenario(
+        SCENARIO.with_name("small.toml"),
+        {"machine.memory": "16M", "swap.latency": 0.002, "swap.io_timeout": 1.0},
+    )
+    server = embedded_server(scenario)
+    gone = False
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            if gone:
+                raise ConnectionRefusedError(111, "Connection refused")
+            client_end, server_end = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.handle_stream, server_end)
+            return client_end
+
+        machine = ClientMachine(scenario, connect)
+
+        async def kill_the_server() -> None:
+            nonlocal gone
+            while machine.memory.stat.pswpout < 2000:
+                await trio.sleep(0.01)
+            gone = True
+            server.drop_connections()
+
+        nursery.start_soon(kill_the_server)
+        summary = await machine.run(
+            supervisor=watchdog_supervisor(scenario.run.stall_seconds, structlog.get_logger())
+        )
+        nursery.cancel_scope.cancel()
+    assert summary["outcome"] == "error"
+    assert "swap server is unreachable" in summary["reason"]
+    assert summary["swap_device"]["reconnect_failures"] > 0
+    assert summary["integrity"]["corrupt"] == 0
+    assert summary["duration"] < 10  # ended by the watchdog, promptly
+
+
+async def test_a_virtual_clock_run_is_a_function_of_its_seed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """trio's scheduler is seeded from run.seed (testbed/determinism.py): the same seed
+    gives the same run, counter for counter, whatever ran before in the process."""
+    first = await run("pfmemalloc", **{"run.seed": 7})
+    await run("none", **{"run.seed": 3})  # something else in between
+    again = await run("pfmemalloc", **{"run.seed": 7})
+    for summary in (first, again):
+        summary.pop("wall_seconds")
+    assert first == again
