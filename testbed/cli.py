@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="log server.stats every SECONDS (default: never)",
     )
+    srv.add_argument(
+        "--control",
+        metavar="HOST:PORT",
+        help="serve status and server faults on a control endpoint (line-delimited JSON, "
+        "loopback only unless --allow-remote-control); see `netswap pressure ... raw`",
+    )
+    srv.add_argument(
+        "--allow-remote-control",
+        action="store_true",
+        help="allow a non-loopback --control address (logs a warning)",
+    )
     _add_logging(srv)
     srv.set_defaults(func=cmd_server)
 
@@ -278,6 +289,12 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise ConfigError(f"export file: {exc.strerror}: {exc.filename}") from None
     logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
     server = NBDServer(config, built)
+    control: tuple[str, int] | None = None
+    if args.control is not None:
+        from testbed.control import DEFAULT_CONTROL_PORT, check_control_address
+
+        control = parse_hostport(args.control, what="--control", default_port=DEFAULT_CONTROL_PORT)
+        check_control_address(control[0], allow_remote=args.allow_remote_control)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -291,6 +308,14 @@ def cmd_server(args: argparse.Namespace) -> int:
                         server.shutdown()
 
                 nursery.start_soon(watch)
+                if control is not None:
+                    from testbed.control import ServerControlEndpoint, serve_control
+
+                    endpoint = ServerControlEndpoint(server)
+                    host, port = await nursery.start(serve_control, endpoint, *control)
+                    print(
+                        f"control listening on {_hostport(host, port)}", file=sys.stderr, flush=True
+                    )
                 await server.serve()
                 nursery.cancel_scope.cancel()
 

@@ -560,3 +560,109 @@ async def serve_control(
     log.info("control.listening", host=address[0], port=address[1])
     task_status.started(address)
     await trio.serve_listeners(endpoint.handle_stream, listeners)
+
+
+# -- a server's own endpoint --------------------------------------------------------------
+SERVER_FAULT_KINDS = ("delay", "error", "clear", "stall", "unstall", "drop", "restart")
+
+
+class NBDServerFaults:
+    """``ServerFaults`` for an ``NBDServer`` (server/faults.py), one export at a time:
+
+    ``delay`` (export, seconds), ``error`` (export, command, rate, errno="EIO"), ``clear``
+    (export: no delay, no errors, no stall), ``stall`` (export, seconds), ``unstall``
+    (export), ``drop`` (export optional: every connection), ``restart``."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    async def apply(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        if kind not in SERVER_FAULT_KINDS:
+            raise ValueError(f"unknown kind {_show(kind)} (server faults: "
+                             f"{', '.join(SERVER_FAULT_KINDS)})")  # fmt: skip
+        what = f"server fault {kind}"
+        if kind == "restart":
+            _Args(what, params, ())
+            await self.server.restart()
+            return {}
+        if kind == "drop":
+            args = _Args(what, params, ("export",))
+            export = args.text("export", None)
+            if export is not None:
+                self._faults(export)
+            return {"connections": self.server.drop_connections(export)}
+        keys = {
+            "delay": ("export", "seconds"),
+            "error": ("export", "command", "rate", "errno"),
+            "clear": ("export",),
+            "stall": ("export", "seconds"),
+            "unstall": ("export",),
+        }[kind]
+        args = _Args(what, params, keys)
+        export = args.text("export")
+        faults = self._faults(export)
+        if kind == "delay":
+            faults.delay = args.number("seconds", minimum=0.0)
+        elif kind == "error":
+            command = args.text("command")
+            faults.set_error(command, args.number("rate", maximum=1.0), args.text("errno", "EIO"))
+        elif kind == "stall":
+            faults.stall(args.number("seconds", minimum=0.0))
+        elif kind == "unstall":
+            faults.unstall()
+        else:
+            faults.delay = 0.0
+            faults.clear_errors()
+            faults.unstall()
+        return {"export": export, "faults": repr(faults)}
+
+    def _faults(self, export: str) -> Any:
+        found = self.server.exports.get(export)
+        if found is None:
+            raise CommandError(
+                f"no export {_show(export)} (exports: {', '.join(sorted(self.server.exports))})"
+            )
+        return found.faults
+
+    def report(self) -> dict[str, Any]:
+        return {
+            name: {"faults": repr(e.faults), "counts": dict(e.faults.counts)}
+            for name, e in self.server.exports.items()
+        }
+
+
+class ServerControlEndpoint(ControlEndpoint):
+    """``netswap server --control``: ``status`` and ``fault`` with ``"target": "server"``
+    (the client's commands have no machine to act on here)."""
+
+    def __init__(self, server: Any, *, log: Any = None) -> None:
+        super().__init__(None, server_faults=NBDServerFaults(server), log=log)  # type: ignore[arg-type]
+
+    async def execute(self, line: bytes | str) -> tuple[dict[str, Any], Callable[[], None] | None]:
+        try:
+            command = parse_command(line)
+        except CommandError as exc:
+            return error_answer(str(exc)), None
+        assert self.server_faults is not None
+        try:
+            match command:
+                case Status():
+                    return {
+                        "ok": True,
+                        "cmd": "status",
+                        "exports": self.server_faults.report(),
+                    }, None
+                case ServerFault(kind=kind, params=params):
+                    result = await self.server_faults.apply(kind, params)
+                    return {
+                        "ok": True,
+                        "cmd": "fault",
+                        "target": "server",
+                        "kind": kind,
+                        **result,
+                    }, None
+        except (CommandError, ValueError) as exc:
+            return error_answer(f"{command.cmd}: {exc}"), None
+        return error_answer(
+            f"{command.cmd}: a server takes only 'status' and 'fault' with \"target\": \"server\""
+        ), None

@@ -783,3 +783,61 @@ async def _process(
         stdin=subprocess.DEVNULL,
         task_status=task_status,
     )
+
+
+# -- netswap server --control: server faults at run time ----------------------------------
+
+
+async def test_a_servers_endpoint_sets_and_clears_its_faults() -> None:
+    from server import Export, NBDServer
+    from testbed.config import ExportConfig, ServerConfig
+    from testbed.control import ServerControlEndpoint
+
+    cfg = ServerConfig(listen="127.0.0.1:0", exports=(ExportConfig(name="disk", size=1 << 20),))
+    server = NBDServer(cfg, [Export.from_config(e) for e in cfg.exports])
+    endpoint = ServerControlEndpoint(server)
+    faults = server.exports["disk"].faults
+
+    async def ask(request: dict[str, Any]) -> dict[str, Any]:
+        answer, _after = await endpoint.execute(json.dumps(request))
+        return answer
+
+    fault = {"cmd": "fault", "target": "server", "export": "disk"}
+    assert (await ask({**fault, "kind": "delay", "seconds": 0.25}))["ok"]
+    assert faults.delay == 0.25
+    answer = await ask({**fault, "kind": "error", "command": "write", "rate": 1, "errno": "ENOSPC"})
+    assert answer["ok"] and faults.error_rate == {"write": (1.0, "ENOSPC")}
+    assert (await ask({**fault, "kind": "stall", "seconds": 5}))["ok"] and faults.stalled
+    assert (await ask({**fault, "kind": "clear"}))["ok"]
+    assert faults.delay == 0 and faults.error_rate == {} and not faults.stalled
+    status = await ask({"cmd": "status"})
+    assert status["ok"] and set(status["exports"]) == {"disk"}
+    # Bad input: an error naming it, nothing changed.
+    for request, needle in [
+        ({**fault, "kind": "delay", "seconds": -1}, "'seconds' must be >= 0"),
+        ({**fault, "export": "nope", "kind": "delay", "seconds": 1}, 'no export "nope"'),
+        ({**fault, "kind": "error", "command": "frob", "rate": 0.5}, "frob"),
+        ({**fault, "kind": "melt"}, "unknown kind"),
+        ({**fault, "kind": "delay", "seconds": 1, "extra": 1}, "unknown key 'extra'"),
+        ({"cmd": "hog", "pages": 10}, "a server takes only"),
+        ({"cmd": "fault", "kind": "reset"}, "a server takes only"),
+    ]:
+        answer = await ask(request)
+        assert not answer["ok"] and needle in answer["error"], (request, answer)
+    assert faults.delay == 0 and faults.error_rate == {}
+
+
+def test_the_progress_line_draws_on_a_terminal_and_clears_at_the_end() -> None:
+    import io
+
+    from testbed.log import ProgressLine
+
+    out = io.StringIO()
+    line = ProgressLine(out)
+    sample = {"event": "vm.sample", "machine": "m", "policy": "none", "t": 1.5,
+              "nr_free_pages": 300, "zones": [{"min": 256}], "nr_writeback": 4,
+              "pswpout": 10, "pswpin": 2, "drops": 0, "pages_verified": 7}  # fmt: skip
+    assert line(None, "info", dict(sample)) == sample  # the event itself goes on unchanged
+    assert out.getvalue().startswith("\r\x1b[2K") and "free 300 (min 256)" in out.getvalue()
+    line(None, "info", {"event": "run.summary"})
+    assert out.getvalue().endswith("\r\x1b[2K")  # cleared before the summary is printed
