@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import structlog
 import trio
 import trio.testing
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(cmp)
     cmp.add_argument("--summary", metavar="FILE", help="write {runs: [...]} as JSON")
     cmp.add_argument("--plot", metavar="FILE.png", help="draw the policies' timelines side by side")
+    cmp.add_argument(
+        "--seeds",
+        metavar="A-B|A,B,...",
+        help="run every policy once per seed (virtual clock) and count the outcomes: how "
+        "likely each is near a threshold",
+    )
     _add_clock(cmp)
     _add_logging(cmp)
     cmp.set_defaults(func=cmd_compare)
@@ -630,6 +637,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"--policies: unknown {unknown or 'empty'}; choose from {', '.join(POLICY_NAMES)}"
         )
     scenario = _scenario_from(args)
+    seeds = parse_seeds(args.seeds) if getattr(args, "seeds", None) else None
+    if seeds is not None:
+        if args.clock != "virtual":
+            raise ConfigError("--seeds: a seed fixes a run only under --clock virtual")
+        if getattr(args, "plot", None):
+            raise ConfigError("--seeds: no --plot for a sweep; plot one seed with --seed N")
+        return _compare_seeds(args, scenario, policies, seeds)
     plot = getattr(args, "plot", None)
     if plot:
         _check_writable(plot, "--plot")
@@ -651,6 +665,55 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines = (json.dumps(e, default=str) for e in capture.events)
         plot_runs(load_runs(lines), plot, title=f"netswap compare: {Path(args.scenario).name}")
         print(f"plot: {plot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-9`` or ``1,5,7`` (or both: ``0-4,10``) → the seeds, in order, each once."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise ConfigError(f"--seeds {text!r}: expected A-B or A,B,... (integers)") from None
+        if lo < 0 or hi < lo or hi - lo > 10_000:
+            raise ConfigError(f"--seeds {text!r}: {part.strip()!r} is not a range of seeds")
+        seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
+    return seeds
+
+
+def _compare_seeds(
+    args: argparse.Namespace, scenario: ScenarioConfig, policies: list[str], seeds: list[int]
+) -> int:
+    """Every policy once per seed; a table of how often each outcome came out."""
+    logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
+    runs: list[dict[str, Any]] = []
+    counts: dict[str, dict[str, list[int]]] = {}
+    for policy in policies:
+        for seed in seeds:
+            print(f"running {policy}, seed {seed} ...", file=sys.stderr, flush=True)
+            seeded = attrs.evolve(scenario, run=attrs.evolve(scenario.run, seed=seed))
+            summary = _run_one(seeded, policy, args.clock)
+            summary["seed"] = seed
+            runs.append(summary)
+            counts.setdefault(policy, {}).setdefault(summary["outcome"], []).append(seed)
+    outcomes = sorted({o for by in counts.values() for o in by})
+    rows = [("policy", *outcomes)]
+    for policy in policies:
+        rows.append((policy, *(f"{len(counts[policy].get(o, []))}/{len(seeds)}" for o in outcomes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for policy in policies:
+        for outcome in outcomes:
+            which = counts[policy].get(outcome)
+            if which:
+                lines.append(f"{policy} {outcome}: seeds {', '.join(map(str, which))}")
+    print("\n".join(lines))
+    if args.summary:
+        write_summary(args.summary, {"scenario": args.scenario, "seeds": seeds, "runs": runs})
     return EXIT_OK
 
 

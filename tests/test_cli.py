@@ -56,6 +56,9 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) 
         (["client", "--server", "nbd://127.0.0.1:1/swap"], ["cannot reach"]),
         (["client", "--server", "http://127.0.0.1/swap"], ["nbd://"]),
         (["report", "/nonexistent/run.jsonl"], ["no such file"]),
+        (["compare", SMALL, "--seeds", "3-1"], ["--seeds", "'3-1'"]),
+        (["compare", SMALL, "--seeds", "one"], ["--seeds", "integers"]),
+        (["compare", SMALL, "--seeds", "0-1", "--clock", "real"], ["--clock virtual"]),
         (["report", SMALL], ["no netswap run"]),
         (["compare", SMALL, "--plot", "/nonexistent/dir/x.png"], ["does not exist"]),
     ],
@@ -137,3 +140,29 @@ def test_report_and_plot_on_a_recorded_log(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     as_json = json.loads(netswap("report", str(log), "--json").stdout)
     assert [r["policy"] for r in as_json["runs"]] == ["none", "recursive", "reserve", "pfmemalloc"]
+
+
+def test_compare_over_seeds_counts_the_outcomes(tmp_path: Path) -> None:
+    scenario = str(Path(SMALL).with_name("swap-over-nbd.toml"))
+    summary = tmp_path / "seeds.json"
+    result = netswap(
+        "compare", scenario, "--set", "machine.memory=16M", "--set", "workloads.0.processes=8",
+        "--policies", "none,pfmemalloc", "--seeds", "0-1", "--summary", str(summary),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines[0].split()
+    rows = {line.split()[0]: dict(zip(header[1:], line.split()[1:], strict=True))
+            for line in lines[2:4]}  # fmt: skip
+    runs = json.loads(summary.read_text())["runs"]
+    assert [(r["policy"], r["seed"]) for r in runs] == [
+        ("none", 0),
+        ("none", 1),
+        ("pfmemalloc", 0),
+        ("pfmemalloc", 1),
+    ]
+    for policy in ("none", "pfmemalloc"):
+        mine = [r["outcome"] for r in runs if r["policy"] == policy]
+        for outcome, cell in rows[policy].items():
+            assert cell == f"{mine.count(outcome)}/2"
