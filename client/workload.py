@@ -15,6 +15,7 @@ what the disk holds.  Its pages stay in the page cache, clean, after the reader 
 from __future__ import annotations
 
 import struct
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -52,6 +53,17 @@ class HogResult:
     sigbus: int = 0
 
 
+async def _run_processes(
+    config: HogConfig | FileReaderConfig, process: Callable[[int], Awaitable[None]]
+) -> None:
+    """After ``start_after``, ``config.processes`` tasks named ``name/i``, to the end."""
+    if config.start_after:
+        await trio.sleep(config.start_after)
+    async with trio.open_nursery() as nursery:
+        for i in range(config.processes):
+            nursery.start_soon(process, i, name=f"{config.name}/{i}")
+
+
 class AnonHog:
     """One ``anon_hog`` workload on a machine's memory."""
 
@@ -66,11 +78,7 @@ class AnonHog:
         )
 
     async def run(self) -> HogResult:
-        if self.config.start_after:
-            await trio.sleep(self.config.start_after)
-        async with trio.open_nursery() as nursery:
-            for i in range(self.config.processes):
-                nursery.start_soon(self._process, i, name=f"{self.config.name}/{i}")
+        await _run_processes(self.config, self._process)
         return self.result
 
     async def _process(self, index: int) -> None:
@@ -143,11 +151,7 @@ class FileReader:
         self.result = ReaderResult(config.name, config.processes, pages, config.passes)
 
     async def run(self) -> ReaderResult:
-        if self.config.start_after:
-            await trio.sleep(self.config.start_after)
-        async with trio.open_nursery() as nursery:
-            for i in range(self.config.processes):
-                nursery.start_soon(self._process, i, name=f"{self.config.name}/{i}")
+        await _run_processes(self.config, self._process)
         return self.result
 
     async def _process(self, index: int) -> None:

@@ -34,6 +34,7 @@ from testbed.config import (
     parse_export_spec,
     parse_hostport,
 )
+from testbed.report import format_table
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -703,9 +704,7 @@ def _compare_seeds(
     rows = [("policy", *outcomes)]
     for policy in policies:
         rows.append((policy, *(f"{len(counts[policy].get(o, []))}/{len(seeds)}" for o in outcomes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows)
     for policy in policies:
         for outcome in outcomes:
             which = counts[policy].get(outcome)
@@ -782,9 +781,7 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
                 str(r["integrity"]["corrupt"]),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows)
     for r in runs:
         if r.get("deadlock"):
             lines.append(f"{r['policy']}: " + " -> ".join(r["deadlock"]["cycle"]))

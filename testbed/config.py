@@ -366,6 +366,11 @@ class SwapConfig:
             raise ConfigError("swap.io_timeout must be > 0")
 
 
+def _of_ram(value: str | int, ram: int) -> int:
+    """Bytes of a size that ``_total`` accepted: a byte count, or a multiple of RAM."""
+    return int(float(value[:-1]) * ram) if isinstance(value, str) else value
+
+
 def _total(value: str | int) -> str | int:
     if isinstance(value, str) and value.strip().lower().endswith("x"):
         try:
@@ -400,9 +405,7 @@ class HogConfig:
             raise ConfigError(f"workload {self.name!r}: rate must not be negative")
 
     def total_bytes(self, ram: int) -> int:
-        if isinstance(self.total, str):
-            return int(float(self.total[:-1]) * ram)
-        return self.total
+        return _of_ram(self.total, ram)
 
 
 @attrs.frozen
@@ -426,9 +429,7 @@ class FileReaderConfig:
             raise ConfigError(f"workload {self.name!r}: rate must not be negative")
 
     def size_bytes(self, ram: int) -> int:
-        if isinstance(self.size, str):
-            return int(float(self.size[:-1]) * ram)
-        return self.size
+        return _of_ram(self.size, ram)
 
 
 WorkloadConfig = HogConfig | FileReaderConfig

@@ -669,6 +669,15 @@ def _columns(rows: Sequence[Sequence[str]], right: Sequence[bool], indent: str =
     return lines
 
 
+def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """A header row, a rule of dashes under it, then the rows: left-aligned columns two
+    spaces apart (the tables of ``netswap compare`` and ``netswap report``)."""
+    lines = _columns(rows, [False] * len(rows[0]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def _overview(facts: Sequence[Mapping[str, Any]]) -> list[str]:
     """One line per run, the columns of ``netswap compare``."""
     several_machines = len({f["machine"] for f in facts}) > 1
@@ -694,9 +703,7 @@ def _overview(facts: Sequence[Mapping[str, Any]]) -> list[str]:
         if several_machines:
             row.insert(0, f["machine"])
         rows.append(row)
-    lines = _columns(rows, [False] * len(header))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows)
     for f in facts:
         if f["deadlock"] and f["deadlock"]["cycle"]:
             lines.append(f"{f['policy']}: {f['deadlock']['description']}")
