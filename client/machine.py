@@ -267,6 +267,7 @@ class ClientMachine:
                 swappiness=m.swappiness,
                 disk_read_latency=m.disk_read_latency,
                 readahead_pages=m.readahead_pages,
+                page_cluster=m.page_cluster,
             ),
             policy=self.policy,
             observer=observer,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -237,27 +237,33 @@ class NBDSwapDevice:
             await client.write(slots[0] * PAGE, data)
             return list(slots)
         targets = [remap.get(slot, slot) for slot in slots]
-        start = 0
-        while start < len(pages):
-            phys = targets[start]
-            end = start + 1
-            while end < len(pages) and targets[end] == phys + (end - start):
-                end += 1
+        for start, end in _runs(targets):
             data = b"".join(pages[start:end]) if end - start > 1 else bytes(pages[start])
-            await client.write(phys * PAGE, data)
-            start = end
+            await client.write(targets[start] * PAGE, data)
         return targets
 
-    async def read(self, slot: int, into: memoryview) -> None:
+    async def read(self, slot_start: int, into: Sequence[memoryview]) -> None:
+        slots = range(slot_start, slot_start + len(into))
         while True:
             client, epoch = await self._current()
             try:
-                data = await self._timed(epoch, client.read(self._physical(slot) * PAGE, PAGE))
+                await self._timed(epoch, self._read_runs(client, slots, into))
             except (NBDError, _Timeout) as exc:
                 self._retry_or_raise(epoch, exc)
                 continue
-            into[:] = data
             return
+
+    async def _read_runs(self, client: NBDClient, slots: range, into: Sequence[memoryview]) -> None:
+        """One NBD READ per run of physically contiguous blocks (one, unless remapped)."""
+        targets = [self._physical(slot) for slot in slots]
+        for start, end in _runs(targets):
+            data = await client.read(targets[start] * PAGE, (end - start) * PAGE)
+            if end - start == 1:
+                into[start][:] = data
+                continue
+            view = memoryview(data)
+            for i in range(start, end):
+                into[i][:] = view[(i - start) * PAGE : (i - start + 1) * PAGE]
 
     def _retry_or_raise(self, epoch: int, exc: NBDError | _Timeout) -> None:
         """A request failed: if the connection is gone (broken, timed out, or the server
@@ -286,3 +292,14 @@ class NBDSwapDevice:
 
 class _Timeout(Exception):
     pass
+
+
+def _runs(targets: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of consecutive blocks in ``targets``."""
+    start = 0
+    while start < len(targets):
+        end = start + 1
+        while end < len(targets) and targets[end] == targets[start] + (end - start):
+            end += 1
+        yield start, end
+        start = end

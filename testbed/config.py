@@ -325,6 +325,7 @@ class MachineConfig:
     swappiness: int = 60  # vm.swappiness
     disk_read_latency: float = 0.0001  # seconds per readahead window from the local disk
     readahead_pages: int = 32
+    page_cluster: int = 3  # vm.page-cluster: swap readahead reads up to 2^page_cluster pages
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.swappiness <= 200:
@@ -333,6 +334,10 @@ class MachineConfig:
             raise ConfigError("machine.disk_read_latency must be >= 0, readahead_pages >= 1")
         if self.memory < 1 << 20:
             raise ConfigError(f"machine.memory {self.memory}: at least 1M")
+        if not 0 <= self.page_cluster <= 10:
+            raise ConfigError(
+                f"machine.page_cluster {self.page_cluster}: must be 0..10 (0: no swap readahead)"
+            )
         if not 1 <= self.max_io_pages <= 256:
             raise ConfigError(f"machine.max_io_pages {self.max_io_pages}: must be 1..256")
         if self.swap_queue_depth < 1 or self.bio_pool_size < 1:

@@ -37,8 +37,8 @@ class SwapDevice(Protocol):
         """Write ``pages`` to consecutive slots from ``slot_start``; raise SwapIOError."""
         ...
 
-    async def read(self, slot: int, into: memoryview) -> None:
-        """Read one slot into ``into``; raise SwapIOError."""
+    async def read(self, slot_start: int, into: Sequence[memoryview]) -> None:
+        """Read consecutive slots from ``slot_start`` into ``into``; raise SwapIOError."""
         ...
 
 
@@ -147,7 +147,7 @@ class BlockQueue:
             if bio.write:
                 await self.device.write(bio.slot, views)
             else:
-                await self.device.read(bio.slot, views[0])
+                await self.device.read(bio.slot, views)
         except SwapIOError as exc:
             bio.error = exc
         self._complete(bio)

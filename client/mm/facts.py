@@ -95,11 +95,15 @@ class SwapWritebackDone(Fact):
 
 @attrs.frozen
 class SwapReadpage(Fact):
-    """A swap read was submitted (``swap_readpage``)."""
+    """A swap read request was submitted (``swap_readpage`` for the faulting page and its
+    readahead neighbours, merged by the plug); ``readahead`` of its pages were not asked
+    for by the fault."""
 
     event: ClassVar[str] = "swap.readpage"
     req: int
     slot: int
+    nr_pages: int
+    readahead: int
 
 
 @attrs.frozen
@@ -109,6 +113,7 @@ class SwapReadDone(Fact):
     event: ClassVar[str] = "swap.read_done"
     req: int
     slot: int
+    nr_pages: int
     error: str | None
 
 

@@ -37,6 +37,7 @@ ContentFn = Callable[[Process, int], bytes]
 """What a virtual page must hold: written on a write touch, checked on a read touch."""
 
 BIO_POOL_SIZE = 2  # include/linux/bio.h
+PAGE_CLUSTER = 3  # mm/swap.c page_cluster (vm.page-cluster): swap readahead of up to 2^3 pages
 
 
 def _positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -65,6 +66,9 @@ class MemoryConfig:
     )
     disk_read_latency: float = attrs.field(default=0.0001, validator=attrs.validators.ge(0))
     readahead_pages: int = attrs.field(default=32, validator=_positive)
+    page_cluster: int = attrs.field(
+        default=PAGE_CLUSTER, validator=[attrs.validators.ge(0), attrs.validators.le(10)]
+    )
     swap_read_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     swap_read_retry_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
 
@@ -99,6 +103,7 @@ class _SwapIn:
     """A swap-in read in flight for one slot (stands in for the locked swap-cache page)."""
 
     page: Page
+    readahead: bool = False  # read for a neighbour's fault, not its own
     done: trio.Event = attrs.field(factory=trio.Event)
     bio: Bio | None = None
     error: bool = False
@@ -398,10 +403,15 @@ class Memory:
             return None
         page = swap.cache.get(slot)
         if page is None:
-            await self._swap_readpage(process, vpage, slot, swap, block)
+            await self._swapin_readahead(process, vpage, slot, swap, block)
             return None  # look again: it is in the swap cache now (or was reclaimed)
         # Minor fault: the page is still in the swap cache.
         assert page.mapping is None, page
+        if page.readahead:
+            # lookup_swap_cache: "if (TestClearPageReadahead(page)) swapin_readahead_hits++"
+            page.readahead = False
+            swap.ra_hits += 1
+            self.stat.swap_ra_hit += 1
         del process.swapped[vpage]
         self._map(process, vpage, page)
         swap.map.put_ref(slot)  # swap_free(entry): the pte no longer holds the slot
@@ -416,59 +426,112 @@ class Memory:
         what = WaitFor("swapin", f"slot {slot} {name}", waker="swap device")
         await self.waits.wait_event(pending.done, what)
 
-    async def _swap_readpage(
+    async def _swapin_readahead(
         self, process: Process, vpage: int, slot: int, swap: SwapArea, block: BlockQueue
     ) -> None:
-        """swapin_readahead for one page: allocate, add to the swap cache, submit a read,
-        wait for it. Bookkeeping at completion is done by ``_end_swap_bio_read``."""
+        """mm/swap_state.c swapin_readahead (4.x cluster readahead) and the fault's wait.
+
+        The window is ``swapin_nr_pages`` slots around ``slot``, aligned; each slot in it
+        that a swap pte points at and that has no swap-cache page gets a page
+        (``__read_swap_cache_async``: allocated with the fault's gfp, added to the swap
+        cache), and reads of neighbouring slots go out as one request (the plug merges
+        them, up to ``max_io_pages``). Only the faulting page is waited for. Unlike the
+        kernel, which walks the window in order, the faulting page is allocated first, so
+        that a concurrent fault on it waits for this read instead of starting another.
+        Bookkeeping at completion is done by ``_end_swap_bio_read``.
+        """
         page = await self._alloc_user_page(process)
-        if process.swapped.get(vpage) != slot or slot in swap.cache or slot in self._swapin:
+        if process.swapped.get(vpage) != slot or slot in swap.cache:
             self.allocator.free_page(page)
             return
         swap.add_to_swap_cache(page, slot)
         pending = _SwapIn(page)
         self._swapin[slot] = pending
-        self.stat.pswpin += 1  # swap_readpage: count_vm_event(PSWPIN)
+        reads = [(slot, pending)]
         self.stat.pgmajfault += 1
         try:
-            pending.bio = await block.submit(
-                write=False, slot=slot, pages=[page], gfp=GFP_KERNEL, end_io=self._end_swap_bio_read
-            )
+            for offset in swap.readahead_window(slot, self.config.page_cluster):
+                if offset == slot or not swap.readahead_candidate(offset):
+                    continue
+                ra_page = await self.allocator.alloc_page(GFP_HIGHUSER_MOVABLE)
+                if ra_page is None or process.killed:
+                    if ra_page is not None:
+                        self.allocator.free_page(ra_page)
+                    break  # no memory to read ahead into: read what we have
+                if not swap.readahead_candidate(offset):  # it changed while we allocated
+                    self.allocator.free_page(ra_page)
+                    continue
+                swap.add_to_swap_cache(ra_page, offset)
+                self._swapin[offset] = ra = _SwapIn(ra_page, readahead=True)
+                reads.append((offset, ra))
+            reads.sort(key=lambda read: read[0])
+            while reads:
+                run = self._next_read_run(reads)
+                bio = await block.submit(
+                    write=False,
+                    slot=run[0][0],
+                    pages=[r.page for _, r in run],
+                    gfp=GFP_KERNEL,
+                    end_io=self._end_swap_bio_read,
+                )
+                del reads[: len(run)]
+                nr_ra = 0
+                for _, r in run:
+                    r.bio = bio
+                    nr_ra += r.readahead
+                self.stat.pswpin += len(run)  # swap_readpage: count_vm_event(PSWPIN), a page
+                self.stat.swap_ra += nr_ra
+                self.observer(SwapReadpage(bio.id, bio.slot, len(run), nr_ra))
         except BaseException:
-            # Cancelled before the request started: undo, let others retry.
-            del self._swapin[slot]
-            swap.delete_from_swap_cache(page)
-            self.allocator.free_page(page)
-            pending.error = True
-            pending.done.set()
+            # Cancelled (or killed) before these reads started: undo, let others retry.
+            for offset, r in reads:
+                del self._swapin[offset]
+                swap.delete_from_swap_cache(r.page)
+                self.allocator.free_page(r.page)
+                r.error = True
+                r.done.set()
             raise
-        self.observer(SwapReadpage(pending.bio.id, slot))
         await self._wait_swapin(pending, slot)
         if pending.error:
             raise SwapReadError(process.pid, vpage, slot)
 
+    def _next_read_run(self, reads: list[tuple[int, _SwapIn]]) -> list[tuple[int, _SwapIn]]:
+        """The first run of consecutive slots in ``reads`` (sorted), up to max_io_pages."""
+        n = 1
+        limit = min(len(reads), self.config.max_io_pages)
+        while n < limit and reads[n][0] == reads[0][0] + n:
+            n += 1
+        return reads[:n]
+
     def _end_swap_bio_read(self, bio: Bio) -> None:
-        """mm/page_io.c end_swap_bio_read: the page is uptodate (LRU, inactive) or, on error,
-        dropped from the swap cache and freed."""
-        pending = self._swapin.pop(bio.slot)
-        page = pending.page
+        """mm/page_io.c end_swap_bio_read, for each page of the request: uptodate (LRU,
+        inactive) or, on error, dropped from the swap cache and freed."""
         swap = self.swap
         assert swap is not None
-        if bio.error is None:
-            self.progress.swapins_completed += 1
-            # The faulting task maps it next; referenced stands in for the page lock and
-            # the reference it holds, so a scan in between activates rather than frees it.
-            page.referenced = True
-            page.active = False
-            self.lru.add(page)  # lru_cache_add_anon
-        else:
+        ok = bio.error is None
+        done = []
+        for i, page in enumerate(bio.pages):
+            pending = self._swapin.pop(bio.slot + i)
+            done.append(pending)
+            if ok:
+                self.progress.swapins_completed += 1
+                # The faulting task maps its page next; referenced stands in for the page
+                # lock and the reference it holds, so a scan in between activates rather
+                # than frees it. A readahead page is PG_readahead and unreferenced.
+                page.referenced = not pending.readahead
+                page.readahead = pending.readahead
+                page.active = False
+                self.lru.add(page)  # lru_cache_add_anon
+            else:
+                pending.error = True
+                swap.delete_from_swap_cache(page)
+                self.allocator.free_page(page)
+        if not ok:
             self.stat.swap_read_errors += 1
-            pending.error = True
-            swap.delete_from_swap_cache(page)
-            self.allocator.free_page(page)
-        err = None if bio.error is None else str(bio.error) or type(bio.error).__name__
-        self.observer(SwapReadDone(bio.id, bio.slot, err))
-        pending.done.set()
+        err = None if ok else str(bio.error) or type(bio.error).__name__
+        self.observer(SwapReadDone(bio.id, bio.slot, len(bio.pages), err))
+        for pending in done:
+            pending.done.set()
 
     # -- the page cache ----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class Page:
     writeback: bool = False
     reclaim: bool = False  # PG_reclaim: rotate to the inactive tail when writeback ends
     swapcache: bool = False
+    readahead: bool = False  # PG_readahead: read by swap readahead, no fault found it yet
     pfmemalloc: bool = False
     lru: bool = False
     reserve: object | None = None
@@ -50,13 +51,13 @@ class Page:
         self.index = 0
         self.private = 0
         self.referenced = self.active = self.dirty = self.writeback = False
-        self.reclaim = self.swapcache = self.pfmemalloc = self.lru = False
+        self.reclaim = self.swapcache = self.readahead = self.pfmemalloc = self.lru = False
         self.reserve = None
         self.file = None
 
     def __repr__(self) -> str:
         names = ("referenced", "active", "dirty", "writeback", "reclaim", "swapcache",
-                 "pfmemalloc", "lru")  # fmt: skip
+                 "readahead", "pfmemalloc", "lru")  # fmt: skip
         flags = ",".join(n for n in names if getattr(self, n))
         owner = "" if self.mapping is None else f" owner={self.mapping.pid}:{self.index}"
         if self.file is not None:

@@ -153,11 +153,54 @@ class SwapMap:
 
 
 class SwapArea:
-    """One active swap area: its slot map and its swap cache (slot -> page)."""
+    """One active swap area: its slot map, its swap cache (slot -> page), and the state of
+    swap readahead (``swapin_nr_pages``' statics, one set per machine)."""
 
     def __init__(self, nr_pages: int) -> None:
         self.map = SwapMap(nr_pages)
         self.cache: dict[int, Page] = {}
+        self.ra_hits = 0  # swapin_readahead_hits: readahead pages faults found since last sized
+        self._prev_offset = 0
+        self._last_ra = 0  # last_readahead_pages
+
+    def swapin_nr_pages(self, offset: int, page_cluster: int) -> int:
+        """mm/swap_state.c swapin_nr_pages (4.x): how many pages to read around ``offset``.
+
+        "pages = atomic_xchg(&swapin_readahead_hits, 0) + 2": with no hits to judge by, two
+        pages if the fault is next to the previous one, else one; with hits, that count
+        rounded up to a power of two (at least 4). At most ``1 << page_cluster``, and "don't
+        shrink readahead too fast": never below half the previous window.
+        """
+        max_pages = 1 << page_cluster
+        if max_pages <= 1:
+            return 1
+        pages = self.ra_hits + 2
+        self.ra_hits = 0
+        if pages == 2:
+            if offset not in (self._prev_offset + 1, self._prev_offset - 1):
+                pages = 1
+            self._prev_offset = offset
+        else:
+            roundup = 4
+            while roundup < pages:
+                roundup <<= 1
+            pages = roundup
+        pages = max(min(pages, max_pages), self._last_ra // 2)
+        self._last_ra = pages
+        return pages
+
+    def readahead_window(self, offset: int, page_cluster: int) -> range:
+        """swapin_readahead: the aligned window of ``swapin_nr_pages`` slots around
+        ``offset`` ("if (!start_offset) start_offset++": slot 0 is the swap header)."""
+        mask = self.swapin_nr_pages(offset, page_cluster) - 1
+        start = (offset & ~mask) or 1
+        end = min(offset | mask, self.map.nr_pages - 1)
+        return range(start, end + 1)
+
+    def readahead_candidate(self, slot: int) -> bool:
+        """__read_swap_cache_async would read ``slot``: a swap pte points at it and no page
+        is in the swap cache for it (not even one being read)."""
+        return slot not in self.cache and self.map.pte_refs(slot) > 0
 
     def add_to_swap(self, page: Page) -> bool:
         """mm/swap_state.c add_to_swap: allocate a slot and add ``page`` to the swap cache.

@@ -36,7 +36,7 @@ class MemorySwapDevice:
     nr_pages: int
     latency: float = 0.001
     fail_write: Callable[[int, int], bool] = lambda slot, nr_pages: False
-    fail_read: Callable[[int], bool] = lambda slot: False
+    fail_read: Callable[[int], bool] = lambda slot: False  # asked for each slot of a read
     gate: trio.Event | None = None
     slots: dict[int, bytes] = attrs.field(factory=dict, repr=False)
     log: list[DeviceRequest] = attrs.field(factory=list, repr=False)
@@ -69,14 +69,21 @@ class MemorySwapDevice:
         for i, view in enumerate(pages):
             self.slots[slot_start + i] = bytes(view)
 
-    async def read(self, slot: int, into: memoryview) -> None:
-        request = DeviceRequest("read", slot, 1)
+    async def read(self, slot_start: int, into: Sequence[memoryview]) -> None:
+        if slot_start <= 0 or slot_start + len(into) > self.nr_pages:
+            raise ValueError(f"read of {len(into)} pages at slot {slot_start} out of range")
+        slots = range(slot_start, slot_start + len(into))
+        request = DeviceRequest("read", slot_start, len(into))
         self.log.append(request)
         await self._io()
-        if self.fail_read(slot):
+        if any(self.fail_read(slot) for slot in slots):
             request.failed = True
-            raise SwapIOError(f"injected read error at slot {slot}")
-        into[:] = self.slots.get(slot, bytes(PAGE_SIZE))
+            raise SwapIOError(f"injected read error at slot {slot_start}")
+        for slot, view in zip(slots, into, strict=True):
+            view[:] = self.slots.get(slot, bytes(PAGE_SIZE))
+
+    def reads(self) -> list[DeviceRequest]:
+        return [r for r in self.log if r.op == "read"]
 
     def writes(self) -> list[DeviceRequest]:
         return [r for r in self.log if r.op == "write"]

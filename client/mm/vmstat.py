@@ -39,6 +39,8 @@ class VmStat:
     pgpgin: int = 0  # KiB read from block devices (here: the page cache's local disk)
     pswpin: int = 0
     pswpout: int = 0
+    swap_ra: int = 0  # 4.14+: pages read by swap readahead (also in pswpin)
+    swap_ra_hit: int = 0  # 4.14+: faults that found a readahead page in the swap cache
     allocstall: int = 0  # 4.8+ splits it per zone: allocstall_normal, ...
     oom_kill: int = 0
     alloc_fail: int = 0  # not in the kernel: allocations that returned no page

@@ -167,7 +167,7 @@ async def test_stale_write_never_lands_over_its_successor(
         server_ends[0].release.set()  # the stalled server executes the old write of A
         await trio.testing.wait_all_tasks_blocked()
         into = bytearray(PAGE_SIZE)
-        await device.read(5, memoryview(into))
+        await device.read(5, [memoryview(into)])
         home = server.exports["swap"].store.pread(5 * PAGE_SIZE, PAGE_SIZE)
         assert home == a, "the stale write did land, at the slot's original place"
         if fenced:

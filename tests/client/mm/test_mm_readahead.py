@@ -1,0 +1,136 @@
+"""Swap readahead (mm/swap_state.c swapin_readahead, swapin_nr_pages; vm.page-cluster)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from client.mm import Memory, MemoryConfig, Process, SwapReadpage
+from client.mm.swap import SwapArea
+from client.mm.testing import pattern_content
+
+if TYPE_CHECKING:
+    from conftest import MakeMachine
+
+
+def test_swapin_nr_pages_worked_numbers() -> None:
+    area = SwapArea(1 << 16)
+    # No hits and not next to the previous fault: just the page.
+    assert area.swapin_nr_pages(100, 3) == 1
+    # No hits, but adjacent to the previous offset (100): two pages.
+    assert area.swapin_nr_pages(101, 3) == 2
+    # Three hits: 3 + 2 = 5, rounded up to a power of two: 8 = 1 << page_cluster.
+    area.ra_hits = 3
+    assert area.swapin_nr_pages(300, 3) == 8
+    assert area.ra_hits == 0  # atomic_xchg(&swapin_readahead_hits, 0)
+    # One hit: 3 -> 4 (the roundup starts at 4).
+    area.ra_hits = 1
+    assert area.swapin_nr_pages(310, 3) == 4
+    # No hits, not adjacent: 1, but "don't shrink readahead too fast": 4 / 2 = 2.
+    assert area.swapin_nr_pages(900, 3) == 2
+    assert area.swapin_nr_pages(2000, 3) == 1  # then 2 / 2 = 1
+    # Many hits: capped at 1 << page_cluster.
+    area.ra_hits = 40
+    assert area.swapin_nr_pages(50, 2) == 4
+    # page_cluster 0: readahead off, whatever the hits.
+    area.ra_hits = 40
+    assert area.swapin_nr_pages(51, 0) == 1
+
+
+def test_readahead_window_is_aligned_and_skips_the_header() -> None:
+    area = SwapArea(64)
+    area.ra_hits = 6  # -> 8 pages
+    assert area.readahead_window(13, 3) == range(8, 16)
+    area.ra_hits = 6
+    assert area.readahead_window(3, 3) == range(1, 8)  # slot 0 is the swap header
+    area.ra_hits = 6
+    assert area.readahead_window(61, 3) == range(56, 64)
+    small = SwapArea(60)
+    small.ra_hits = 6
+    assert small.readahead_window(57, 3) == range(56, 60)  # not past the device's end
+    assert area.readahead_window(30, 0) == range(30, 31)
+
+
+async def _write_then_read(memory: Memory, process: Process, nr: int) -> None:
+    for v in range(nr):
+        await memory.touch(process, v, write=True, content_fn=pattern_content)
+    for v in range(nr):  # raises IntegrityError on a wrong page
+        await memory.touch(process, v, write=False, content_fn=pattern_content)
+
+
+@pytest.mark.parametrize("page_cluster", [0, 3])
+async def test_sequential_read_back_reads_ahead_in_few_requests(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock, page_cluster: int
+) -> None:
+    machine = make_machine(1024, swap_pages=4096 + 64, page_cluster=page_cluster)
+    memory, device = machine.memory, machine.device
+    assert device is not None and memory.swap is not None
+    swap = memory.swap
+
+    def check(slot: int) -> bool:  # asked for each slot of a read, before it completes
+        # __read_swap_cache_async reads only slots a swap pte points at, into the swap cache.
+        assert swap.map.pte_refs(slot) > 0 and slot in swap.cache
+        return False
+
+    device.fail_read = check
+    async with memory.running():
+        process = memory.new_process("hog")
+        await _write_then_read(memory, process, 3 * 1024)
+    stats = memory.vmstat()
+    reads = device.reads()
+    assert stats["pswpin"] == sum(r.nr_pages for r in reads) == memory.progress.swapins_completed
+    if page_cluster == 0:
+        assert all(r.nr_pages == 1 for r in reads)
+        assert stats["pgmajfault"] == len(reads)
+        assert stats["swap_ra"] == stats["swap_ra_hit"] == 0
+    else:
+        # A sequential reader: the window grows to 8 and most pages are found, not read.
+        assert max(r.nr_pages for r in reads) == 8
+        assert stats["swap_ra_hit"] > 0.8 * stats["swap_ra"] > 0
+        assert len(reads) < stats["pswpin"] / 4
+        assert stats["pgmajfault"] < stats["pswpin"] / 4
+    assert sum(f.readahead for f in machine.facts_of(SwapReadpage)) == stats["swap_ra"]
+
+
+async def test_an_untouched_readahead_page_is_dropped_clean_and_its_slot_kept(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    machine = make_machine(1024, swap_pages=4096 + 64)
+    memory, device = machine.memory, machine.device
+    assert device is not None and memory.swap is not None
+    swap = memory.swap
+    async with memory.running():
+        process = memory.new_process("hog")
+        for v in range(2048):
+            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        vpage = 16
+        slot = process.swapped[vpage]
+        neighbours = {s: v for v, s in process.swapped.items() if s // 8 == slot // 8}
+        assert len(neighbours) == 8  # written in order: one aligned block of 8 slots
+        swap.ra_hits = 6  # as if the reader were sequential: a window of 8
+        await memory.touch(process, vpage, write=False, content_fn=pattern_content)
+        ahead = [swap.cache[s] for s in neighbours if s != slot]
+        assert all(p.readahead and not p.referenced and p.mapping is None for p in ahead)
+        assert memory.stat.swap_ra == 7
+        writes_before = len(device.writes())
+        # Pressure: another process fills memory; reclaim finds the readahead pages clean.
+        other = memory.new_process("other")
+        for v in range(2048):
+            await memory.touch(other, v, write=True, content_fn=pattern_content)
+        assert all(s not in swap.cache for s in neighbours if s != slot)
+        written = {
+            s for w in device.writes()[writes_before:] for s in range(w.slot, w.slot + w.nr_pages)
+        }
+        assert not written & (set(neighbours) - {slot}), "a clean page was written again"
+        # Their data is still in the slots: reading them back verifies.
+        for s, v in neighbours.items():
+            await memory.touch(process, v, write=False, content_fn=pattern_content)
+            assert process.present[v] is not None, s
+
+
+def test_page_cluster_is_validated() -> None:
+    with pytest.raises(ValueError, match="page_cluster"):
+        MemoryConfig(total_bytes=1 << 20, page_cluster=11)
