@@ -324,7 +324,12 @@ class NBDServer:
             with trio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
-                await self._close_stores()
+                # A restart in progress may be reopening a store: let it finish, so that
+                # the stores closed here are the open ones, each once; a later restart
+                # sees the shutdown and does nothing.
+                self._shutdown.set()
+                async with self._restarting:
+                    await self._close_stores()
             log.info("server.stopped", **attrs.asdict(self.stats))
 
     async def _close_stores(self) -> None:

@@ -312,6 +312,25 @@ async def test_connections_arriving_during_a_restart_wait_until_the_stores_are_b
     assert isinstance(server.exports["f"].store, FileStore)
 
 
+async def test_a_shutdown_during_a_restart_closes_the_reopened_store(tmp_path: Path) -> None:
+    cfg = ServerConfig(
+        listen="127.0.0.1:0",
+        exports=(ExportConfig(name="f", size=MiB, backend="file", path=str(tmp_path / "f")),),
+    )
+    server = NBDServer(cfg, [Export.from_config(e) for e in cfg.exports])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        slow = server.exports["f"].store = SlowClose(server.exports["f"].store)
+        nursery.start_soon(server.restart)
+        await trio.testing.wait_all_tasks_blocked()  # restart is closing the old store
+        server.shutdown()
+        await trio.testing.wait_all_tasks_blocked()  # serve() is stopping meanwhile
+        slow.release.set()
+    store = server.exports["f"].store
+    assert isinstance(store, FileStore) and store is not slow.inner  # restart reopened it
+    assert store._fd == -1, "the store restart reopened was left open by the shutdown"
+
+
 # -- counts and logs -----------------------------------------------------------------------
 async def test_every_fault_is_counted_and_logged(autojump_clock: trio.abc.Clock) -> None:
     server = in_memory_server(errors={"write": {"rate": 1.0, "errno": "ENOSPC"}}, delay=0.5)
