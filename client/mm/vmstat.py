@@ -241,14 +241,19 @@ class _PsiScope:
 
     def __enter__(self) -> None:
         psi, key = self._psi, self._key
-        psi.update()
+        # While no task is stalled, neither ``some`` nor ``full`` holds, before or after a
+        # task becomes non-idle: nothing to accumulate, and the next update() still sees
+        # every period boundary. So only a stall (or one in progress) needs the clock.
+        if self._stall or psi._stalled or not psi._started:
+            psi.update()
         psi._inc(psi._nonidle, key)  # a stalled task is not idle
         if self._stall:
             psi._inc(psi._stalled, key)
 
     def __exit__(self, *exc_info: object) -> None:
         psi, key = self._psi, self._key
-        psi.update()
+        if self._stall or psi._stalled:
+            psi.update()
         if self._stall:
             psi._dec(psi._stalled, key)
         psi._dec(psi._nonidle, key)

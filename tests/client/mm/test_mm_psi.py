@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client.mm import Psi
 from client.mm.vmstat import FIXED_1, EXP_10s, EXP_60s, EXP_300s, calc_load, load_to_percent
@@ -91,3 +93,43 @@ def test_nesting_counts_a_task_once() -> None:
     with psi.nonidle(task="A"), psi.memstall(task="A"), psi.memstall(task="A"):
         assert (psi.nr_nonidle, psi.nr_memstall) == (1, 1)
     assert (psi.nr_nonidle, psi.nr_memstall) == (0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("ABC"), st.booleans(), st.floats(0, 3), st.floats(0, 3)),
+        max_size=40,
+    )
+)
+def test_nonidle_scopes_that_skip_the_clock_change_nothing(
+    steps: list[tuple[str, bool, float, float]],
+) -> None:
+    """A non-idle scope reads the clock only while some task is stalled. The reference
+    brings PSI up to date before every change; both must agree to the nanosecond."""
+    clocks = FakeClock(), FakeClock()
+    fast, reference = Psi(clocks[0]), Psi(clocks[1])
+    for psi in (fast, reference):
+        psi.start()
+    # Nested scopes: each step enters one (a stall or not) for its task, advances the
+    # clock, and leaves the scopes entered so far in reverse order at the end.
+    for psi, clock, always in ((fast, clocks[0], False), (reference, clocks[1], True)):
+        scopes = []
+        for task, stall, inside, after in steps:
+            scope = psi.memstall(task) if stall else psi.nonidle(task)
+            if always:
+                psi.update()
+            scope.__enter__()
+            scopes.append(scope)
+            clock.now += inside
+            if len(scopes) > 2:  # leave the oldest-but-one, out of order with the others
+                if always:
+                    psi.update()
+                scopes.pop(-2).__exit__(None, None, None)
+            clock.now += after
+        while scopes:
+            if always:
+                psi.update()
+            scopes.pop().__exit__(None, None, None)
+        clock.now += 5
+    assert fast.snapshot() == reference.snapshot()
