@@ -175,5 +175,12 @@ async def test_stale_write_never_lands_over_its_successor(
             assert device.stats.remapped_slots == 1
         else:
             assert bytes(into) == a  # the control: without fencing the newer data is lost
+        # A readahead run across the remapped slot: three pages, each from where it lives.
+        c, d = b"C" * PAGE_SIZE, b"D" * PAGE_SIZE
+        await device.write(4, [memoryview(c)])
+        await device.write(6, [memoryview(d)])
+        run = [bytearray(PAGE_SIZE) for _ in range(3)]
+        await device.read(4, [memoryview(r) for r in run])
+        assert [bytes(r) for r in run] == [c, b if fenced else a, d]
         await device.close()
         nursery.cancel_scope.cancel()
