@@ -35,7 +35,7 @@ from client.net.stack import NOISE, SWAP, NetStack
 from client.policy import Policy, make_policy
 from client.swapdev import Connect, NBDSwapDevice
 from client.workload import AnonHog, FileReader, Integrity
-from testbed.config import AllocFaultConfig, HogConfig, ScenarioConfig
+from testbed.config import AllocFaultConfig, HogConfig, MachineConfig, ScenarioConfig
 
 Observer = Callable[[object], None]
 
@@ -81,6 +81,23 @@ FLOOD_CONSUME_RATE = 256 * 1024
 #: Bounds on what one ``inject_hog`` may ask for (the control protocol checks them too).
 MAX_HOG_PAGES = 1 << 31
 MAX_HOG_PROCESSES = 4096
+
+
+def memory_config(m: MachineConfig) -> MemoryConfig:
+    """The memory model's configuration for the scenario's ``[machine]``."""
+    return MemoryConfig(
+        total_bytes=m.memory,
+        zones=m.zones,
+        min_free_kbytes=m.min_free_kbytes,
+        watermark_scale_factor=m.watermark_scale_factor,
+        max_io_pages=m.max_io_pages,
+        swap_queue_depth=m.swap_queue_depth,
+        bio_pool_size=m.bio_pool_size,
+        swappiness=m.swappiness,
+        disk_read_latency=m.disk_read_latency,
+        readahead_pages=m.readahead_pages,
+        page_cluster=m.page_cluster,
+    )
 
 
 class MachineStateError(Exception):
@@ -255,23 +272,7 @@ class ClientMachine:
         self.observer = observer
         self._connect = connect
         m = scenario.machine
-        self.memory = Memory.from_config(
-            MemoryConfig(
-                total_bytes=m.memory,
-                zones=m.zones,
-                min_free_kbytes=m.min_free_kbytes,
-                watermark_scale_factor=m.watermark_scale_factor,
-                max_io_pages=m.max_io_pages,
-                swap_queue_depth=m.swap_queue_depth,
-                bio_pool_size=m.bio_pool_size,
-                swappiness=m.swappiness,
-                disk_read_latency=m.disk_read_latency,
-                readahead_pages=m.readahead_pages,
-                page_cluster=m.page_cluster,
-            ),
-            policy=self.policy,
-            observer=observer,
-        )
+        self.memory = Memory.from_config(memory_config(m), policy=self.policy, observer=observer)
         s = scenario.swap
         self.device = NBDSwapDevice(
             self._connect_swap,
