@@ -499,12 +499,52 @@ def _add_pressure(sub: Any) -> None:
     alloc.add_argument("--gfp", choices=GFP_FILTER_NAMES, help="which allocations (default any)")
     alloc.add_argument("--task", metavar="NAME", help="only tasks whose name contains NAME")
     kinds.add_parser("clear", help="remove every client fault")
+    _add_server_fault(what)
     what.add_parser("release", help="end injected pressure: hogs exit, floods stop")
     what.add_parser("status", help="the machine's state")
     what.add_parser("stop", help="end the run (the client prints its summary and exits)")
     raw = what.add_parser("raw", help="send one request line as given")
     raw.add_argument("line", metavar="JSON", help='e.g. \'{"cmd": "status"}\'')
     pr.set_defaults(func=cmd_pressure)
+
+
+def _add_server_fault(what: Any) -> None:
+    """``pressure server-fault KIND``: a fault of the server, through the control endpoint
+    of ``netswap server --control`` (or of a run that embeds its server)."""
+    from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS
+
+    sf = what.add_parser(
+        "server-fault",
+        help="set or clear a fault of a server started with --control",
+        description="A fault of the NBD server's export: the request line "
+        '{"cmd": "fault", "target": "server", "kind": KIND, ...} to its control endpoint.',
+    )
+    kinds = sf.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
+
+    def kind(name: str, help: str, *, export: bool | None = True) -> argparse.ArgumentParser:
+        k: argparse.ArgumentParser = kinds.add_parser(name, help=help)
+        if export is not None:
+            k.add_argument(
+                "--export", required=export, metavar="NAME",
+                help="the export" if export else "only this export's (default: all)",
+            )  # fmt: skip
+        return k
+
+    delay = kind("delay", "answer every request of the export late")
+    delay.add_argument("--seconds", type=float, required=True, help="the delay per request")
+    error = kind("error", "fail a share of one command's requests with an NBD error")
+    error.add_argument(
+        "--command", dest="nbd_command", required=True, choices=FAULT_COMMANDS,
+        help="which command",
+    )  # fmt: skip
+    error.add_argument("--rate", type=float, required=True, help="the share to fail, 0..1")
+    error.add_argument("--errno", choices=FAULT_ERRNOS, help="the NBD error (default EIO)")
+    stall = kind("stall", "hold every request of the export, unanswered")
+    stall.add_argument("--seconds", type=float, required=True, help="for how long")
+    kind("unstall", "end a stall: the held requests are answered")
+    kind("clear", "no delay, no errors, no stall on the export")
+    kind("drop", "cut the connections", export=False)
+    kind("restart", "cut every connection, close and reopen the stores", export=None)
 
 
 def pressure_request(args: argparse.Namespace) -> str:
@@ -516,10 +556,15 @@ def pressure_request(args: argparse.Namespace) -> str:
     request: dict[str, Any] = {"cmd": args.what}
     if args.what == "fault":
         request["kind"] = args.kind
+    elif args.what == "server-fault":
+        request = {"cmd": "fault", "target": "server", "kind": args.kind}
+        if getattr(args, "nbd_command", None) is not None:
+            request["command"] = args.nbd_command
     names = {
         "hog": ("pages", "rate", "processes"),
         "flood": ("mbps", "seconds"),
         "fault": ("ms", "probability", "interval", "times", "space", "gfp", "task"),
+        "server-fault": ("export", "seconds", "rate", "errno"),
     }.get(args.what, ())
     for name in names:
         value = getattr(args, name, None)

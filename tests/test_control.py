@@ -23,6 +23,7 @@ import trio.testing
 
 from client.faults import FaultFired
 from client.machine import ClientMachine
+from client.nbd_client import NBDClient, NBDError
 from testbed.config import AllocFaultConfig, load_scenario
 from testbed.control import (
     MAX_LINE,
@@ -41,6 +42,7 @@ from testbed.control import (
     parse_command,
     serve_control,
 )
+from testbed.nbd import Errno
 from testbed.scenario import embedded_server, watchdog_supervisor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -645,6 +647,23 @@ def test_a_remote_control_address_needs_allow_remote_control() -> None:
         (["fault", "clear"], {"cmd": "fault", "kind": "clear"}),
         (["release"], {"cmd": "release"}),
         (["stop"], {"cmd": "stop"}),
+        (
+            ["server-fault", "error", "--export", "swap", "--command", "write", "--rate", "0.01"],
+            {
+                "cmd": "fault",
+                "target": "server",
+                "kind": "error",
+                "export": "swap",
+                "command": "write",
+                "rate": 0.01,
+            },
+        ),
+        (
+            ["server-fault", "delay", "--export", "swap", "--seconds", "0.5"],
+            {"cmd": "fault", "target": "server", "kind": "delay", "export": "swap", "seconds": 0.5},
+        ),
+        (["server-fault", "drop"], {"cmd": "fault", "target": "server", "kind": "drop"}),
+        (["server-fault", "restart"], {"cmd": "fault", "target": "server", "kind": "restart"}),
     ],
 )
 def test_pressure_arguments_become_requests_the_endpoint_accepts(
@@ -662,6 +681,8 @@ def test_pressure_usage_errors_and_unreachable_endpoint() -> None:
     assert bad.returncode == 2 and "'many'" in one_line(bad)
     missing = netswap("pressure", "--control", "127.0.0.1:1", "fault", "alloc")
     assert missing.returncode == 2 and "--probability" in one_line(missing)
+    no_export = netswap("pressure", "--control", "127.0.0.1:1", "server-fault", "stall")
+    assert no_export.returncode == 2 and "--export" in one_line(no_export)
     with unused_port() as port:
         gone = netswap("pressure", "--control", f"127.0.0.1:{port}", "status")
     assert gone.returncode == 1
@@ -771,6 +792,50 @@ async def test_client_and_pressure_as_processes(tmp_path: Path, nursery: trio.Nu
         assert summary["integrity"]["corrupt"] == 0
         assert summary["pressure"]["hogs"][0]["id"] == "hog1"
         server.terminate()
+
+
+async def test_server_faults_from_the_command_line(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """netswap server --control 127.0.0.1:0 and netswap pressure server-fault: a write
+    error rate of 1 fails writes with the chosen errno, status counts them, clear ends it."""
+    with trio.fail_after(40):
+        log_path = tmp_path / "server.jsonl"
+        server = await trio.lowlevel.open_process(
+            [
+                sys.executable, "-m", "testbed.cli", "server",
+                "--listen", "127.0.0.1:0", "--export", "swap:1M",
+                "--control", "127.0.0.1:0", "--log-file", str(log_path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert server.stderr is not None
+            line = await _first_line(server.stderr)
+            assert line.startswith("control listening on 127.0.0.1:")
+            address = line.rsplit(" ", 1)[1]
+            events = [json.loads(x) for x in log_path.read_text().splitlines()]
+            port = next(e["port"] for e in events if e["event"] == "server.listening")
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            client = await NBDClient.over(stream, "swap", nursery=nursery)
+
+            fail = ("server-fault", "error", "--export", "swap", "--command", "write")
+            code, answer = await _pressure(address, *fail, "--rate", "1", "--errno", "ENOSPC")
+            assert code == 0 and answer["ok"] and answer["target"] == "server"
+            with pytest.raises(NBDError) as info:
+                await client.write(0, b"x" * 4096)
+            assert info.value.errno == Errno.ENOSPC
+            code, status = await _pressure(address, "status")
+            assert code == 0 and status["exports"]["swap"]["counts"] == {"error.write.ENOSPC": 1}
+            code, bad = await _pressure(address, *fail, "--rate", "2")
+            assert code == 2 and not bad["ok"] and "rate" in bad["error"]
+            code, _ = await _pressure(address, "server-fault", "clear", "--export", "swap")
+            assert code == 0
+            await client.write(0, b"y" * 4096)
+            assert await client.read(0, 4096) == b"y" * 4096
+            await client.close()
+        finally:
+            server.terminate()
+            assert await server.wait() == 0
 
 
 async def _process(
