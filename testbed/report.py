@@ -63,6 +63,8 @@ RUN_EVENTS = frozenset({"run.start", "vm.sample", "watchdog.deadlock", "run.summ
 VMSTAT_KEYS = (
     "pswpout",
     "pswpin",
+    "swap_ra",
+    "swap_ra_hit",
     "pgscan_kswapd",
     "pgscan_direct",
     "pgsteal_kswapd",
