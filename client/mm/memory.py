@@ -431,6 +431,11 @@ class Memory:
     ) -> None:
         """mm/swap_state.c swapin_readahead (4.x cluster readahead) and the fault's wait.
 
+        Cluster readahead reads neighbouring *slots*, whoever's pages they hold; it is the
+        only kind before 4.14, and after it the one for rotational devices (others default
+        to VMA readahead, which follows the faulting process's neighbouring *addresses*
+        and is not modelled).
+
         The window is ``swapin_nr_pages`` slots around ``slot``, aligned; each slot in it
         that a swap pte points at and that has no swap-cache page gets a page
         (``__read_swap_cache_async``: allocated with the fault's gfp, added to the swap
