@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every policy once per seed (virtual clock) and count the outcomes: how "
         "likely each is near a threshold",
     )
+    _add_jobs(cmp)
     _add_clock(cmp)
     _add_logging(cmp)
     cmp.set_defaults(func=cmd_compare)
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the policies' timelines side by side (default demo.png)",
     )
     demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_jobs(demo)
     demo.set_defaults(func=cmd_demo)
 
     rep = sub.add_parser(
@@ -459,6 +461,24 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"{n}: must be 1..256")
+    return n
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--jobs", type=_jobs, default=1, metavar="N",
+        help="run up to N runs at once, each in its own process (virtual clock only; the "
+        "results and the log are the same as one at a time, in the same order; default 1)",
+    )  # fmt: skip
+
+
 # -- netswap pressure -----------------------------------------------------------------------
 def _add_pressure(sub: Any) -> None:
     from testbed.config import GFP_FILTER_NAMES
@@ -664,6 +684,90 @@ def _run_one(scenario: ScenarioConfig, policy: str | None, clock: str) -> dict[s
     return trio.run(lambda: run_scenario(scenario, policy=policy, transport="tcp"))
 
 
+Work = list[tuple[str, ScenarioConfig, str]]
+"""(label for progress, scenario, policy) for each run, in the order the results go."""
+
+
+def _run_all(
+    args: argparse.Namespace, work: Work, capture: logsetup.Capture | None
+) -> list[dict[str, Any]]:
+    """Every run of ``work``, one at a time in this process or ``--jobs`` at a time in
+    worker processes; the summaries, and the log written in the order of ``work``."""
+    jobs = getattr(args, "jobs", 1)
+    if jobs == 1 or len(work) == 1:
+        logsetup.configure(
+            log_file=args.log_file, log_format=args.log_format, level=args.log_level,
+            capture=capture,
+        )  # fmt: skip
+        runs = []
+        for label, scenario, policy in work:
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            runs.append(_run_one(scenario, policy, args.clock))
+        return runs
+    if args.clock != "virtual":
+        raise ConfigError("--jobs: runs on the real clock would compete for the CPUs")
+    return _run_parallel(args, work, capture, min(jobs, len(work)))
+
+
+@attrs.frozen
+class _Job:
+    scenario: ScenarioConfig
+    policy: str
+    log_format: logsetup.LogFormat
+    level: str
+    capture: bool
+
+
+def _job(job: _Job) -> tuple[dict[str, Any], str, list[str]]:
+    """One virtual-clock run in a worker process: its summary, its log as text, and (for
+    ``--plot``) its run events as JSON lines."""
+    import io
+
+    out = io.StringIO()
+    capture = logsetup.Capture() if job.capture else None
+    logsetup.configure(
+        stream=out, log_format=job.log_format, level=job.level, capture=capture, progress=False
+    )
+    summary = _run_one(job.scenario, job.policy, "virtual")
+    events = [json.dumps(e, default=str) for e in capture.events] if capture else []
+    return summary, out.getvalue(), events
+
+
+def _run_parallel(
+    args: argparse.Namespace, work: Work, capture: logsetup.Capture | None, jobs: int
+) -> list[dict[str, Any]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    log_format: logsetup.LogFormat = args.log_format or (
+        "console" if args.log_file is None and sys.stderr.isatty() else "json"
+    )
+    try:
+        out = open(args.log_file, "a", encoding="utf-8") if args.log_file else sys.stderr  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"--log-file {args.log_file}: {exc.strerror or exc}") from None
+    tasks = [_Job(s, p, log_format, args.log_level, capture is not None) for _, s, p in work]
+    print(f"running {len(work)} runs, {jobs} at a time ...", file=sys.stderr, flush=True)
+    runs = []
+    try:
+        # spawn, not fork: a fresh interpreter per worker, whatever this process holds.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            for (label, _, _), (summary, text, events) in zip(
+                work, pool.map(_job, tasks), strict=True
+            ):
+                out.write(text)
+                out.flush()
+                if capture is not None:
+                    capture.events.extend(json.loads(e) for e in events)
+                print(f"finished {label}: {summary['outcome']}", file=sys.stderr, flush=True)
+                runs.append(summary)
+    finally:
+        if out is not sys.stderr:
+            out.close()
+    return runs
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = _scenario_from(args)
     logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
@@ -694,13 +798,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if plot:
         _check_writable(plot, "--plot")
     capture = logsetup.Capture() if plot else None
-    logsetup.configure(
-        log_file=args.log_file, log_format=args.log_format, level=args.log_level, capture=capture
-    )
-    runs = []
-    for policy in policies:
-        print(f"running {policy} ...", file=sys.stderr, flush=True)
-        runs.append(_run_one(scenario, policy, args.clock))
+    runs = _run_all(args, [(policy, scenario, policy) for policy in policies], capture)
     print(compare_table(runs))
     if args.summary:
         write_summary(args.summary, {"scenario": args.scenario, "runs": runs})
@@ -734,17 +832,18 @@ def _compare_seeds(
     args: argparse.Namespace, scenario: ScenarioConfig, policies: list[str], seeds: list[int]
 ) -> int:
     """Every policy once per seed; a table of how often each outcome came out."""
-    logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
-    runs: list[dict[str, Any]] = []
+    work = [
+        (f"{policy}, seed {seed}", attrs.evolve(scenario, run=attrs.evolve(scenario.run, seed=seed)),
+         policy)
+        for policy in policies
+        for seed in seeds
+    ]  # fmt: skip
+    runs = _run_all(args, work, None)
     counts: dict[str, dict[str, list[int]]] = {}
-    for policy in policies:
-        for seed in seeds:
-            print(f"running {policy}, seed {seed} ...", file=sys.stderr, flush=True)
-            seeded = attrs.evolve(scenario, run=attrs.evolve(scenario.run, seed=seed))
-            summary = _run_one(seeded, policy, args.clock)
-            summary["seed"] = seed
-            runs.append(summary)
-            counts.setdefault(policy, {}).setdefault(summary["outcome"], []).append(seed)
+    for summary, (_, seeded, policy) in zip(runs, work, strict=True):
+        seed = seeded.run.seed
+        summary["seed"] = seed
+        counts.setdefault(policy, {}).setdefault(summary["outcome"], []).append(seed)
     outcomes = sorted({o for by in counts.values() for o in by})
     rows = [("policy", *outcomes)]
     for policy in policies:

@@ -61,6 +61,9 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) 
         (["compare", SMALL, "--seeds", "0-1", "--clock", "real"], ["--clock virtual"]),
         (["report", SMALL], ["no netswap run"]),
         (["compare", SMALL, "--plot", "/nonexistent/dir/x.png"], ["does not exist"]),
+        (["compare", SMALL, "--jobs", "0"], ["--jobs", "1..256"]),
+        (["compare", SMALL, "--jobs", "two"], ["--jobs", "'two'"]),
+        (["compare", SMALL, "--jobs", "2", "--clock", "real"], ["--jobs", "real clock"]),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], needles: list[str]) -> None:
@@ -113,6 +116,8 @@ def test_demo_compares_every_policy_and_writes_its_log(tmp_path: Path) -> None:
         str(log),
         "--plot",
         str(tmp_path / "demo.png"),
+        "--jobs",
+        "2",  # the plot's events come back from the worker processes
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -148,9 +153,26 @@ def test_compare_over_seeds_counts_the_outcomes(tmp_path: Path) -> None:
     result = netswap(
         "compare", scenario, "--set", "machine.memory=16M", "--set", "workloads.0.processes=8",
         "--policies", "none,pfmemalloc", "--seeds", "0-1", "--summary", str(summary),
+        "--log-file", str(tmp_path / "one.jsonl"),
         timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # Two at a time in worker processes: the same table, summaries and log, in order.
+    parallel = netswap(
+        "compare", scenario, "--set", "machine.memory=16M", "--set", "workloads.0.processes=8",
+        "--policies", "none,pfmemalloc", "--seeds", "0-1", "--summary", str(tmp_path / "2.json"),
+        "--log-file", str(tmp_path / "two.jsonl"), "--jobs", "2",
+        timeout=300,
+    )  # fmt: skip
+    assert parallel.returncode == 0, parallel.stderr
+    assert parallel.stdout == result.stdout
+    assert _without_wall_clock(tmp_path / "two.jsonl") == _without_wall_clock(
+        tmp_path / "one.jsonl"
+    )
+    one, two = (json.loads(path.read_text())["runs"] for path in (summary, tmp_path / "2.json"))
+    for run in (*one, *two):
+        run.pop("wall_seconds")
+    assert one == two
     lines = result.stdout.splitlines()
     header = lines[0].split()
     rows = {line.split()[0]: dict(zip(header[1:], line.split()[1:], strict=True))
@@ -166,3 +188,12 @@ def test_compare_over_seeds_counts_the_outcomes(tmp_path: Path) -> None:
         mine = [r["outcome"] for r in runs if r["policy"] == policy]
         for outcome, cell in rows[policy].items():
             assert cell == f"{mine.count(outcome)}/2"
+
+
+def _without_wall_clock(log: Path) -> list[dict[str, object]]:
+    """A log's events without what the wall clock writes (timestamps, wall_seconds)."""
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    for e in events:
+        e.pop("timestamp", None)
+        e.pop("wall_seconds", None)
+    return events
