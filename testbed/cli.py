@@ -737,7 +737,6 @@ def _run_parallel(
     args: argparse.Namespace, work: Work, capture: logsetup.Capture | None, jobs: int
 ) -> list[dict[str, Any]]:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     log_format: logsetup.LogFormat = args.log_format or (
         "console" if args.log_file is None and sys.stderr.isatty() else "json"
@@ -749,23 +748,32 @@ def _run_parallel(
     tasks = [_Job(s, p, log_format, args.log_level, capture is not None) for _, s, p in work]
     print(f"running {len(work)} runs, {jobs} at a time ...", file=sys.stderr, flush=True)
     runs = []
+    # spawn, not fork: a fresh interpreter per worker, whatever this process holds.  The
+    # workers ignore SIGINT; on Ctrl-C (or a worker's error) this process stops them all.
+    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_sigint)
     try:
-        # spawn, not fork: a fresh interpreter per worker, whatever this process holds.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            for (label, _, _), (summary, text, events) in zip(
-                work, pool.map(_job, tasks), strict=True
-            ):
-                out.write(text)
-                out.flush()
-                if capture is not None:
-                    capture.events.extend(json.loads(e) for e in events)
-                print(f"finished {label}: {summary['outcome']}", file=sys.stderr, flush=True)
-                runs.append(summary)
+        for (label, _, _), (summary, text, events) in zip(
+            work, pool.imap(_job, tasks), strict=True
+        ):
+            out.write(text)
+            out.flush()
+            if capture is not None:
+                capture.events.extend(json.loads(e) for e in events)
+            print(f"finished {label}: {summary['outcome']}", file=sys.stderr, flush=True)
+            runs.append(summary)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
     finally:
+        pool.join()
         if out is not sys.stderr:
             out.close()
     return runs
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
