@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/netswap demo
+	$(VENV)/bin/netswap demo --jobs 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q
