@@ -43,6 +43,11 @@ EXIT_DEADLOCK = 3
 EXIT_INTEGRITY = 4
 
 
+class RunFailed(Exception):
+    """A run could not finish for a reason outside the model (a worker process died); the
+    message is one line, and the exit status 1."""
+
+
 class UsageError(Exception):
     """Bad command-line usage; printed as one line, exit 2."""
 
@@ -737,6 +742,8 @@ def _run_parallel(
     args: argparse.Namespace, work: Work, capture: logsetup.Capture | None, jobs: int
 ) -> list[dict[str, Any]]:
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     log_format: logsetup.LogFormat = args.log_format or (
         "console" if args.log_file is None and sys.stderr.isatty() else "json"
@@ -748,25 +755,36 @@ def _run_parallel(
     tasks = [_Job(s, p, log_format, args.log_level, capture is not None) for _, s, p in work]
     print(f"running {len(work)} runs, {jobs} at a time ...", file=sys.stderr, flush=True)
     runs = []
-    # spawn, not fork: a fresh interpreter per worker, whatever this process holds.  The
-    # workers ignore SIGINT; on Ctrl-C (or a worker's error) this process stops them all.
-    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_sigint)
+    # spawn, not fork: a fresh interpreter per worker, whatever this process holds.  A
+    # worker that dies (killed, out of memory) fails the map (BrokenProcessPool) instead
+    # of losing its run; the workers ignore SIGINT, and on Ctrl-C or any error this
+    # process stops them at once rather than letting the queued runs finish.
+    pool = ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+    )
     try:
-        for (label, _, _), (summary, text, events) in zip(
-            work, pool.imap(_job, tasks), strict=True
-        ):
+        for (label, _, _), (summary, text, events) in zip(work, pool.map(_job, tasks), strict=True):
             out.write(text)
             out.flush()
             if capture is not None:
                 capture.events.extend(json.loads(e) for e in events)
             print(f"finished {label}: {summary['outcome']}", file=sys.stderr, flush=True)
             runs.append(summary)
-        pool.close()
+    except BrokenProcessPool:
+        done = len(runs)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise RunFailed(
+            f"a worker process died (killed, or out of memory?) before {work[done][0]} "
+            f"finished; {done} of {len(work)} runs finished, their log is written"
+        ) from None
     except BaseException:
-        pool.terminate()
+        workers = list(getattr(pool, "_processes", {}).values())  # no public way to stop them
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
         raise
     finally:
-        pool.join()
+        pool.shutdown(wait=True)
         if out is not sys.stderr:
             out.close()
     return runs
@@ -991,6 +1009,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"netswap: {exc}" if not str(exc).startswith("netswap") else str(exc), file=sys.stderr
         )
         return EXIT_USAGE
+    except RunFailed as exc:
+        print(f"netswap: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -197,3 +197,66 @@ def _without_wall_clock(log: Path) -> list[dict[str, object]]:
         e.pop("timestamp", None)
         e.pop("wall_seconds", None)
     return events
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _is_worker(pid: int) -> bool:
+    """A live --jobs worker (a zombie's cmdline is empty; a reaped one is gone)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _workers(pid: int) -> list[int]:
+    """The --jobs worker processes of ``pid`` (not multiprocessing's resource tracker)."""
+    return [child for child in _children(pid) if _is_worker(child)]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "worker killed"])
+def test_parallel_runs_stop_at_once(tmp_path: Path, how: str) -> None:
+    """compare --jobs 2 over many seeds: a Ctrl-C to the process group exits 130, a worker
+    killed with SIGKILL is a one-line error with exit 1; either way at once, no worker left."""
+    import os
+    import signal
+    import time
+
+    scenario = str(Path(SMALL).with_name("swap-over-nbd.toml"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed.cli", "compare", scenario, "--seeds", "0-50",
+         "--jobs", "2", "--log-file", str(tmp_path / "log.jsonl")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith("running 204 runs, 2 at a time")
+        deadline = time.monotonic() + 60
+        while len(workers := _workers(proc.pid)) < 2:  # polling another process, deadline
+            assert time.monotonic() < deadline, "no workers started"
+            time.sleep(0.05)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(workers[0], signal.SIGKILL)
+        code = proc.wait(timeout=30)
+        err = proc.stderr.read()
+        if how == "ctrl-c":
+            assert code == 130, err
+        else:
+            assert code == 1, err
+            assert "a worker process died" in err and "Traceback" not in err
+        for worker in workers:
+            deadline = time.monotonic() + 10
+            while _is_worker(worker):
+                assert time.monotonic() < deadline, f"worker {worker} outlived its parent"
+                time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
