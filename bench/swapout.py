@@ -537,12 +537,13 @@ def floor_once(scenario: ScenarioConfig) -> FloorRun:
                 await trio.sleep(WATCH_INTERVAL)
             out["cpu"], out["wall"] = time.process_time() - c0, time.perf_counter() - t0
             out["pswpout"] = memory.stat.pswpout
+            out["writes"] = len(device.writes())
             nursery.cancel_scope.cancel()
 
     gc.collect()
     trio.run(main)
     return FloorRun(
-        scenario.machine.max_io_pages, int(out["pswpout"]), len(device.writes()),
+        scenario.machine.max_io_pages, int(out["pswpout"]), int(out["writes"]),
         out["cpu"], out["wall"],
     )  # fmt: skip
 

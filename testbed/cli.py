@@ -535,7 +535,7 @@ def _add_pressure(sub: Any) -> None:
 
 def _add_server_fault(what: Any) -> None:
     """``pressure server-fault KIND``: a fault of the server, through the control endpoint
-    of ``netswap server --control`` (or of a run that embeds its server)."""
+    of ``netswap server --control``."""
     from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS
 
     sf = what.add_parser(
@@ -733,9 +733,20 @@ def _job(job: _Job) -> tuple[dict[str, Any], str, list[str]]:
     logsetup.configure(
         stream=out, log_format=job.log_format, level=job.level, capture=capture, progress=False
     )
-    summary = _run_one(job.scenario, job.policy, "virtual")
+    try:
+        summary = _run_one(job.scenario, job.policy, "virtual")
+    except Exception as exc:  # a bug: keep the run's log and its traceback for the parent
+        import traceback
+
+        first = _leaves(exc)[0]  # the error itself, not the nursery's group around it
+        error = f"{type(first).__name__}: {first}"
+        raise _JobFailed(out.getvalue(), error, traceback.format_exc()) from None
     events = [json.dumps(e, default=str) for e in capture.events] if capture else []
     return summary, out.getvalue(), events
+
+
+class _JobFailed(Exception):
+    """A run that raised in its worker: (its log so far, the error, the traceback)."""
 
 
 def _run_parallel(
@@ -770,6 +781,12 @@ def _run_parallel(
                 capture.events.extend(json.loads(e) for e in events)
             print(f"finished {label}: {summary['outcome']}", file=sys.stderr, flush=True)
             runs.append(summary)
+    except _JobFailed as exc:
+        text, error, trace = exc.args
+        out.write(text)
+        _stop(pool)
+        print(trace, file=sys.stderr, end="")
+        raise RunFailed(f"{work[len(runs)][0]} failed: {error}") from None
     except BrokenProcessPool:
         done = len(runs)
         pool.shutdown(wait=False, cancel_futures=True)
@@ -778,16 +795,21 @@ def _run_parallel(
             f"finished; {done} of {len(work)} runs finished, their log is written"
         ) from None
     except BaseException:
-        workers = list(getattr(pool, "_processes", {}).values())  # no public way to stop them
-        pool.shutdown(wait=False, cancel_futures=True)
-        for worker in workers:
-            worker.terminate()
+        _stop(pool)
         raise
     finally:
         pool.shutdown(wait=True)
         if out is not sys.stderr:
             out.close()
     return runs
+
+
+def _stop(pool: Any) -> None:
+    """Cancel the queued runs and end the running ones now (there is no public way)."""
+    workers = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
 
 
 def _ignore_sigint() -> None:

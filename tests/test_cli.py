@@ -260,3 +260,18 @@ def test_parallel_runs_stop_at_once(tmp_path: Path, how: str) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_run_that_fails_in_its_worker_keeps_its_log_and_traceback() -> None:
+    """What a --jobs worker hands back when its run raises (a bug): the log written so far,
+    the error itself (not the nursery's exception group) and the traceback."""
+    from testbed.cli import _Job, _job, _JobFailed
+    from testbed.config import load_scenario
+
+    scenario = load_scenario(Path(SMALL).with_name("swap-over-nbd.toml"))
+    with pytest.raises(_JobFailed) as info:
+        _job(_Job(scenario, "no-such-policy", "json", "info", False))
+    text, error, trace = info.value.args
+    assert isinstance(text, str)
+    assert "no-such-policy" in error and "ExceptionGroup" not in error
+    assert "Traceback" in trace

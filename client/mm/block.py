@@ -132,9 +132,13 @@ class BlockQueue:
         mem = await self.bio_pool.alloc(gfp)  # bio_alloc(gfp) from the bio_set mempool
         if mem is None:
             raise RuntimeError(f"bio allocation with {gfp!r} cannot fail unless it may not sleep")
-        while self._tags_free == 0:  # blk_mq_get_tag: sleep until a request completes
-            what = WaitFor("request_tag", self.inflight_name(), waker="swap device")
-            await self._waits.park(self._tag_wait, what)
+        try:
+            while self._tags_free == 0:  # blk_mq_get_tag: sleep until a request completes
+                what = WaitFor("request_tag", self.inflight_name(), waker="swap device")
+                await self._waits.park(self._tag_wait, what)
+        except BaseException:
+            self.bio_pool.free(mem)  # cancelled while waiting: the bio goes back (bio_put)
+            raise
         self._tags_free -= 1
         bio = Bio(next(self._ids), write, slot, pages, mem, end_io)
         self.inflight[bio.id] = bio

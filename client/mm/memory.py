@@ -103,10 +103,13 @@ class _SwapIn:
     """A swap-in read in flight for one slot (stands in for the locked swap-cache page)."""
 
     page: Page
+    owner: str  # the faulting task that allocates and submits the read
     readahead: bool = False  # read for a neighbour's fault, not its own
     done: trio.Event = attrs.field(factory=trio.Event)
-    bio: Bio | None = None
-    error: bool = False
+    bio: Bio | None = None  # None until the read is submitted
+    error: bool = False  # the read failed (the slot still holds the data)
+    cancelled: bool = False  # the owner gave up before submitting it: look again
+    waiters: int = 0  # faults waiting for it (each holds the page, as lookup_swap_cache)
 
 
 class Memory:
@@ -397,10 +400,11 @@ class Memory:
         assert swap is not None and block is not None
         pending = self._swapin.get(slot)
         if pending is not None:  # someone is reading it: wait_on_page_locked
+            pending.waiters += 1
             await self._wait_swapin(pending, slot)
             if pending.error:
                 raise SwapReadError(process.pid, vpage, slot)
-            return None
+            return None  # look again: mapped from the swap cache, or read anew if cancelled
         page = swap.cache.get(slot)
         if page is None:
             await self._swapin_readahead(process, vpage, slot, swap, block)
@@ -422,8 +426,10 @@ class Memory:
         return page
 
     async def _wait_swapin(self, pending: _SwapIn, slot: int) -> None:
-        name = pending.bio.name if pending.bio is not None else "bio"
-        what = WaitFor("swapin", f"slot {slot} {name}", waker="swap device")
+        if pending.bio is not None:
+            what = WaitFor("swapin", f"slot {slot} {pending.bio.name}", waker="swap device")
+        else:  # not submitted yet: its owner is still allocating pages or a bio
+            what = WaitFor("swapin", f"slot {slot} bio", waker=pending.owner)
         await self.waits.wait_event(pending.done, what)
 
     async def _swapin_readahead(
@@ -450,7 +456,8 @@ class Memory:
             self.allocator.free_page(page)
             return
         swap.add_to_swap_cache(page, slot)
-        pending = _SwapIn(page)
+        owner = trio.lowlevel.current_task().name
+        pending = _SwapIn(page, owner)
         self._swapin[slot] = pending
         reads = [(slot, pending)]
         self.stat.pgmajfault += 1
@@ -459,15 +466,17 @@ class Memory:
                 if offset == slot or not swap.readahead_candidate(offset):
                     continue
                 ra_page = await self.allocator.alloc_page(GFP_HIGHUSER_MOVABLE)
-                if ra_page is None or process.killed:
+                if process.killed:  # meanwhile: no reads for it, undone below
                     if ra_page is not None:
                         self.allocator.free_page(ra_page)
-                    break  # no memory to read ahead into: read what we have
+                    raise ProcessKilled(process.pid)
+                if ra_page is None:
+                    continue  # "if (!page) continue": no memory for this one
                 if not swap.readahead_candidate(offset):  # it changed while we allocated
                     self.allocator.free_page(ra_page)
                     continue
                 swap.add_to_swap_cache(ra_page, offset)
-                self._swapin[offset] = ra = _SwapIn(ra_page, readahead=True)
+                self._swapin[offset] = ra = _SwapIn(ra_page, owner, readahead=True)
                 reads.append((offset, ra))
             reads.sort(key=lambda read: read[0])
             while reads:
@@ -488,12 +497,14 @@ class Memory:
                 self.stat.swap_ra += nr_ra
                 self.observer(SwapReadpage(bio.id, bio.slot, len(run), nr_ra))
         except BaseException:
-            # Cancelled (or killed) before these reads started: undo, let others retry.
+            # Cancelled (or killed) before these reads started: undo; a fault waiting for
+            # one of them looks again (and reads it itself), as for a page truncated while
+            # it waited. Not a read error: nothing was read.
             for offset, r in reads:
                 del self._swapin[offset]
                 swap.delete_from_swap_cache(r.page)
                 self.allocator.free_page(r.page)
-                r.error = True
+                r.cancelled = True
                 r.done.set()
             raise
         await self._wait_swapin(pending, slot)
@@ -522,8 +533,9 @@ class Memory:
                 self.progress.swapins_completed += 1
                 # The faulting task maps its page next; referenced stands in for the page
                 # lock and the reference it holds, so a scan in between activates rather
-                # than frees it. A readahead page is PG_readahead and unreferenced.
-                page.referenced = not pending.readahead
+                # than frees it. A readahead page is PG_readahead and unreferenced, unless
+                # a fault already waits for it (it holds the page as the faulting one does).
+                page.referenced = not pending.readahead or pending.waiters > 0
                 page.readahead = pending.readahead
                 page.active = False
                 self.lru.add(page)  # lru_cache_add_anon

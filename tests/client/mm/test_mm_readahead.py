@@ -134,3 +134,121 @@ async def test_an_untouched_readahead_page_is_dropped_clean_and_its_slot_kept(
 def test_page_cluster_is_validated() -> None:
     with pytest.raises(ValueError, match="page_cluster"):
         MemoryConfig(total_bytes=1 << 20, page_cluster=11)
+
+
+async def read(memory: Memory, process: Process, vpage: int) -> None:
+    await memory.touch(process, vpage, write=False, content_fn=pattern_content)
+
+
+def _accounted(memory: Memory) -> int:
+    """Every frame is free, on the LRU, or a reserved element of the bio mempool."""
+    assert memory.block is not None
+    return memory.nr_free_pages + len(memory.lru) + memory.block.bio_pool.curr_nr
+
+
+async def test_a_fault_cancelled_between_two_runs_leaves_nothing_behind(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The window holds two runs (a slot in the middle is already in the swap cache) and
+    the queue one tag: the first run's read is held by the device, the second run waits
+    for the tag. A fault on a page of the second run waits for the faulting task, not for
+    "the swap device" (nothing was submitted). Cancelling the fault then undoes the second
+    run: its pages, its bio, and its waiter looks again and reads the page itself."""
+    machine = make_machine(1024, swap_pages=4096 + 64, swap_queue_depth=1)
+    memory, device = machine.memory, machine.device
+    assert device is not None and memory.swap is not None
+    swap = memory.swap
+    async with memory.running():
+        process = memory.new_process("hog")
+        for v in range(2048):
+            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        await trio.testing.wait_all_tasks_blocked()
+        slot = process.swapped[16]
+        by_slot = {s: v for v, s in process.swapped.items()}
+        window = range(slot & ~7, (slot & ~7) + 8)
+        assert all(s in by_slot for s in window)
+        await memory.touch(process, by_slot[window[3]], write=False, content_fn=pattern_content)
+        assert window[3] in swap.cache  # the gap: the window is two runs
+        device.gate = trio.Event()
+        swap.ra_hits = 6
+        faulting = by_slot[window[0]]
+        second_run = by_slot[window[5]]
+        async with trio.open_nursery() as nursery:
+            fault = trio.CancelScope()
+
+            async def fault_in(vpage: int) -> None:
+                with fault:
+                    await memory.touch(process, vpage, write=False, content_fn=pattern_content)
+
+            nursery.start_soon(fault_in, faulting, name="faulter")
+            await trio.testing.wait_all_tasks_blocked()
+            assert memory.waits.snapshot()["faulter"].kind == "request_tag"
+            nursery.start_soon(read, memory, process, second_run, name="waiter")
+            await trio.testing.wait_all_tasks_blocked()
+            waiting = memory.waits.snapshot()["waiter"]
+            assert (waiting.kind, waiting.waker) == ("swapin", "faulter")
+            fault.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            device.gate.set()
+        # The waiter read its page itself, once: not a read error, no retry.
+        assert second_run in process.present
+        assert memory.stat.swap_read_errors == memory.stat.swap_read_retries == 0
+        assert not memory._swapin
+        assert all(swap.cache[s].mapping is None for s in window if s in swap.cache
+                   and s != window[3] and by_slot[s] not in process.present)  # fmt: skip
+        assert _accounted(memory) == 1024
+
+
+async def test_a_failed_merged_read_drops_every_page_and_the_fault_reads_again(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    machine = make_machine(1024, swap_pages=4096 + 64)
+    memory, device = machine.memory, machine.device
+    assert device is not None and memory.swap is not None
+    swap = memory.swap
+    async with memory.running():
+        process = memory.new_process("hog")
+        for v in range(2048):
+            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        slot = process.swapped[16]
+        window = set(range(slot & ~7, (slot & ~7) + 8))
+        failures = iter([True])
+        device.fail_read = lambda s: s == slot and next(failures, False)
+        swap.ra_hits = 6
+        await memory.touch(process, 16, write=False, content_fn=pattern_content)
+        reads = device.reads()
+        assert reads[0].failed and reads[0].nr_pages == 8  # the whole window, merged
+        assert memory.stat.swap_read_errors == memory.stat.swap_read_retries == 1
+        # The retry's window is sized afresh: no hits, but "don't shrink readahead too
+        # fast", half of 8. It verified; of the failed window only its 4 are cached.
+        retry = set(range(slot & ~3, (slot & ~3) + 4))
+        assert not reads[-1].failed and reads[-1].nr_pages == 4 and 16 in process.present
+        assert {s for s in window if s in swap.cache} == retry
+        assert not memory._swapin
+
+
+async def test_a_fault_that_waits_for_a_readahead_page_counts_one_hit(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    machine = make_machine(1024, swap_pages=4096 + 64)
+    memory, device = machine.memory, machine.device
+    assert device is not None and memory.swap is not None
+    swap = memory.swap
+    async with memory.running():
+        process = memory.new_process("hog")
+        for v in range(2048):
+            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        by_slot = {s: v for v, s in process.swapped.items()}
+        slot = process.swapped[16]
+        neighbour = by_slot[slot + 1]
+        device.gate = trio.Event()
+        swap.ra_hits = 6
+        async with trio.open_nursery() as nursery:
+            for vpage in (16, neighbour):
+                nursery.start_soon(read, memory, process, vpage, name=f"t{vpage}")
+                await trio.testing.wait_all_tasks_blocked()
+            waiting = memory.waits.snapshot()[f"t{neighbour}"]
+            assert waiting.waker == "swap device"  # submitted: the device has it
+            device.gate.set()
+        assert memory.stat.swap_ra_hit == 1 and neighbour in process.present
+        assert memory.stat.pgmajfault == 1
