@@ -813,8 +813,10 @@ async def test_server_faults_from_the_command_line(tmp_path: Path, nursery: trio
             line = await _first_line(server.stderr)
             assert line.startswith("control listening on 127.0.0.1:")
             address = line.rsplit(" ", 1)[1]
-            events = [json.loads(x) for x in log_path.read_text().splitlines()]
-            port = next(e["port"] for e in events if e["event"] == "server.listening")
+            # The control endpoint starts first; the NBD listener logs its port just after.
+            while not (port := _listening_port(log_path)):  # another process; deadline above
+                assert server.returncode is None
+                await trio.sleep(0.05)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             client = await NBDClient.over(stream, "swap", nursery=nursery)
 
@@ -836,6 +838,18 @@ async def test_server_faults_from_the_command_line(tmp_path: Path, nursery: trio
         finally:
             server.terminate()
             assert await server.wait() == 0
+
+
+def _listening_port(log: Path) -> int | None:
+    """The port of ``server.listening`` in a server's JSON log, once it is there."""
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # the last line, still being written
+        if event["event"] == "server.listening":
+            return int(event["port"])
+    return None
 
 
 async def _process(
