@@ -97,6 +97,7 @@ def memory_config(m: MachineConfig) -> MemoryConfig:
         disk_read_latency=m.disk_read_latency,
         readahead_pages=m.readahead_pages,
         page_cluster=m.page_cluster,
+        swap_readahead=m.swap_readahead,
     )
 
 

@@ -326,6 +326,7 @@ class MachineConfig:
     disk_read_latency: float = 0.0001  # seconds per readahead window from the local disk
     readahead_pages: int = 32
     page_cluster: int = 3  # vm.page-cluster: swap readahead reads up to 2^page_cluster pages
+    swap_readahead: str = "cluster"  # by swap slot ("cluster") or by address ("vma", 4.14+)
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.swappiness <= 200:
@@ -337,6 +338,11 @@ class MachineConfig:
         if not 0 <= self.page_cluster <= 10:
             raise ConfigError(
                 f"machine.page_cluster {self.page_cluster}: must be 0..10 (0: no swap readahead)"
+            )
+        if self.swap_readahead not in ("cluster", "vma"):
+            raise ConfigError(
+                f"machine.swap_readahead {self.swap_readahead!r}: must be 'cluster' (by swap "
+                "slot) or 'vma' (by address)"
             )
         if not 1 <= self.max_io_pages <= 256:
             raise ConfigError(f"machine.max_io_pages {self.max_io_pages}: must be 1..256")

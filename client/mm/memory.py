@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import attrs
@@ -28,7 +28,7 @@ from client.mm.pagecache import CachedFile, FileContentFn, PageCache
 from client.mm.policy import NullPolicy, ReservePolicy
 from client.mm.process import Process
 from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
-from client.mm.swap import SwapArea
+from client.mm.swap import SWAP_RA_HITS_MAX, SwapArea, vma_readahead_window
 from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
 from client.mm.waits import WaitFor, WaitRegistry
 from client.mm.zone import Zone, default_min_free_kbytes, setup_watermarks
@@ -38,6 +38,9 @@ ContentFn = Callable[[Process, int], bytes]
 
 BIO_POOL_SIZE = 2  # include/linux/bio.h
 PAGE_CLUSTER = 3  # mm/swap.c page_cluster (vm.page-cluster): swap readahead of up to 2^3 pages
+#: Swap readahead: by swap slot ("cluster", swap_cluster_readahead) or by address ("vma",
+#: swap_vma_readahead, 4.14+; /sys/kernel/mm/swap/vma_ra_enabled).
+SWAP_READAHEAD = ("cluster", "vma")
 
 
 def _positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -68,6 +71,9 @@ class MemoryConfig:
     readahead_pages: int = attrs.field(default=32, validator=_positive)
     page_cluster: int = attrs.field(
         default=PAGE_CLUSTER, validator=[attrs.validators.ge(0), attrs.validators.le(10)]
+    )
+    swap_readahead: str = attrs.field(
+        default="cluster", validator=attrs.validators.in_(SWAP_READAHEAD)
     )
     swap_read_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     swap_read_retry_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
@@ -411,11 +417,17 @@ class Memory:
             return None  # look again: it is in the swap cache now (or was reclaimed)
         # Minor fault: the page is still in the swap cache.
         assert page.mapping is None, page
-        if page.readahead:
-            # lookup_swap_cache: "if (TestClearPageReadahead(page)) swapin_readahead_hits++"
-            page.readahead = False
-            swap.ra_hits += 1
+        # lookup_swap_cache: a readahead page found is a hit (SWAP_RA_HIT); cluster
+        # readahead counts it in swapin_readahead_hits, VMA readahead in the VMA's
+        # swap_readahead_info, which also remembers this fault's address.
+        readahead, page.readahead = page.readahead, False
+        if readahead:
             self.stat.swap_ra_hit += 1
+        if self.config.swap_readahead == "vma":
+            _, win, hits = process.swap_ra or (0, 0, 4)
+            process.swap_ra = (vpage, win, min(hits + readahead, SWAP_RA_HITS_MAX))
+        elif readahead:
+            swap.ra_hits += 1
         del process.swapped[vpage]
         self._map(process, vpage, page)
         swap.map.put_ref(slot)  # swap_free(entry): the pte no longer holds the slot
@@ -435,15 +447,16 @@ class Memory:
     async def _swapin_readahead(
         self, process: Process, vpage: int, slot: int, swap: SwapArea, block: BlockQueue
     ) -> None:
-        """mm/swap_state.c swapin_readahead (4.x cluster readahead) and the fault's wait.
+        """mm/swap_state.c swapin_readahead and the fault's wait.
 
-        Cluster readahead reads neighbouring *slots*, whoever's pages they hold; it is the
-        only kind before 4.14, and after it the one for rotational devices (others default
-        to VMA readahead, which follows the faulting process's neighbouring *addresses*
-        and is not modelled).
+        ``swap_readahead`` "cluster" (swap_cluster_readahead, the only kind before 4.14 and
+        after it the one for rotational devices) reads neighbouring *slots*, whoever's
+        pages they hold: a window of ``swapin_nr_pages`` slots around ``slot``, aligned.
+        "vma" (swap_vma_readahead, 4.14+ for other devices: NBD sets QUEUE_FLAG_NONROT)
+        reads the slots that the swap ptes of neighbouring *addresses* of the faulting
+        process name, a window from its mapping's ``swap_readahead_info``.
 
-        The window is ``swapin_nr_pages`` slots around ``slot``, aligned; each slot in it
-        that a swap pte points at and that has no swap-cache page gets a page
+        Each slot to read that a swap pte points at and that has no swap-cache page gets a page
         (``__read_swap_cache_async``: allocated with the fault's gfp, added to the swap
         cache), and reads of neighbouring slots go out as one request (the plug merges
         them, up to ``max_io_pages``). Only the faulting page is waited for. Unlike the
@@ -462,9 +475,7 @@ class Memory:
         reads = [(slot, pending)]
         self.stat.pgmajfault += 1
         try:
-            for offset in swap.readahead_window(slot, self.config.page_cluster):
-                if offset == slot or not swap.readahead_candidate(offset):
-                    continue
+            for offset, pte in self._readahead_slots(process, vpage, slot, swap):
                 ra_page = await self.allocator.alloc_page(GFP_HIGHUSER_MOVABLE)
                 if process.killed:  # meanwhile: no reads for it, undone below
                     if ra_page is not None:
@@ -472,7 +483,9 @@ class Memory:
                     raise ProcessKilled(process.pid)
                 if ra_page is None:
                     continue  # "if (!page) continue": no memory for this one
-                if not swap.readahead_candidate(offset):  # it changed while we allocated
+                if not swap.readahead_candidate(offset) or (  # it changed while we allocated
+                    pte is not None and process.swapped.get(pte) != offset
+                ):
                     self.allocator.free_page(ra_page)
                     continue
                 swap.add_to_swap_cache(ra_page, offset)
@@ -510,6 +523,25 @@ class Memory:
         await self._wait_swapin(pending, slot)
         if pending.error:
             raise SwapReadError(process.pid, vpage, slot)
+
+    def _readahead_slots(
+        self, process: Process, vpage: int, slot: int, swap: SwapArea
+    ) -> Iterator[tuple[int, int | None]]:
+        """The slots swap readahead reads besides ``slot``, one at a time as the caller
+        allocates (a slot is looked at when its turn comes): (slot, the virtual page whose
+        swap pte names it, for VMA readahead; None for cluster readahead)."""
+        if self.config.swap_readahead == "vma":
+            window, process.swap_ra = vma_readahead_window(
+                process.swap_ra, vpage, self.config.page_cluster
+            )
+            for v in window:
+                s = process.swapped.get(v)  # a swap pte, not present, not none
+                if v != vpage and s is not None and swap.readahead_candidate(s):
+                    yield s, v
+            return
+        for s in swap.readahead_window(slot, self.config.page_cluster):
+            if s != slot and swap.readahead_candidate(s):
+                yield s, None
 
     def _next_read_run(self, reads: list[tuple[int, _SwapIn]]) -> list[tuple[int, _SwapIn]]:
         """The first run of consecutive slots in ``reads`` (sorted), up to max_io_pages."""

@@ -20,6 +20,9 @@ class Process:
     present: dict[int, Page] = attrs.field(factory=dict, repr=False)
     swapped: dict[int, int] = attrs.field(factory=dict, repr=False)
     killed: bool = False
+    #: vm_area_struct.swap_readahead_info of its one mapping (VMA swap readahead):
+    #: (last faulting page, window, readahead hits), None until the first swap-in.
+    swap_ra: tuple[int, int, int] | None = attrs.field(default=None, repr=False)
 
     @property
     def rss(self) -> int:

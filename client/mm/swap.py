@@ -17,6 +17,62 @@ SWAP_MAP_MAX = 0x3E
 SWAP_MAP_BAD = 0x3F  # include/linux/swap.h: slot 0 holds the swap header
 
 
+SWAP_RA_ORDER_CEILING = 5  # mm/swap_state.c (64-bit): VMA readahead of 32 pages at most
+SWAP_RA_HITS_MAX = (1 << 6) - 1  # SWAP_RA_HITS_MASK: (1 << (PAGE_SHIFT / 2)) - 1
+PTRS_PER_PMD = 512  # pages one page table maps: VMA readahead stays within it
+
+
+def swapin_nr_pages(prev_offset: int, offset: int, hits: int, max_pages: int, prev_win: int) -> int:
+    """mm/swap_state.c __swapin_nr_pages (4.14+): how many pages to read around ``offset``.
+
+    "pages = hits + 2": with no hits to judge by, two pages if ``offset`` is next to
+    ``prev_offset``, else one; with hits, that count rounded up to a power of two (at
+    least 4). At most ``max_pages``, and "don't shrink readahead too fast": never below
+    half the previous window.
+    """
+    pages = hits + 2
+    if pages == 2:
+        if offset not in (prev_offset + 1, prev_offset - 1):
+            pages = 1
+    else:
+        roundup = 4
+        while roundup < pages:
+            roundup <<= 1
+        pages = roundup
+    return max(min(pages, max_pages), prev_win // 2)
+
+
+def vma_readahead_window(
+    prev: tuple[int, int, int] | None, vpage: int, page_cluster: int
+) -> tuple[range, tuple[int, int, int]]:
+    """mm/swap_state.c swap_ra_info: the virtual pages VMA readahead reads around the
+    faulting ``vpage``, and the VMA's new ``swap_readahead_info`` (address, window, hits).
+
+    ``prev`` is the VMA's info: None at first ("initial readahead hits is 4 to start up
+    with a small window"). The window extends forward after a fault just before this one,
+    backward after one just after it, and is centred otherwise; it stays inside the page
+    table (``PTRS_PER_PMD`` pages) and the mapping (from page 0; the model's mappings have
+    no other start).
+    """
+    max_win = 1 << min(page_cluster, SWAP_RA_ORDER_CEILING)
+    if max_win == 1:
+        return range(vpage, vpage + 1), prev or (0, 0, 4)
+    addr, prev_win, hits = prev or (0, 0, 4)
+    win = swapin_nr_pages(addr, vpage, hits, max_win, prev_win)
+    info = (vpage, win, 0)
+    if win == 1:
+        return range(vpage, vpage + 1), info
+    if vpage == addr + 1:
+        lo, hi = vpage, vpage + win
+    elif addr == vpage + 1:
+        lo, hi = vpage - win + 1, vpage + 1
+    else:
+        left = (win - 1) // 2
+        lo, hi = vpage - left, vpage + win - left
+    pmd = vpage - vpage % PTRS_PER_PMD
+    return range(max(lo, pmd, 0), min(hi, pmd + PTRS_PER_PMD)), info
+
+
 class SwapFull(Exception):
     """No free slot."""
 
@@ -164,28 +220,16 @@ class SwapArea:
         self._last_ra = 0  # last_readahead_pages
 
     def swapin_nr_pages(self, offset: int, page_cluster: int) -> int:
-        """mm/swap_state.c swapin_nr_pages (4.x): how many pages to read around ``offset``.
-
-        "pages = atomic_xchg(&swapin_readahead_hits, 0) + 2": with no hits to judge by, two
-        pages if the fault is next to the previous one, else one; with hits, that count
-        rounded up to a power of two (at least 4). At most ``1 << page_cluster``, and "don't
-        shrink readahead too fast": never below half the previous window.
-        """
+        """mm/swap_state.c swapin_nr_pages: the cluster readahead window for ``offset``,
+        from the hits faults found since the last one (``swapin_readahead_hits``, taken
+        and cleared), the previous offset (updated only without hits) and window."""
         max_pages = 1 << page_cluster
         if max_pages <= 1:
             return 1
-        pages = self.ra_hits + 2
-        self.ra_hits = 0
-        if pages == 2:
-            if offset not in (self._prev_offset + 1, self._prev_offset - 1):
-                pages = 1
+        hits, self.ra_hits = self.ra_hits, 0
+        pages = swapin_nr_pages(self._prev_offset, offset, hits, max_pages, self._last_ra)
+        if not hits:
             self._prev_offset = offset
-        else:
-            roundup = 4
-            while roundup < pages:
-                roundup <<= 1
-            pages = roundup
-        pages = max(min(pages, max_pages), self._last_ra // 2)
         self._last_ra = pages
         return pages
 

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from client.mm import Memory, MemoryConfig, Process, SwapReadpage
-from client.mm.swap import SwapArea
+from client.mm.swap import SwapArea, vma_readahead_window
 from client.mm.testing import pattern_content
 
 if TYPE_CHECKING:
@@ -252,3 +252,77 @@ async def test_a_fault_that_waits_for_a_readahead_page_counts_one_hit(
             device.gate.set()
         assert memory.stat.swap_ra_hit == 1 and neighbour in process.present
         assert memory.stat.pgmajfault == 1
+
+
+# -- VMA readahead (swap_vma_readahead, 4.14+) -------------------------------------------
+
+
+def test_vma_readahead_window_worked_numbers() -> None:
+    # First swap-in of the mapping: "initial readahead hits is 4": 4 + 2 -> 8, centred.
+    window, info = vma_readahead_window(None, 100, 3)
+    assert (window, info) == (range(97, 105), (100, 8, 0))
+    # The next fault just after it: no hits, adjacent -> 2, but never below 8 / 2: forward.
+    window, info = vma_readahead_window(info, 101, 3)
+    assert (window, info) == (range(101, 105), (101, 4, 0))
+    # Just before the last one: 2 (adjacent), 4 / 2 = 2: backward.
+    window, info = vma_readahead_window(info, 100, 3)
+    assert (window, info) == (range(99, 101), (100, 2, 0))
+    # Hits grow it, up to 1 << min(page_cluster, SWAP_RA_ORDER_CEILING) = 32.
+    window, info = vma_readahead_window((300, 2, 30), 400, 6)
+    assert len(window) == 32 and info == (400, 32, 0)
+    # It stays inside the page table (512 pages) and the mapping.
+    assert vma_readahead_window(None, 510, 3)[0] == range(507, 512)
+    assert vma_readahead_window(None, 2, 3)[0] == range(0, 7)  # centred, from page 0
+    assert vma_readahead_window(None, 1, 3)[0] == range(1, 9)  # "after" page 0: forward
+    # page_cluster 0: no readahead, and the VMA's info is left alone.
+    assert vma_readahead_window((7, 4, 1), 50, 0) == (range(50, 51), (7, 4, 1))
+
+
+@pytest.mark.parametrize("mode", ["cluster", "vma"])
+async def test_vma_readahead_reads_the_faulting_process_pages_only(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock, mode: str
+) -> None:
+    """Two processes write in turns, so their pages alternate in the swap slots. A fault
+    of one reads ahead by slot (cluster: the other's pages too, in one request) or by
+    address (vma: only its own neighbours, whose slots are not contiguous)."""
+    machine = make_machine(1024, swap_pages=4096 + 64, swap_readahead=mode)
+    memory, device = machine.memory, machine.device
+    assert device is not None and memory.swap is not None
+    swap = memory.swap
+    async with memory.running():
+        a, b = memory.new_process("a"), memory.new_process("b")
+        for v in range(1024):
+            for process in (a, b):
+                await memory.touch(process, v, write=True, content_fn=pattern_content)
+        assert a.swapped[100] + 2 in b.swapped.values() or a.swapped[100] + 1 in b.swapped.values()
+        reads_before = len(device.reads())
+        swap.ra_hits = 6  # cluster: a window of 8 (a VMA starts with hits of 4: 8 too)
+        await memory.touch(a, 100, write=False, content_fn=pattern_content)
+        ahead = [p for p in swap.cache.values() if p.readahead]
+        owners = {"a" if p.private in a.swapped.values() else "b" for p in ahead}
+        reads = device.reads()[reads_before:]
+        assert len(ahead) == memory.stat.swap_ra == 7
+    if mode == "cluster":
+        assert owners == {"a", "b"} and len(reads) == 1  # 8 slots in a row
+    else:
+        assert owners == {"a"} and len(reads) > 1  # a's slots alternate with b's
+        assert a.swap_ra == (100, 8, 0) and b.swap_ra is None
+
+
+async def test_vma_readahead_of_a_sequential_reader_hits(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    machine = make_machine(1024, swap_pages=4096 + 64, swap_readahead="vma")
+    memory = machine.memory
+    async with memory.running():
+        process = memory.new_process("hog")
+        await _write_then_read(memory, process, 3 * 1024)
+    stats = memory.vmstat()
+    assert stats["swap_ra_hit"] > 0.8 * stats["swap_ra"] > 0
+    assert stats["pgmajfault"] < stats["pswpin"] / 4
+    assert memory.swap is not None and memory.swap.ra_hits == 0  # the VMA counts them
+
+
+def test_swap_readahead_is_validated() -> None:
+    with pytest.raises(ValueError, match="swap_readahead"):
+        MemoryConfig(total_bytes=1 << 20, swap_readahead="vmm")
