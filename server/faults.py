@@ -38,7 +38,7 @@ import attrs
 import structlog
 import trio
 
-from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig
+from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig, FaultErrorConfig
 from testbed.nbd import Errno
 
 log = structlog.get_logger()
@@ -51,10 +51,16 @@ def _errors_from_rates(
     rates: Mapping[str, tuple[float, str]] | None,
 ) -> dict[int, tuple[float, Errno, str]]:
     """``{"write": (0.5, "EIO")}`` → ``{Cmd.WRITE: (0.5, Errno.EIO, "write")}``, checked."""
-    return {
-        _command(name): (_rate(name, rate), _errno(errno_name), name)
-        for name, (rate, errno_name) in (rates or {}).items()
-    }
+    return dict(
+        _error(name, rate, errno_name) for name, (rate, errno_name) in (rates or {}).items()
+    )
+
+
+def _error(command: str, rate: float, errno: str) -> tuple[int, tuple[float, Errno, str]]:
+    """One command's error, checked as ``[exports.faults.errors]`` is (ConfigError, a
+    ValueError, naming the command, rate or errno): (command number, its entry)."""
+    e = FaultErrorConfig(command, rate, errno)
+    return FAULT_COMMANDS[e.command], (float(e.rate), FAULT_ERRNOS[e.errno], e.command)
 
 
 @attrs.define(on_setattr=attrs.setters.NO_OP, repr=False)
@@ -119,7 +125,8 @@ class Faults:
 
     def set_error(self, command: str, rate: float, errno: str = "EIO") -> None:
         """Fail ``command`` with probability ``rate``, answering ``errno``."""
-        self._errors[_command(command)] = (_rate(command, rate), _errno(errno), command)
+        number, entry = _error(command, rate, errno)
+        self._errors[number] = entry
         self._rearm()
 
     def clear_errors(self) -> None:
@@ -212,27 +219,3 @@ class Faults:
             return Errno.OK
         self.fired("error", command=name, errno=err.name)
         return err
-
-
-def _command(name: str) -> int:
-    try:
-        return FAULT_COMMANDS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown command {name!r} (choose from {', '.join(FAULT_COMMANDS)})"
-        ) from None
-
-
-def _errno(name: str) -> Errno:
-    try:
-        return FAULT_ERRNOS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown errno {name!r} (choose from {', '.join(FAULT_ERRNOS)})"
-        ) from None
-
-
-def _rate(command: str, rate: float) -> float:
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"error rate {rate} for {command!r}: must be in [0, 1]")
-    return float(rate)

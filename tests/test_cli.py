@@ -10,26 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import netswap, one_line
+
 SMALL = str(Path(__file__).resolve().parents[1] / "configs" / "small.toml")
-
-
-def netswap(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "testbed.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line, got: {result.stderr}"
+    line = one_line(result)
     for needle in needles:
-        assert needle in lines[0]
-    assert "Traceback" not in result.stderr
+        assert needle in line
 
 
 @pytest.mark.parametrize(

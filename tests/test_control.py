@@ -44,6 +44,7 @@ from testbed.control import (
 )
 from testbed.nbd import Errno
 from testbed.scenario import embedded_server, watchdog_supervisor
+from tests.processes import netswap, one_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -606,22 +607,6 @@ async def _never_connect() -> trio.abc.Stream:
 
 
 # -- real processes -------------------------------------------------------------------------
-def netswap(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "testbed.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def one_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
-
-
 def test_a_remote_control_address_needs_allow_remote_control() -> None:
     result = netswap("client", "--server", "nbd://127.0.0.1:1/swap", "--control", "192.0.2.1:0")
     assert result.returncode == 2

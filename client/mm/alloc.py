@@ -288,8 +288,8 @@ class Allocator:
     def _fail_injected(self, gfp: GFP) -> Page | None:
         """An injected failure: counted and reported exactly as a real one."""
         tflags = current_task_flags()
-        gfp = current_gfp_context(gfp, tflags)
-        return self._fail(gfp, gfp_to_alloc_flags(gfp, tflags), tflags)
+        plan = _plan(gfp, tflags)
+        return self._fail(plan.gfp, plan.alloc_flags, tflags)
 
     # -- free --------------------------------------------------------------------------------
 

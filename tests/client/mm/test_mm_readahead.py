@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -10,10 +10,10 @@ import trio.testing
 
 from client.mm import Memory, MemoryConfig, Process, SwapReadpage
 from client.mm.swap import SwapArea, vma_readahead_window
-from client.mm.testing import pattern_content
+from client.mm.testing import MemorySwapDevice, pattern_content
 
 if TYPE_CHECKING:
-    from conftest import MakeMachine
+    from conftest import Machine, MakeMachine
 
 
 def test_swapin_nr_pages_worked_numbers() -> None:
@@ -54,9 +54,22 @@ def test_readahead_window_is_aligned_and_skips_the_header() -> None:
     assert area.readahead_window(30, 0) == range(30, 31)
 
 
-async def _write_then_read(memory: Memory, process: Process, nr: int) -> None:
+def _swapping(
+    make_machine: MakeMachine, **config: Any
+) -> tuple[Machine, MemorySwapDevice, SwapArea]:
+    """A 1024-page machine with 4x its size of swap: the machine, its device, its swap."""
+    machine = make_machine(1024, swap_pages=4096 + 64, **config)
+    assert machine.device is not None and machine.memory.swap is not None
+    return machine, machine.device, machine.memory.swap
+
+
+async def _write(memory: Memory, process: Process, nr: int) -> None:
     for v in range(nr):
         await memory.touch(process, v, write=True, content_fn=pattern_content)
+
+
+async def _write_then_read(memory: Memory, process: Process, nr: int) -> None:
+    await _write(memory, process, nr)
     for v in range(nr):  # raises IntegrityError on a wrong page
         await memory.touch(process, v, write=False, content_fn=pattern_content)
 
@@ -65,10 +78,8 @@ async def _write_then_read(memory: Memory, process: Process, nr: int) -> None:
 async def test_sequential_read_back_reads_ahead_in_few_requests(
     make_machine: MakeMachine, autojump_clock: trio.testing.MockClock, page_cluster: int
 ) -> None:
-    machine = make_machine(1024, swap_pages=4096 + 64, page_cluster=page_cluster)
-    memory, device = machine.memory, machine.device
-    assert device is not None and memory.swap is not None
-    swap = memory.swap
+    machine, device, swap = _swapping(make_machine, page_cluster=page_cluster)
+    memory = machine.memory
 
     def check(slot: int) -> bool:  # asked for each slot of a read, before it completes
         # __read_swap_cache_async reads only slots a swap pte points at, into the swap cache.
@@ -98,14 +109,11 @@ async def test_sequential_read_back_reads_ahead_in_few_requests(
 async def test_an_untouched_readahead_page_is_dropped_clean_and_its_slot_kept(
     make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
 ) -> None:
-    machine = make_machine(1024, swap_pages=4096 + 64)
-    memory, device = machine.memory, machine.device
-    assert device is not None and memory.swap is not None
-    swap = memory.swap
+    machine, device, swap = _swapping(make_machine)
+    memory = machine.memory
     async with memory.running():
         process = memory.new_process("hog")
-        for v in range(2048):
-            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        await _write(memory, process, 2048)
         vpage = 16
         slot = process.swapped[vpage]
         neighbours = {s: v for v, s in process.swapped.items() if s // 8 == slot // 8}
@@ -154,14 +162,11 @@ async def test_a_fault_cancelled_between_two_runs_leaves_nothing_behind(
     for the tag. A fault on a page of the second run waits for the faulting task, not for
     "the swap device" (nothing was submitted). Cancelling the fault then undoes the second
     run: its pages, its bio, and its waiter looks again and reads the page itself."""
-    machine = make_machine(1024, swap_pages=4096 + 64, swap_queue_depth=1)
-    memory, device = machine.memory, machine.device
-    assert device is not None and memory.swap is not None
-    swap = memory.swap
+    machine, device, swap = _swapping(make_machine, swap_queue_depth=1)
+    memory = machine.memory
     async with memory.running():
         process = memory.new_process("hog")
-        for v in range(2048):
-            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        await _write(memory, process, 2048)
         await trio.testing.wait_all_tasks_blocked()
         slot = process.swapped[16]
         by_slot = {s: v for v, s in process.swapped.items()}
@@ -202,14 +207,11 @@ async def test_a_fault_cancelled_between_two_runs_leaves_nothing_behind(
 async def test_a_failed_merged_read_drops_every_page_and_the_fault_reads_again(
     make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
 ) -> None:
-    machine = make_machine(1024, swap_pages=4096 + 64)
-    memory, device = machine.memory, machine.device
-    assert device is not None and memory.swap is not None
-    swap = memory.swap
+    machine, device, swap = _swapping(make_machine)
+    memory = machine.memory
     async with memory.running():
         process = memory.new_process("hog")
-        for v in range(2048):
-            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        await _write(memory, process, 2048)
         slot = process.swapped[16]
         window = set(range(slot & ~7, (slot & ~7) + 8))
         failures = iter([True])
@@ -230,14 +232,11 @@ async def test_a_failed_merged_read_drops_every_page_and_the_fault_reads_again(
 async def test_a_fault_that_waits_for_a_readahead_page_counts_one_hit(
     make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
 ) -> None:
-    machine = make_machine(1024, swap_pages=4096 + 64)
-    memory, device = machine.memory, machine.device
-    assert device is not None and memory.swap is not None
-    swap = memory.swap
+    machine, device, swap = _swapping(make_machine)
+    memory = machine.memory
     async with memory.running():
         process = memory.new_process("hog")
-        for v in range(2048):
-            await memory.touch(process, v, write=True, content_fn=pattern_content)
+        await _write(memory, process, 2048)
         by_slot = {s: v for v, s in process.swapped.items()}
         slot = process.swapped[16]
         neighbour = by_slot[slot + 1]
@@ -285,10 +284,8 @@ async def test_vma_readahead_reads_the_faulting_process_pages_only(
     """Two processes write in turns, so their pages alternate in the swap slots. A fault
     of one reads ahead by slot (cluster: the other's pages too, in one request) or by
     address (vma: only its own neighbours, whose slots are not contiguous)."""
-    machine = make_machine(1024, swap_pages=4096 + 64, swap_readahead=mode)
-    memory, device = machine.memory, machine.device
-    assert device is not None and memory.swap is not None
-    swap = memory.swap
+    machine, device, swap = _swapping(make_machine, swap_readahead=mode)
+    memory = machine.memory
     async with memory.running():
         a, b = memory.new_process("a"), memory.new_process("b")
         for v in range(1024):
@@ -312,7 +309,7 @@ async def test_vma_readahead_reads_the_faulting_process_pages_only(
 async def test_vma_readahead_of_a_sequential_reader_hits(
     make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
 ) -> None:
-    machine = make_machine(1024, swap_pages=4096 + 64, swap_readahead="vma")
+    machine, _, _ = _swapping(make_machine, swap_readahead="vma")
     memory = machine.memory
     async with memory.running():
         process = memory.new_process("hog")
