@@ -28,7 +28,7 @@ def require_tool(name: str) -> str:
     """The path of an interop peer; skip without it, but fail in CI (``CI`` set)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: nbdkit, libnbd-bin, qemu-utils)"
+        message = f"{name} is not installed (Debian: nbdkit, libnbd-bin, python3-libnbd, qemu-utils)"
         if os.environ.get("CI"):
             pytest.fail(f"{message}; CI must run the interop tests")
         pytest.skip(message)
