@@ -1,7 +1,13 @@
 """Fixtures shared by the suite.
 
 Servers start in-process on port 0 with ``nursery.start`` (the bound address comes back
-through ``task_status``); every test that touches a socket runs under a trio-clock deadline.
+through ``task_status``).  Every async test runs under a trio-clock deadline, so a model or a
+server that stops making progress FAILS the test instead of hanging the suite: real-clock tests
+get ``SOCKET_TEST_DEADLINE`` wall seconds, virtual-clock tests (``autojump_clock``,
+``mock_clock``) ``VIRTUAL_TEST_DEADLINE`` virtual seconds, or what their
+``@pytest.mark.virtual_deadline(SECONDS)`` says.  Under ``autojump_clock`` a hung model
+reaches that deadline at once.  pytest-timeout (``timeout`` in pyproject.toml) is the
+backstop for what no trio deadline covers: sync tests, fixtures, a loop that never yields.
 Interop peers (nbdkit, nbdinfo, nbdcopy, qemu-img) are looked up with ``require_tool``: a
 missing one skips the test locally and FAILS it when ``CI`` is set.
 """
@@ -23,12 +29,20 @@ from testbed.config import ExportConfig, ServerConfig
 #: Seconds a socket-touching test may take before it is failed rather than left hanging.
 SOCKET_TEST_DEADLINE = float(os.environ.get("NETSWAP_TEST_DEADLINE", "60"))
 
+#: Virtual seconds a virtual-clock test may take: far above what any of them needs (a run's
+#: model time is tens of seconds), and reached in no wall time by a model that stops.
+VIRTUAL_TEST_DEADLINE = 300.0
+
+_VIRTUAL_CLOCKS = frozenset({"autojump_clock", "mock_clock"})
+
 
 def require_tool(name: str) -> str:
     """The path of an interop peer; skip without it, but fail in CI (``CI`` set)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: nbdkit, libnbd-bin, python3-libnbd, qemu-utils)"
+        message = (
+            f"{name} is not installed (Debian: nbdkit, libnbd-bin, python3-libnbd, qemu-utils)"
+        )
         if os.environ.get("CI"):
             pytest.fail(f"{message}; CI must run the interop tests")
         pytest.skip(message)
@@ -64,20 +78,26 @@ async def nbd_server(make_server: Callable[..., object]) -> AsyncIterator[NBDSer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run every real-clock async test under a trio deadline, so a hang fails, not stalls."""
+    """Run every async test under a trio deadline, so a hang fails, not stalls: virtual
+    seconds on the virtual clock, wall seconds on the real one."""
     for item in items:
         func = getattr(item, "obj", None)
         if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(func):
             continue
-        if {"autojump_clock", "mock_clock"} & set(item.fixturenames):
-            continue
-        item.obj = _with_deadline(func)
+        if _VIRTUAL_CLOCKS & set(item.fixturenames):
+            marker = item.get_closest_marker("virtual_deadline")
+            seconds = float(marker.args[0]) if marker else VIRTUAL_TEST_DEADLINE
+        else:
+            seconds = SOCKET_TEST_DEADLINE
+        item.obj = _with_deadline(func, seconds)
 
 
-def _with_deadline(func: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+def _with_deadline(
+    func: Callable[..., Awaitable[None]], seconds: float
+) -> Callable[..., Awaitable[None]]:
     @functools.wraps(func)
     async def wrapper(*args: object, **kwargs: object) -> None:
-        with trio.fail_after(SOCKET_TEST_DEADLINE):
+        with trio.fail_after(seconds):
             await func(*args, **kwargs)
 
     return wrapper
