@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from client.machine import ClientMachine
+from client.mm import PAGE_SIZE
 from testbed.config import load_scenario
 from testbed.scenario import embedded_server, run_scenario, watchdog_supervisor
 
@@ -178,6 +179,60 @@ async def test_a_permanently_dead_server_ends_the_run_as_an_error_not_a_hang(
     assert summary["swap_device"]["reconnect_failures"] > 0
     assert summary["integrity"]["corrupt"] == 0
     assert summary["duration"] < 10  # ended by the watchdog, promptly
+
+
+async def test_a_page_corrupted_on_the_server_is_an_integrity_error(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """End to end: one byte of one swapped-out page is changed in the server's store while
+    its process has still to read it back; the swap-in brings the bad page over NBD and the
+    read pass must count it corrupt, never verified: the run is an integrity_error."""
+    scenario = load_scenario(
+        SCENARIO.with_name("small.toml"),
+        {"machine.memory": "16M", "workloads.0.total": "2x", "swap.latency": 0.001},
+    )
+    server = embedded_server(scenario)
+    store = server.exports[scenario.swap.export].store
+    corrupted: list[tuple[int, int, int]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            client_end, server_end = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.handle_stream, server_end)
+            return client_end
+
+        machine = ClientMachine(scenario, connect)
+
+        async def corrupt_one_slot() -> None:
+            await machine.ready.wait()
+            memory = machine.memory
+            while not corrupted:
+                await trio.sleep(0.01)
+                swap = memory.swap
+                assert swap is not None
+                for process in memory.processes.values():
+                    # A slot only its pte holds: written, out of the swap cache, so the
+                    # process's read pass must fetch it from the server.
+                    out = [(v, s) for v, s in process.swapped.items() if s not in swap.cache]
+                    if out:
+                        vpage, slot = out[0]
+                        page = bytearray(store.pread(slot * PAGE_SIZE, PAGE_SIZE))
+                        page[PAGE_SIZE // 2] ^= 0x01
+                        store.pwrite(slot * PAGE_SIZE, bytes(page))
+                        corrupted.append((process.pid, vpage, slot))
+                        break
+
+        nursery.start_soon(corrupt_one_slot)
+        summary = await machine.run(
+            supervisor=watchdog_supervisor(scenario.run.stall_seconds, structlog.get_logger())
+        )
+        nursery.cancel_scope.cancel()
+    assert corrupted
+    assert summary["swap_device"]["remapped_slots"] == 0  # the slot lived at its home block
+    assert summary["outcome"] == "integrity_error", summary["reason"]
+    integrity = summary["integrity"]
+    assert integrity["corrupt"] >= 1
+    assert integrity["pages_verified"] + integrity["corrupt"] == integrity["pages_written"]
 
 
 def test_a_virtual_clock_run_is_a_function_of_its_seed() -> None:
