@@ -494,6 +494,48 @@ async def test_reserve_rows_give_the_reserve_info_table(make_rig: MakeRig) -> No
     assert policy.report()["reserve_peak"] == 3
 
 
+def reserve_state(rig: Rig, policy: ReservePolicyZ, sock: str) -> tuple[Watermarks, list[Any]]:
+    """The zone's watermarks and the live ``/proc/reserve_info`` rows, ``sock``'s node
+    under a name of its place rather than its socket's."""
+    rows = [
+        {**r, "reserve": r["reserve"].replace(sock, "<swap socket>")} for r in policy.root.rows()
+    ]
+    return rig.wmarks, rows
+
+
+async def test_reserve_close_gives_back_the_sockets_reserve_and_min(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Closing a memalloc socket undoes what opening it did: its TX node leaves the tree,
+    the root and every ancestor lose its pages and limit, and the watermarks are recomputed
+    without them (min falls back); the socket a reconnect opens then puts back exactly the
+    tree and min the first one had, so that reconnects neither leak nor lose reserve."""
+    policy = ReservePolicyZ()
+    cfg = policy.config
+    rig = make_rig(policy)
+    rx_and_block = cfg.rx_pages + cfg.block_pages
+    swap, _ = rig.socket("nbd0", SWAP)
+    node = swap.tx_reserve
+    assert isinstance(node, MemReserve)
+    open_state = reserve_state(rig, policy, "nbd0")
+    assert rig.wmarks.min == BASE_MIN + cfg.tx_pages + rx_and_block
+
+    await swap.aclose()
+    assert node not in policy.tx.children and node.parent is None
+    assert policy.tx.pages == policy.tx.limit == 0
+    # The RX reserve stays connected once added ("only added once"), the TX one is gone.
+    assert policy.root.pages == policy.root.limit == rx_and_block
+    assert policy.extra_min_pages() == rx_and_block
+    expected = calculate_watermarks([NR_PAGES], MIN_FREE_KBYTES, 10, rx_and_block)[0]
+    assert rig.wmarks == expected and rig.wmarks.min == BASE_MIN + rx_and_block
+
+    again, _ = rig.socket("nbd1", SWAP)  # the swap device reconnects
+    assert isinstance(again.tx_reserve, MemReserve) and again.tx_reserve is not node
+    assert reserve_state(rig, policy, "nbd1") == open_state
+    await again.aclose()
+    assert rig.wmarks == expected and policy.root.pages == rx_and_block
+
+
 # -- recursive (Lameter) ------------------------------------------------------------------
 
 
