@@ -1,4 +1,10 @@
-"""The command line as a user meets it: exit codes and one-line errors, in a subprocess."""
+"""The command line as a user meets it: exit codes and one-line errors.
+
+Usage and configuration errors run ``testbed.cli.main`` in-process (``cli``): it is what the
+``netswap`` script calls, and a subprocess per error would cost a second each; one test runs
+an error through a real process, to show that ``main``'s status becomes the exit status.
+The runs (demo, compare, report) stay subprocesses, as a user starts them.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,37 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from testbed.cli import main
 from tests.processes import netswap, one_line
 
 SMALL = str(Path(__file__).resolve().parents[1] / "configs" / "small.toml")
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    """``cli(*args)``: ``netswap ARGS`` in this process, as ``main`` returns it to the
+    script; structlog's configuration (a command may set it up before failing) is put back
+    after the test."""
+    saved = structlog.get_config()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["netswap", *args], code, out, err)
+
+    try:
+        yield run
+    finally:
+        structlog.configure(**saved)
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -56,8 +86,13 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) 
         (["compare", SMALL, "--jobs", "2", "--clock", "real"], ["--jobs", "real clock"]),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(args: list[str], needles: list[str]) -> None:
-    assert_usage_error(netswap(*args), *needles)
+def test_bad_arguments_exit_2_with_one_line(cli: Cli, args: list[str], needles: list[str]) -> None:
+    assert_usage_error(cli(*args), *needles)
+
+
+def test_a_usage_error_is_exit_status_2_of_the_process() -> None:
+    """The script's own path: ``main``'s status is what the shell sees, stderr one line."""
+    assert_usage_error(netswap("server", "--export", "disk:12Q"), "'12Q'", "not a size")
 
 
 @pytest.mark.parametrize(
@@ -71,27 +106,29 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], needles: list[str])
         ("[[server.exports]]\nname = 'a'\nsize = '1M'\nbackend = 'file'\n", ["needs a path"]),
     ],
 )
-def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, needles: list[str]) -> None:
+def test_bad_config_exits_2_naming_the_key(
+    cli: Cli, tmp_path: Path, toml: str, needles: list[str]
+) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(toml)
-    assert_usage_error(netswap("server", "--config", str(path)), *needles)
+    assert_usage_error(cli("server", "--config", str(path)), *needles)
 
 
-def test_file_export_of_another_size_is_refused(tmp_path: Path) -> None:
+def test_file_export_of_another_size_is_refused(cli: Cli, tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
     assert_usage_error(
-        netswap("server", "--listen", "127.0.0.1:0", "--export", f"d:1M:file={image}"),
+        cli("server", "--listen", "127.0.0.1:0", "--export", f"d:1M:file={image}"),
         "4096 bytes",
     )
 
 
-def test_port_in_use_is_a_one_line_error() -> None:
+def test_port_in_use_is_a_one_line_error(cli: Cli) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert_usage_error(netswap("server", "--listen", f"127.0.0.1:{port}"), "cannot listen")
+        assert_usage_error(cli("server", "--listen", f"127.0.0.1:{port}"), "cannot listen")
 
 
 def test_demo_compares_every_policy_and_writes_its_log(tmp_path: Path) -> None:
