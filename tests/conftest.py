@@ -35,6 +35,9 @@ VIRTUAL_TEST_DEADLINE = 300.0
 
 _VIRTUAL_CLOCKS = frozenset({"autojump_clock", "mock_clock"})
 
+#: ``NETSWAP_LONG=1`` (``make test-long``) runs the long runs too: ``slow``-marked tests.
+LONG = os.environ.get("NETSWAP_LONG") == "1"
+
 
 def require_tool(name: str) -> str:
     """The path of an interop peer; skip without it, but fail in CI (``CI`` set)."""
@@ -79,8 +82,11 @@ async def nbd_server(make_server: Callable[..., object]) -> AsyncIterator[NBDSer
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run every async test under a trio deadline, so a hang fails, not stalls: virtual
-    seconds on the virtual clock, wall seconds on the real one."""
+    seconds on the virtual clock, wall seconds on the real one.  ``slow`` tests are skipped
+    unless ``NETSWAP_LONG=1``."""
     for item in items:
+        if item.get_closest_marker("slow") and not LONG:
+            item.add_marker(pytest.mark.skip(reason="slow: opt in with NETSWAP_LONG=1"))
         func = getattr(item, "obj", None)
         if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(func):
             continue

@@ -89,6 +89,22 @@ async def test_plenty_of_clean_pages_lets_recursive_complete(
     assert "rx_buffer(sock nbd0)" in none["deadlock"]["cycle"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # wall seconds: a completing run takes 1-2 minutes on 2 busy cores
+@pytest.mark.parametrize("policy", ["none", "recursive", "reserve", "pfmemalloc"])
+async def test_the_shipped_scenario_as_shipped(autojump_clock: trio.abc.Clock, policy: str) -> None:
+    """configs/swap-over-nbd.toml with nothing scaled down (64 MiB, 32 hogs at 4x RAM, the
+    fileserver beside them) keeps the promise in its header: none and recursive deadlock
+    on the swap socket's RX, reserve and pfmemalloc complete with every page verified."""
+    summary = await run_scenario(load_scenario(SCENARIO), policy=policy, transport="memory")
+    assert summary["memory"]["total_pages"] == 16384
+    if policy in ("none", "recursive"):
+        assert summary["outcome"] == "deadlock", summary["reason"]
+        assert "rx_buffer(sock nbd0)" in summary["deadlock"]["cycle"]
+    else:
+        assert completed_clean(summary), summary["reason"]
+
+
 @pytest.mark.parametrize("path", sorted(SCENARIO.parent.glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_scenario_loads(path: Path) -> None:
     if path.name == "server.toml":
