@@ -29,8 +29,9 @@ from testbed.config import ExportConfig, ServerConfig
 #: Seconds a socket-touching test may take before it is failed rather than left hanging.
 SOCKET_TEST_DEADLINE = float(os.environ.get("NETSWAP_TEST_DEADLINE", "60"))
 
-#: Virtual seconds a virtual-clock test may take: far above what any of them needs (a run's
-#: model time is tens of seconds), and reached in no wall time by a model that stops.
+#: Virtual seconds a virtual-clock test may take: ten times the longest today (30 s), and
+#: reached in no wall time by a model that stops.  An autojump_clock test must not wait on
+#: real I/O (a TCP socket, a subprocess): the clock would jump to this deadline meanwhile.
 VIRTUAL_TEST_DEADLINE = 300.0
 
 _VIRTUAL_CLOCKS = frozenset({"autojump_clock", "mock_clock"})
