@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every policy once per seed (virtual clock) and count the outcomes: how "
         "likely each is near a threshold",
     )
+    cmp.add_argument(
+        "--kernel",
+        action="store_true",
+        help="also run the scenario on a real Linux guest (netswap kernel run) and add it "
+        "as a row, policy 'kernel'",
+    )
     _add_jobs(cmp)
     _add_clock(cmp)
     _add_logging(cmp)
@@ -260,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_jobs(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from testbed.kernel.cli import add_parser as add_kernel_parser
+
+    add_kernel_parser(
+        sub, add_logging=_add_logging, add_overrides=_add_overrides, parser_class=_Parser
+    )
 
     rep = sub.add_parser(
         "report",
@@ -841,12 +853,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ConfigError("--seeds: a seed fixes a run only under --clock virtual")
         if getattr(args, "plot", None):
             raise ConfigError("--seeds: no --plot for a sweep; plot one seed with --seed N")
+        if getattr(args, "kernel", False):
+            raise ConfigError(
+                "--kernel: the guest is no seeded run; use netswap kernel run --trials"
+            )
         return _compare_seeds(args, scenario, policies, seeds)
     plot = getattr(args, "plot", None)
     if plot:
         _check_writable(plot, "--plot")
+    if getattr(args, "kernel", False):
+        from testbed.kernel.plan import guest_settings
+
+        guest_settings(scenario)  # what the guest cannot do fails before any run
     capture = logsetup.Capture() if plot else None
     runs = _run_all(args, [(policy, scenario, policy) for policy in policies], capture)
+    if getattr(args, "kernel", False):
+        runs.append(_run_kernel_row(args, scenario, capture))
     print(compare_table(runs))
     if args.summary:
         write_summary(args.summary, {"scenario": args.scenario, "runs": runs})
@@ -858,6 +880,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         plot_runs(load_runs(lines), plot, title=f"netswap compare: {Path(args.scenario).name}")
         print(f"plot: {plot}", file=sys.stderr)
     return EXIT_OK
+
+
+def _run_kernel_row(
+    args: argparse.Namespace, scenario: ScenarioConfig, capture: logsetup.Capture | None
+) -> dict[str, Any]:
+    """The scenario on a real guest, logged to the same log as the model's runs."""
+    from testbed.kernel.run import KernelRunError, run_kernel
+
+    logsetup.configure(
+        log_file=args.log_file, log_format=args.log_format, level=args.log_level, capture=capture
+    )
+    print("running kernel (a real guest under qemu: minutes) ...", file=sys.stderr, flush=True)
+    log = structlog.get_logger()
+    try:
+        summary: dict[str, Any] = trio.run(lambda: run_kernel(scenario, log=log))
+    except KernelRunError as exc:
+        raise ConfigError(str(exc)) from None
+    return summary
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -959,15 +999,16 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
     for r in runs:
         report = r.get("policy_report") or {}
         net = r.get("net") or {}
+        duration = r.get("duration")
         rows.append(
             (
                 r["policy"],
                 r["outcome"],
-                f"{r['duration']:.1f}",
-                str(r["vmstat"]["pswpout"]),
+                "?" if duration is None else f"{duration:.1f}",
+                str(r["vmstat"].get("pswpout", 0)),
                 str(r.get("min_free_pages", "")),
                 str(report.get("reserve_peak", "-")),
-                str(net.get("PFMemallocDrop", 0) + net.get("rx_alloc_fail", 0)),
+                str((net.get("PFMemallocDrop") or 0) + (net.get("rx_alloc_fail") or 0)),
                 str(r["vmstat"].get("pgscan_direct_throttle", 0)),
                 str(r["integrity"]["pages_verified"]),
                 str(r["integrity"]["corrupt"]),
@@ -975,8 +1016,12 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
         )
     lines = format_table(rows)
     for r in runs:
-        if r.get("deadlock"):
-            lines.append(f"{r['policy']}: " + " -> ".join(r["deadlock"]["cycle"]))
+        deadlock = r.get("deadlock")
+        if deadlock and deadlock.get("cycle"):
+            lines.append(f"{r['policy']}: " + " -> ".join(deadlock["cycle"]))
+        elif deadlock:  # a guest's: no wait-for graph, the blocked tasks of sysrq w
+            waits = "; ".join(f"{t}: {w}" for t, w in (deadlock.get("waiting") or {}).items())
+            lines.append(f"{r['policy']}: blocked: {waits}")
     return "\n".join(lines)
 
 

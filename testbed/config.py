@@ -566,6 +566,54 @@ class ClientFaultsConfig:
             raise ConfigError(f"faults.latency_ms {self.latency_ms!r}: must be >= 0 and finite")
 
 
+KERNEL_NICS = ("virtio", "e1000")
+KERNEL_FLAVOURS = ("auto", "cloud", "generic")
+KERNEL_ACCELS = ("auto", "kvm", "tcg")
+
+
+@attrs.frozen
+class KernelConfig:
+    """How ``netswap kernel run`` runs the scenario on a real Linux guest in qemu
+    (docs/kernel.md).  ``nic``: the guest's NIC model (virtio-net, or e1000, whose driver
+    allocates receive buffers through ``netdev_alloc_skb``); ``flavour``: Debian's kernel
+    (``cloud`` has no e1000 module; ``auto`` takes cloud for virtio, generic for e1000).
+    The guest runs on emulated CPUs, so its stall and time limits are its own, in seconds of
+    the host's clock."""
+
+    nic: str = "virtio"
+    flavour: str = "auto"
+    accel: str = "auto"
+    cpus: int = 1
+    stall_seconds: float = 60.0  # no progress this long: sysrq w and m, then deadlock
+    boot_timeout: float = 120.0  # from qemu's start to the workloads' start
+    time_limit: float = 1800.0
+    sample_interval: float = 1.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.nic not in KERNEL_NICS:
+            raise ConfigError(f"kernel.nic {self.nic!r}: choose from {', '.join(KERNEL_NICS)}")
+        if self.flavour not in KERNEL_FLAVOURS:
+            raise ConfigError(
+                f"kernel.flavour {self.flavour!r}: choose from {', '.join(KERNEL_FLAVOURS)}"
+            )
+        if self.accel not in KERNEL_ACCELS:
+            raise ConfigError(
+                f"kernel.accel {self.accel!r}: choose from {', '.join(KERNEL_ACCELS)}"
+            )
+        if not 1 <= self.cpus <= 16:
+            raise ConfigError(f"kernel.cpus {self.cpus}: must be 1..16")
+        for name in ("stall_seconds", "boot_timeout", "time_limit", "sample_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"kernel.{name} {value!r}: must be a number > 0")
+
+    @property
+    def kernel_flavour(self) -> str:
+        if self.flavour != "auto":
+            return self.flavour
+        return "generic" if self.nic == "e1000" else "cloud"
+
+
 @attrs.frozen
 class ScenarioConfig:
     """One run: the machine, its swap, its workloads, and (for ``netswap run``) a server."""
@@ -581,6 +629,7 @@ class ScenarioConfig:
     run: RunConfig = RunConfig()
     server: ServerConfig | None = None
     faults: ClientFaultsConfig = ClientFaultsConfig()
+    kernel: KernelConfig = KernelConfig()
 
 
 def load_scenario(

@@ -50,14 +50,19 @@ def watchdog_supervisor(stall_seconds: float, log: Any) -> Callable[[ClientMachi
     return supervise
 
 
-def embedded_server(scenario: ScenarioConfig) -> NBDServer:
+def embedded_server(
+    scenario: ScenarioConfig, *, handshake_timeout: float | None = None
+) -> NBDServer:
+    """The server ``netswap run`` embeds: the scenario's exports (or its swap export) on
+    127.0.0.1:0.  ``handshake_timeout`` overrides the config's (a guest that boots under
+    emulation opens its connection long before nbd-client speaks)."""
     base = scenario.server or ServerConfig(listen="127.0.0.1:0")
     exports = base.exports or (ExportConfig(name=scenario.swap.export, size=scenario.swap.size),)
     config = ServerConfig(
         listen="127.0.0.1:0",
         exports=tuple(exports),
         max_payload=base.max_payload,
-        handshake_timeout=base.handshake_timeout,
+        handshake_timeout=handshake_timeout or base.handshake_timeout,
         max_connections=base.max_connections,
         shutdown_grace=0.5,
     )
