@@ -1,0 +1,1 @@
+"""The kernel lab: a real Linux guest in qemu swapping over NBD (docs/kernel.md)."""
