@@ -569,6 +569,7 @@ class ClientFaultsConfig:
 KERNEL_NICS = ("virtio", "e1000")
 KERNEL_FLAVOURS = ("auto", "cloud", "generic")
 KERNEL_ACCELS = ("auto", "kvm", "tcg")
+KERNEL_SERVERS = ("host", "guest", "guest-swap")
 
 
 @attrs.frozen
@@ -588,8 +589,17 @@ class KernelConfig:
     boot_timeout: float = 120.0  # from qemu's start to the workloads' start
     time_limit: float = 1800.0
     sample_interval: float = 1.0
+    #: Where the NBD server runs: on the host's loopback, or inside the guest itself
+    #: (Debian's ``nbdkit memory``, serving the guest's own loopback; ``guest-swap`` adds
+    #: nbdkit's ``--swap``, which mlocks it), so that the kernel reclaims the memory of the
+    #: server it swaps to.
+    server: str = "host"
 
     def __attrs_post_init__(self) -> None:
+        if self.server not in KERNEL_SERVERS:
+            raise ConfigError(
+                f"kernel.server {self.server!r}: choose from {', '.join(KERNEL_SERVERS)}"
+            )
         if self.nic not in KERNEL_NICS:
             raise ConfigError(f"kernel.nic {self.nic!r}: choose from {', '.join(KERNEL_NICS)}")
         if self.flavour not in KERNEL_FLAVOURS:

@@ -37,7 +37,7 @@ SERVER_PORT = 10809
 
 INIT_SCRIPT = r"""#!/bin/sh
 # netswap guest init: see testbed/kernel/guest.py for the records it writes to /dev/ttyS1.
-export PATH=/bin:/sbin
+export PATH=/bin:/sbin:/usr/bin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -75,6 +75,16 @@ sysctl vma_ra_enabled /sys/kernel/mm/swap/vma_ra_enabled "$VMA_RA"
 read release < /proc/sys/kernel/osrelease
 say release "$release"
 
+if [ -n "$COLOCATED" ]; then
+  # The NBD server inside the guest, on its own loopback: Debian's nbdkit memory, whose
+  # memory the kernel it serves may reclaim (--swap mlocks it).
+  set -- -i 127.0.0.1 -p $SERVER_PORT -e "$EXPORT" -P /run/nbdkit.pid
+  [ "$COLOCATED" = guest-swap ] && set -- --swap "$@"
+  nbdkit "$@" memory "$SWAP_BYTES" > /tmp/nbdkit.out 2>&1 || {
+    read e < /tmp/nbdkit.out; fail "nbdkit: $e"; }
+  while [ ! -s /run/nbdkit.pid ]; do sleep 0.1; done  # written once it listens
+  say nbdkit "$COLOCATED"
+fi
 nbd-client -N "$EXPORT" $SERVER_IP $SERVER_PORT /dev/nbd0 -b 4096 -t "$NBD_TIMEOUT" \
   > /tmp/nbd-client.out 2>&1 || { read e < /tmp/nbd-client.out; fail "nbd-client: $e"; }
 sysctl max_sectors_kb /sys/block/nbd0/queue/max_sectors_kb "$MAX_SECTORS_KB"
@@ -186,16 +196,20 @@ class GuestSettings:
     tmpfs_kb: int
     sysctls: Mapping[str, str]  # conf variable -> value ("" leaves the kernel's default)
     workloads: tuple[tuple[str, int, int, int, float], ...]  # name, procs, pages, rounds, delay
+    colocated: str = ""  # "", "guest" or "guest-swap": nbdkit serves swap inside the guest
+    swap_bytes: int = 0  # the size of the colocated server's export
 
     def conf(self) -> str:
         values = {
             "GUEST_IP": GUEST_IP,
-            "SERVER_IP": SERVER_IP,
+            "SERVER_IP": "127.0.0.1" if self.colocated else SERVER_IP,
             "SERVER_PORT": str(SERVER_PORT),
             "EXPORT": self.export,
             "NBD_TIMEOUT": str(self.nbd_timeout),
             "SAMPLE_INTERVAL": f"{self.sample_interval:g}",
             "TMPFS_KB": str(self.tmpfs_kb),
+            "COLOCATED": self.colocated,
+            "SWAP_BYTES": str(self.swap_bytes),
             **self.sysctls,
         }
         return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())

@@ -394,6 +394,47 @@ def _assemble(
     return image
 
 
+def colocated_server(image: GuestImage, progress: object = None) -> Path:
+    """A second archive for the image: Debian's nbdkit with its memory plugin and the
+    libraries ``ldd`` names, for a guest that serves its own swap (``kernel.server =
+    "guest"``).  Built once per nbdkit version, beside the image."""
+    version = package_version("nbdkit")
+    out = image.directory / f"nbdkit-{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}.cpio.gz"
+    if out.exists():
+        return out
+    if shutil.which("nbdkit") is None:
+        raise ImageError("nbdkit is not installed (Debian package: nbdkit)")
+    _say(progress, f"adding nbdkit {version} to the guest image")
+    with tempfile.TemporaryDirectory(prefix="netswap-nbdkit-", dir=image.directory) as tmp:
+        work = Path(tmp)
+        _run(
+            ["apt-get", "download", "-q", f"nbdkit={version}"],
+            cwd=work,
+            what="apt-get download nbdkit",
+        )
+        for deb in work.glob("*.deb"):
+            _run(["dpkg-deb", "-x", str(deb), str(work / "root")], what=f"dpkg-deb -x {deb.name}")
+        root = work / "root"
+        binary = _unpacked(root, "nbdkit", "bin", "nbdkit")
+        plugins = sorted(root.glob("usr/lib/*/nbdkit/plugins/nbdkit-memory-plugin.so"))
+        if not plugins:
+            raise ImageError("nbdkit did not unpack its memory plugin")
+        plugin = plugins[0]
+        libs: dict[str, Path] = {}
+        for program in (binary, plugin):
+            for lib in needed_libraries(program):
+                libs[lib.as_posix()] = lib
+        files = [("usr/bin/nbdkit", EXEC, binary.read_bytes())]
+        files.append((plugin.relative_to(root).as_posix(), FILE, plugin.read_bytes()))
+        files += [(p.lstrip("/"), EXEC, lib.resolve().read_bytes()) for p, lib in libs.items()]
+        archive = cpio_newc([*_dirs_for(sorted(f[0] for f in files)), *files])
+        partial = out.with_suffix(".part")
+        with gzip.open(partial, "wb", compresslevel=6) as fh:
+            fh.write(archive)
+        partial.rename(out)
+    return out
+
+
 def _unpacked(staged: Path, name: str, bindir: str, package: str) -> Path:
     """A program where its package put it (``/sbin`` or, merged, ``/usr/sbin``)."""
     for where in (staged / bindir / name, staged / "usr" / bindir / name):

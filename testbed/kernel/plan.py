@@ -83,6 +83,8 @@ def guest_settings(scenario: ScenarioConfig) -> GuestSettings:
         tmpfs_kb=written * PAGE // 1024 + 4096,
         sysctls=sysctls,
         workloads=tuple(workloads),
+        colocated="" if scenario.kernel.server == "host" else scenario.kernel.server,
+        swap_bytes=scenario.swap.size,
     )
 
 

@@ -36,16 +36,15 @@ class QemuGuest:
     nic: str
     accel: str  # "kvm" or "tcg"
     cpus: int
-    server: tuple[str, int]  # the NBD server on the host's loopback
+    server: tuple[str, int] | None  # the NBD server on the host's loopback (None: none)
     samples_socket: Path  # the host listens; qemu connects as the second serial port
     monitor_socket: Path  # qemu listens; the host connects
 
     def argv(self) -> list[str]:
-        host, port = self.server
-        netdev = (
-            f"user,id=net0,restrict=on,ipv6=off,"
-            f"guestfwd=tcp:{SERVER_IP}:{SERVER_PORT}-tcp:{host}:{port}"
-        )
+        netdev = "user,id=net0,restrict=on,ipv6=off"
+        if self.server is not None:
+            host, port = self.server
+            netdev += f",guestfwd=tcp:{SERVER_IP}:{SERVER_PORT}-tcp:{host}:{port}"
         cpu = ["-cpu", "max"] if self.accel == "tcg" else ["-cpu", "host"]
         return [
             QEMU,

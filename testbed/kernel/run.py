@@ -30,7 +30,14 @@ import trio
 
 from testbed.config import ConfigError, ScenarioConfig
 from testbed.kernel.guest import INIT_SCRIPT, GuestSettings
-from testbed.kernel.image import GuestImage, ImageError, build_image, cpio_newc, missing_host_tools
+from testbed.kernel.image import (
+    GuestImage,
+    ImageError,
+    build_image,
+    colocated_server,
+    cpio_newc,
+    missing_host_tools,
+)
 from testbed.kernel.parse import (
     BlockedTask,
     Sample,
@@ -110,6 +117,8 @@ async def run_kernel(
     mib = memory_mib(scenario)
     kcfg = scenario.kernel
     accel = choose_accel(kcfg.accel)
+    if server is not None:
+        await _probe(*server[:2])  # before minutes of image building, not after
     if image is None:
         try:
             image = await trio.to_thread.run_sync(
@@ -135,20 +144,31 @@ async def run_kernel(
         packages=image.packages,
         modules=list(image.modules),
     )
+    extra: list[Path] = []
+    colocated = kcfg.server != "host"
+    if colocated:
+        if server is not None:
+            raise ConfigError(f"--server: kernel.server is {kcfg.server!r}, inside the guest")
+        try:
+            extra.append(await trio.to_thread.run_sync(colocated_server, image))
+        except ImageError as exc:
+            raise KernelRunError(str(exc)) from None
     async with trio.open_nursery() as nursery:
-        if server is None:
+        address: tuple[str, int] | None
+        nbd = None
+        if colocated:
+            address = None
+        elif server is None:
             from testbed.scenario import embedded_server
 
             nbd = embedded_server(scenario, handshake_timeout=kcfg.boot_timeout)
-            host, port = await nursery.start(nbd.serve)
+            address = await nursery.start(nbd.serve)
             if server_ready is not None:
                 server_ready(nbd)
         else:
-            host, port, _ = server
-            nbd = None
-            await _probe(host, port)
+            address = server[:2]
         try:
-            summary = await _run_guest(scenario, settings, image, mib, accel, (host, port), log)
+            summary = await _run_guest(scenario, settings, image, mib, accel, address, extra, log)
         finally:
             if nbd is not None:
                 nbd.shutdown()
@@ -189,10 +209,10 @@ async def _probe(host: str, port: int) -> None:
         raise KernelRunError(f"cannot reach {where}: {what}") from None
 
 
-def _initrd(base: Path, settings: GuestSettings, out: Path) -> Path:
-    """The cached initramfs with this run's /init and settings appended as a second
-    archive."""
-    extra = cpio_newc(
+def _initrd(base: Path, settings: GuestSettings, out: Path, extra: list[Path]) -> Path:
+    """The cached initramfs, the ``extra`` archives (nbdkit, for a guest serving its own
+    swap), and this run's /init and settings appended as a last archive."""
+    settings_archive = cpio_newc(
         [
             ("init", 0o100755, INIT_SCRIPT.encode()),
             ("etc", 0o040755, b""),
@@ -200,13 +220,14 @@ def _initrd(base: Path, settings: GuestSettings, out: Path) -> Path:
             ("etc/netswap.workloads", 0o100644, settings.workload_lines().encode()),
         ]
     )
-    data = base.read_bytes()
     with out.open("wb") as fh:
         # The kernel takes concatenated archives, compressed or not; an uncompressed one
         # must start 4-byte aligned, and zeros between archives are skipped
         # (init/initramfs.c, unpack_to_rootfs).
-        fh.write(data + b"\0" * (-len(data) % 4))
-        fh.write(extra)
+        for archive in (base, *extra):
+            data = archive.read_bytes()
+            fh.write(data + b"\0" * (-len(data) % 4))
+        fh.write(settings_archive)
     return out
 
 
@@ -227,7 +248,8 @@ async def _run_guest(
     image: GuestImage,
     mib: int,
     accel: str,
-    server: tuple[str, int],
+    server: tuple[str, int] | None,
+    extra: list[Path],
     log: Any,
 ) -> dict[str, Any]:
     kcfg = scenario.kernel
@@ -237,7 +259,7 @@ async def _run_guest(
         work = Path(tmp)
         guest = QemuGuest(
             kernel=image.kernel,
-            initrd=_initrd(image.initramfs, settings, work / "initrd"),
+            initrd=_initrd(image.initramfs, settings, work / "initrd", extra),
             memory_mib=mib,
             nic=kcfg.nic,
             accel=accel,
@@ -529,6 +551,7 @@ def _summary(
             "release": state.release or image.release,
             "flavour": image.flavour,
             "nic": scenario.kernel.nic,
+            "server": scenario.kernel.server,
             "packages": image.packages,
             "sysctls": state.sysctls,
         },
