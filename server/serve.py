@@ -384,8 +384,8 @@ class NBDServer:
             except (AttributeError, OSError):
                 peer = type(stream).__name__
         peer_s = peer
-        machine = ServerConnection(self._catalog, max_payload=self.config.max_payload)
-        self._live[cid] = machine
+        conn = ServerConnection(self._catalog, max_payload=self.config.max_payload)
+        self._live[cid] = conn
         self._all_closed = trio.Event() if len(self._live) == 1 else self._all_closed
         self.stats.connections += 1
         self.stats.live = len(self._live)
@@ -396,15 +396,15 @@ class NBDServer:
             log.info("server.connection_opened", peer=peer_s)
             try:
                 with scope:
-                    reason = await self._serve_connection(stream, machine, counters)
+                    reason = await self._serve_connection(stream, conn, counters)
                 if scope.cancelled_caught:
                     reason = "dropped"
             except ProtocolError as exc:
                 reason = "protocol_error"
                 self.stats.protocol_errors += 1
-                log.warning("nbd.protocol_error", error=str(exc), phase=machine.phase.value)
+                log.warning("nbd.protocol_error", error=str(exc), phase=conn.phase.value)
                 # A hard disconnect; send whatever reply was already decided (best effort).
-                await self._send_quietly(stream, machine)
+                await self._send_quietly(stream, conn)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = "connection_lost"
                 log.info("server.connection_lost", error=str(exc) or type(exc).__name__)
@@ -426,14 +426,14 @@ class NBDServer:
                 log.info("server.connection_closed", reason=reason, **counters)
 
     async def _serve_connection(
-        self, stream: trio.abc.Stream, machine: ServerConnection, counters: dict[str, int]
+        self, stream: trio.abc.Stream, conn: ServerConnection, counters: dict[str, int]
     ) -> str:
         """Greeting, handshake under its deadline, then transmission; the close reason."""
         reason = "eof"
-        await stream.send_all(machine.initiate())
+        await stream.send_all(conn.initiate())
         started: TransmissionStarted | None = None
         with trio.move_on_after(self.config.handshake_timeout):
-            started = await self._handshake(stream, machine)
+            started = await self._handshake(stream, conn)
             reason = "handshake_ended" if started is None else reason
         if started is None:
             if reason == "eof":
@@ -449,7 +449,7 @@ class NBDServer:
                 flags=int(started.flags),
             )
             reason = await self._transmission(
-                stream, machine, self.exports[started.export_name], counters
+                stream, conn, self.exports[started.export_name], counters
             )
         return reason
 
@@ -527,7 +527,7 @@ class NBDServer:
     async def _inject(
         self,
         wire: _StreamWire | _SocketWire,
-        machine: ServerConnection,
+        conn: ServerConnection,
         faults: Faults,
         req: Request,
     ) -> tuple[Errno, bool]:
@@ -538,15 +538,15 @@ class NBDServer:
         sent = False
         await faults.wait_while_stalled()
         if faults.delay:
-            out = machine.data_to_send()
+            out = conn.data_to_send()
             if out:
                 await wire.send(out)
                 sent = True
             await faults.sleep_delay(req.command)
         return faults.draw_error(req.command), sent
 
-    async def _send_quietly(self, stream: trio.abc.Stream, machine: ServerConnection) -> None:
-        data = machine.data_to_send()
+    async def _send_quietly(self, stream: trio.abc.Stream, conn: ServerConnection) -> None:
+        data = conn.data_to_send()
         if data:
             with (
                 trio.move_on_after(1),
@@ -555,16 +555,16 @@ class NBDServer:
                 await stream.send_all(data)
 
     async def _handshake(
-        self, stream: trio.abc.Stream, machine: ServerConnection
+        self, stream: trio.abc.Stream, conn: ServerConnection
     ) -> TransmissionStarted | None:
         """Run the option haggling.  Returns the start of transmission, or None on close."""
         while True:
-            event = machine.next_event()
+            event = conn.next_event()
             if event is NEED_DATA:
-                out = machine.data_to_send()
+                out = conn.data_to_send()
                 if out:
                     await stream.send_all(out)
-                machine.receive_data(await stream.receive_some(65536))
+                conn.receive_data(await stream.receive_some(65536))
                 continue
             if isinstance(event, OptionHandled):
                 log.debug("nbd.option", option=event.option, reply=event.reply, detail=event.detail)
@@ -576,7 +576,7 @@ class NBDServer:
                         detail=event.detail,
                     )
             elif isinstance(event, TransmissionStarted):
-                out = machine.data_to_send()
+                out = conn.data_to_send()
                 if out:
                     await stream.send_all(out)
                 return event
@@ -584,26 +584,26 @@ class NBDServer:
                 return None
             elif isinstance(event, Aborted):
                 log.info("nbd.aborted")
-                await self._send_quietly(stream, machine)  # the peer may not wait for the ACK
+                await self._send_quietly(stream, conn)  # the peer may not wait for the ACK
                 return None
 
     async def _transmission(
         self,
         stream: trio.abc.Stream,
-        machine: ServerConnection,
+        conn: ServerConnection,
         export: Export,
         counters: dict[str, int],
     ) -> str:
         wire = _wire_for(stream)
         try:
-            return await self._transmission_loop(wire, machine, export, counters)
+            return await self._transmission_loop(wire, conn, export, counters)
         finally:
             wire.close()
 
     async def _transmission_loop(
         self,
         wire: _StreamWire | _SocketWire,
-        machine: ServerConnection,
+        conn: ServerConnection,
         export: Export,
         counters: dict[str, int],
     ) -> str:
@@ -612,14 +612,14 @@ class NBDServer:
         faults = export.faults
         stats = self.stats
         receive = wire.receive
-        next_event = machine.next_event
-        reply = machine.reply
+        next_event = conn.next_event
+        reply = conn.reply
         READ, WRITE = Cmd.READ, Cmd.WRITE
         reason = "eof"
         done = False
         while not done:
             data = await receive()
-            machine.receive_data(data)
+            conn.receive_data(data)
             queued = 0
             while True:
                 event = next_event()
@@ -631,7 +631,7 @@ class NBDServer:
                     cmd = req.command
                     counters["requests"] += 1
                     if faults.armed:
-                        err, sent = await self._inject(wire, machine, faults, req)
+                        err, sent = await self._inject(wire, conn, faults, req)
                         if sent:
                             queued = 0
                         if err:
@@ -643,7 +643,7 @@ class NBDServer:
                             counters["bytes_read"] += req.length
                             queued += req.length
                             if queued > MAX_QUEUED_OUTPUT:
-                                await wire.send(machine.data_to_send())
+                                await wire.send(conn.data_to_send())
                                 queued = 0
                         elif cmd == WRITE:
                             assert req.data is not None
@@ -653,7 +653,7 @@ class NBDServer:
                             reply(req)
                             counters["bytes_written"] += req.length
                         else:
-                            await self._other(machine, store, req, durable)
+                            await self._other(conn, store, req, durable)
                     except (OSError, StoreError) as exc:
                         err = nbd_errno(exc)
                         log.warning(
@@ -682,7 +682,7 @@ class NBDServer:
                 elif cls is ConnectionClosed:
                     reason, done = "eof", True
                     break
-            out = machine.data_to_send()
+            out = conn.data_to_send()
             if out:
                 await wire.send(out)
         if durable and counters["bytes_written"]:
@@ -690,7 +690,7 @@ class NBDServer:
         return reason
 
     async def _other(
-        self, machine: ServerConnection, store: Store, req: Request, durable: bool
+        self, conn: ServerConnection, store: Store, req: Request, durable: bool
     ) -> None:
         """The less frequent commands: FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS."""
         cmd = req.command
@@ -702,18 +702,18 @@ class NBDServer:
             store.trim(req.offset, req.length)
         elif cmd == Cmd.WRITE_ZEROES:
             if req.flags & CmdFlags.FAST_ZERO and not _zero_is_fast(store):
-                machine.reply(req, Errno.ENOTSUP, message="zeroing would not be fast")
+                conn.reply(req, Errno.ENOTSUP, message="zeroing would not be fast")
                 return
             store.zero(req.offset, req.length, may_trim=not req.flags & CmdFlags.NO_HOLE)
         elif cmd == Cmd.CACHE:
             pass  # everything is already as close as it gets
         elif cmd == Cmd.BLOCK_STATUS:
             extents = store.extents(req.offset, req.length)
-            machine.reply_block_status(req, [Extent(n, f) for n, f in extents])
+            conn.reply_block_status(req, [Extent(n, f) for n, f in extents])
             return
         if fua:
             await trio.to_thread.run_sync(store.flush)
-        machine.reply(req)
+        conn.reply(req)
 
 
 def _zero_is_fast(store: Store) -> bool:
