@@ -58,6 +58,7 @@ SPIN_SECONDS = 50e-6
 MAX_QUEUED_OUTPUT = 4 * 1024 * 1024
 
 _FUA = int(CmdFlags.FUA)
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _ERRNO_MAP = {
     errno.EPERM: Errno.EPERM,
     errno.EROFS: Errno.EPERM,
@@ -226,7 +227,20 @@ class Export:
 
 
 @attrs.define
+class Counters:
+    """One connection's work so far (logged when it closes)."""
+
+    requests: int = 0
+    rejected: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@attrs.define
 class Stats:
+    """The server's totals.  Requests and bytes count as they are done, on live connections
+    too: a swap device keeps one connection for its whole life."""
+
     connections: int = 0
     live: int = 0
     refused: int = 0
@@ -390,7 +404,7 @@ class NBDServer:
         self.stats.connections += 1
         self.stats.live = len(self._live)
         reason = "eof"
-        counters = {"requests": 0, "rejected": 0, "bytes_read": 0, "bytes_written": 0}
+        counters = Counters()
         scope = self._scopes[cid] = trio.CancelScope()
         with structlog.contextvars.bound_contextvars(conn=cid):
             log.info("server.connection_opened", peer=peer_s)
@@ -411,22 +425,16 @@ class NBDServer:
             finally:
                 del self._live[cid]
                 del self._scopes[cid]
-                stats = self.stats
-                stats.live = len(self._live)
-                # Here, not at the end of the transmission loop: a connection that was
-                # dropped or broke also did its requests.
-                stats.requests += counters["requests"]
-                stats.bytes_read += counters["bytes_read"]
-                stats.bytes_written += counters["bytes_written"]
+                self.stats.live = len(self._live)
                 if not self._live:
                     self._all_closed.set()
                 with trio.move_on_after(1) as cs:
                     cs.shield = True
                     await stream.aclose()
-                log.info("server.connection_closed", reason=reason, **counters)
+                log.info("server.connection_closed", reason=reason, **attrs.asdict(counters))
 
     async def _serve_connection(
-        self, stream: trio.abc.Stream, conn: ServerConnection, counters: dict[str, int]
+        self, stream: trio.abc.Stream, conn: ServerConnection, counters: Counters
     ) -> str:
         """Greeting, handshake under its deadline, then transmission; the close reason."""
         reason = "eof"
@@ -592,7 +600,7 @@ class NBDServer:
         stream: trio.abc.Stream,
         conn: ServerConnection,
         export: Export,
-        counters: dict[str, int],
+        counters: Counters,
     ) -> str:
         wire = _wire_for(stream)
         try:
@@ -605,21 +613,23 @@ class NBDServer:
         wire: _StreamWire | _SocketWire,
         conn: ServerConnection,
         export: Export,
-        counters: dict[str, int],
+        counters: Counters,
     ) -> str:
         store = export.store
         durable = store.needs_flush
         faults = export.faults
         stats = self.stats
         receive = wire.receive
+        receive_data = conn.receive_data
         next_event = conn.next_event
         reply = conn.reply
-        READ, WRITE = Cmd.READ, Cmd.WRITE
+        data_to_send = conn.data_to_send
+        pread, pwrite = store.pread, store.pwrite
+        READ, WRITE = _READ, _WRITE
         reason = "eof"
         done = False
         while not done:
-            data = await receive()
-            conn.receive_data(data)
+            receive_data(await receive())
             queued = 0
             while True:
                 event = next_event()
@@ -629,7 +639,10 @@ class NBDServer:
                 if cls is Request:
                     req: Request = event  # type: ignore[assignment]
                     cmd = req.command
-                    counters["requests"] += 1
+                    # Counted as they happen, into the server's totals too: a swap device
+                    # keeps its one connection open for as long as it is watched.
+                    counters.requests += 1
+                    stats.requests += 1
                     if faults.armed:
                         err, sent = await self._inject(wire, conn, faults, req)
                         if sent:
@@ -638,20 +651,22 @@ class NBDServer:
                             reply(req, err, message=f"injected fault: {err.name}")
                             continue
                     try:
-                        if cmd == READ:
-                            reply(req, 0, store.pread(req.offset, req.length))
-                            counters["bytes_read"] += req.length
-                            queued += req.length
-                            if queued > MAX_QUEUED_OUTPUT:
-                                await wire.send(conn.data_to_send())
-                                queued = 0
-                        elif cmd == WRITE:
+                        if cmd == WRITE:
                             assert req.data is not None
-                            store.pwrite(req.offset, req.data)
+                            pwrite(req.offset, req.data)
                             if durable and req.flags & _FUA:
                                 await trio.to_thread.run_sync(store.flush)
                             reply(req)
-                            counters["bytes_written"] += req.length
+                            counters.bytes_written += req.length
+                            stats.bytes_written += req.length
+                        elif cmd == READ:
+                            reply(req, 0, pread(req.offset, req.length))
+                            counters.bytes_read += req.length
+                            stats.bytes_read += req.length
+                            queued += req.length
+                            if queued > MAX_QUEUED_OUTPUT:
+                                await wire.send(data_to_send())
+                                queued = 0
                         else:
                             await self._other(conn, store, req, durable)
                     except (OSError, StoreError) as exc:
@@ -667,7 +682,7 @@ class NBDServer:
                         reply(req, err, message=str(exc))
                 elif cls is RequestRejected:
                     rej: RequestRejected = event  # type: ignore[assignment]
-                    counters["rejected"] += 1
+                    counters.rejected += 1
                     stats.rejected += 1
                     log.info(
                         "nbd.request_rejected",
@@ -682,10 +697,10 @@ class NBDServer:
                 elif cls is ConnectionClosed:
                     reason, done = "eof", True
                     break
-            out = conn.data_to_send()
+            out = data_to_send()
             if out:
                 await wire.send(out)
-        if durable and counters["bytes_written"]:
+        if durable and counters.bytes_written:
             await trio.to_thread.run_sync(store.flush)
         return reason
 
