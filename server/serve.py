@@ -101,10 +101,14 @@ class _SocketWire:
     ``SocketStream.receive_some`` and ``send_all`` each pass through the scheduler even when
     the data is already there; at queue depth 1 that is most of a request's cost.  Here a
     request costs one wait (for the client's next request).  When data keeps arriving
-    without a wait, an explicit checkpoint every few receives keeps other tasks running.
+    without a wait, an explicit checkpoint once CHECKPOINT_SECONDS have passed since the
+    task last yielded keeps other tasks running.
     """
 
-    CHECKPOINT_EVERY = 8
+    #: A checkpoint costs ~10 us on a small VM (a whole scheduler pass): once every 8
+    #: receives it was a tenth of a request's time at queue depth 1.  By the clock instead,
+    #: other tasks still run within a millisecond.
+    CHECKPOINT_SECONDS = 1e-3
     #: Socket wires open in this process.  Spinning helps a lone client at queue depth 1;
     #: with several connections it only delays the others (the 64-connection load test
     #: ran 25% faster without it), so only a lone wire spins.
@@ -116,7 +120,9 @@ class _SocketWire:
         self._sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self._buf = bytearray(RECEIVE_SIZE)
         self._view = memoryview(self._buf)
-        self._unyielded = 0
+        self._poll = select.poll()  # for _spin: a third of select.select's cost per look
+        self._poll.register(self._sock.fileno(), select.POLLIN)
+        self._yielded = time.perf_counter()
         self._spinning = True
         self._closed = False
         _SocketWire.live += 1
@@ -128,15 +134,15 @@ class _SocketWire:
             except BlockingIOError:
                 if self._spin():
                     continue
-                self._unyielded = 0
                 await trio.lowlevel.wait_readable(self._sock)
+                self._yielded = time.perf_counter()
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            self._unyielded += 1
-            if self._unyielded >= self.CHECKPOINT_EVERY:
-                self._unyielded = 0
+            now = time.perf_counter()
+            if now - self._yielded >= self.CHECKPOINT_SECONDS:
                 await trio.lowlevel.checkpoint()
+                self._yielded = now
             return self._view[:n]
 
     def _spin(self) -> bool:
@@ -147,10 +153,11 @@ class _SocketWire:
         if not self._spinning or _SocketWire.live > 1:
             self._spinning = True  # try again after the next request that was waited for
             return False
-        deadline = time.perf_counter() + SPIN_SECONDS
-        select_ = select.select
-        while time.perf_counter() < deadline:
-            if select_([self._sock], [], [], 0)[0]:
+        clock = time.perf_counter
+        deadline = clock() + SPIN_SECONDS
+        poll = self._poll.poll
+        while clock() < deadline:
+            if poll(0):
                 return True
         self._spinning = False
         return False
