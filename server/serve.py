@@ -53,6 +53,10 @@ log = structlog.get_logger()
 
 RECEIVE_SIZE = 256 * 1024
 SPIN_SECONDS = 50e-6
+SPIN_BACKOFF_MAX = 64
+#: Spin this long before yielding the CPU between looks (a peer on another CPU answers
+#: within it; one on ours needs the CPU to answer at all).
+SPIN_BEFORE_YIELD = 15e-6
 #: Queue at most this much READ data before sending it, so that a peer pipelining huge reads
 #: cannot make the server hold more than this (plus one request's worth).
 MAX_QUEUED_OUTPUT = 4 * 1024 * 1024
@@ -123,7 +127,8 @@ class _SocketWire:
         self._poll = select.poll()  # for _spin: a third of select.select's cost per look
         self._poll.register(self._sock.fileno(), select.POLLIN)
         self._yielded = time.perf_counter()
-        self._spinning = True
+        self._backoff = 0  # waits to sleep through without spinning after the next miss
+        self._skip = 0  # waits left to sleep through before spinning again
         self._closed = False
         _SocketWire.live += 1
 
@@ -148,18 +153,33 @@ class _SocketWire:
     def _spin(self) -> bool:
         """Poll for up to SPIN_SECONDS before sleeping: a client at queue depth 1 sends its
         next request within microseconds of our reply, and sleeping in epoll costs a
-        wake-up plus a scheduler pass each time (the SO_BUSY_POLL trade).  Only while the
-        peer keeps answering that fast: after a miss, sleep straight away next time."""
-        if not self._spinning or _SocketWire.live > 1:
-            self._spinning = True  # try again after the next request that was waited for
+        wake-up plus a scheduler pass each time (the SO_BUSY_POLL trade).
+
+        Only while the peer keeps answering that fast.  Each miss doubles the number of
+        waits that sleep straight away before the next try (up to SPIN_BACKOFF_MAX); a hit
+        resets it.  Between looks the spinner yields the CPU: when the peer runs on the
+        same CPU (two cores, other work on them), a pure busy loop only kept it from
+        sending the request we were waiting for (~7.6k requests/s instead of ~30k)."""
+        if _SocketWire.live > 1:
+            return False
+        if self._skip:
+            self._skip -= 1
             return False
         clock = time.perf_counter
-        deadline = clock() + SPIN_SECONDS
+        now = clock()
+        deadline = now + SPIN_SECONDS
+        courtesy = now + SPIN_BEFORE_YIELD
         poll = self._poll.poll
-        while clock() < deadline:
+        yield_ = os.sched_yield
+        while now < deadline:
             if poll(0):
+                self._backoff = 0
                 return True
-        self._spinning = False
+            if now > courtesy:
+                yield_()
+            now = clock()
+        self._backoff = min(max(1, 2 * self._backoff), SPIN_BACKOFF_MAX)
+        self._skip = self._backoff
         return False
 
     async def send(self, data: bytes) -> None:
