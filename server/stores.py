@@ -53,9 +53,10 @@ class MemoryStore:
     kernel fills with zero pages as they are first written (as ``nbdkit memory``'s sparse
     array allocates as it goes), plus one byte per 4 KiB page saying whether it holds data.
 
-    Profiled with a fresh 1 GiB export, the dict of 4 KiB ``bytes`` pages this replaces
-    spent a 128 KiB write on 32 allocations, copies and dict stores (~450 us here, against
-    ~60 us for one copy into the mapping).  Whole pages that are trimmed or zeroed are given
+    Timed on a fresh export, the dict of 4 KiB ``bytes`` pages this replaces spent a
+    128 KiB write on 32 allocations, copies and dict stores (~450 us on a 2-core VM; an
+    overwrite ~200 us); one copy into the mapping costs ~40 us there, plus the kernel's page
+    faults the first time (~3-6 us per 4 KiB page on that VM, as for nbdkit).  Whole pages that are trimmed or zeroed are given
     back to the kernel (``MADV_DONTNEED``: they read as zeros again and cost no memory).
     """
 

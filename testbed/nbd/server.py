@@ -371,6 +371,8 @@ class ServerConnection(Machine):
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < _REQ_SIZE:
+            if not self._eof:
+                return NEED_DATA  # after each batch of requests: spare the call
             return self._closed_event()
         magic, flags, cmd, cookie, offset, length = _REQ.unpack_from(buf, pos)
         if magic != _REQUEST_MAGIC:
