@@ -4,11 +4,18 @@
 A benchmark, not a test (DESIGN.md §8): it reports ratios measured in one run and always
 exits 0 when the measurements themselves succeed, whatever the ratios are.
 
-Each measurement starts a fresh server on 127.0.0.1 with an empty in-memory export -- either
-``python -m testbed.cli server --export bench:SIZE`` or ``nbdkit memory SIZE`` -- and times
-``nbdcopy SRC nbd://127.0.0.1:PORT/...`` writing a file of random data into it (server start
-and stop are not timed).  The two servers alternate (netswap, nbdkit, netswap, nbdkit, ...)
-for ``--rounds`` rounds and each row reports the median.  The CPU time other processes used
+Two kinds of measurement (``--mode``), each timing ``nbdcopy SRC nbd://127.0.0.1:PORT/...``
+writing a file of random data into an in-memory export -- ``python -m testbed.cli server
+--export bench:SIZE`` or ``nbdkit memory SIZE`` on 127.0.0.1 (server start and stop are not
+timed):
+
+    fresh     each copy goes to a new server with an empty export (first writes: the
+              stores allocate as they go)
+    reused    one server of each kind per workload, filled once untimed, then overwritten
+              by every timed copy (a swap device is overwritten, not fresh)
+
+The two servers alternate (netswap, nbdkit, netswap, nbdkit, ...) for ``--rounds`` rounds
+and each row reports the median.  The CPU time other processes used
 during the timed runs is measured too (``/proc``) and printed under the table: on a shared
 machine that is the noise.  Workloads (all writes, one connection, one nbdcopy thread, no
 sparseness detection, no extent queries):
@@ -20,6 +27,7 @@ sparseness detection, no extent queries):
 Usage::
 
     .venv/bin/python bench/server_vs_nbdkit.py [--rounds 3] [--size-scale 1.0]
+        [--mode fresh|reused|both] [--only 4k-qd1,...]
         [--json FILE] [--write-docs [--docs docs/benchmarks.md]] [-q]
 
 Needs nbdkit and nbdcopy (Debian: nbdkit, libnbd-bin).  Only the standard library is used
@@ -91,6 +99,11 @@ WORKLOADS = (
     Workload("128k-qd16", "128 KiB, queue depth 16", 128 * KiB, 16, 1024 * MiB, 0.6),
 )
 SERVERS = ("netswap", "nbdkit")
+MODES = ("fresh", "reused")
+MODE_TITLES = {
+    "fresh": "Fresh exports (a new server for each copy)",
+    "reused": "Reused servers (each copy overwrites the previous one)",
+}
 
 
 @dataclass
@@ -292,30 +305,62 @@ class Measurement:
     other_cpu: float
 
 
+def copy_into(server: Server, workload: Workload, source: Path) -> Measurement:
+    """Time one nbdcopy of ``source`` into the running ``server``."""
+    assert server.proc is not None
+    cmd = ["nbdcopy", *workload.nbdcopy_options(), str(source), server.uri]
+    cpu0 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, timeout=COPY_TIMEOUT, check=False)
+    elapsed = time.perf_counter() - t0
+    cpu1 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
+    if result.returncode != 0:
+        raise BenchError(
+            f"{' '.join(cmd)} against {server.name} exited {result.returncode}: "
+            f"{result.stderr.decode(errors='replace').strip()}"
+        )
+    busy, own, srv = (b - a for a, b in zip(cpu0, cpu1, strict=True))
+    return Measurement(elapsed, max(0.0, busy - own - srv))
+
+
 def copy_once(server: Server, workload: Workload, source: Path) -> Measurement:
     """Start ``server``, time one nbdcopy of ``source`` into it, stop it."""
     server.start()
     try:
-        assert server.proc is not None
-        cmd = ["nbdcopy", *workload.nbdcopy_options(), str(source), server.uri]
-        cpu0 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
-        t0 = time.perf_counter()
-        result = subprocess.run(cmd, capture_output=True, timeout=COPY_TIMEOUT, check=False)
-        elapsed = time.perf_counter() - t0
-        cpu1 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
-        if result.returncode != 0:
-            raise BenchError(
-                f"{' '.join(cmd)} against {server.name} exited {result.returncode}: "
-                f"{result.stderr.decode(errors='replace').strip()}"
-            )
-        busy, own, srv = (b - a for a, b in zip(cpu0, cpu1, strict=True))
-        return Measurement(elapsed, max(0.0, busy - own - srv))
+        return copy_into(server, workload, source)
     finally:
         server.stop()
 
 
-def run_benchmark(rounds: int, scale: float, workdir: Path, progress: bool) -> list[Row]:
-    workloads = [(w, w.scaled_size(scale)) for w in WORKLOADS]
+def _servers(nbytes: int, workdir: Path) -> tuple[Server, Server]:
+    return NetswapServer(export_size(nbytes), workdir), NbdkitServer(export_size(nbytes), workdir)
+
+
+def _record(row: Row, server: Server, m: Measurement, where: str, progress: bool) -> None:
+    row.seconds[server.name].append(m.seconds)
+    row.other_cpu[server.name].append(m.other_cpu)
+    if progress:
+        print(
+            f"  {where} {row.workload:<9} {server.name:<7} "
+            f"{row.bytes / MiB:6.0f} MiB in {m.seconds:6.3f} s "
+            f"({row.bytes / m.seconds / 1e6:7.1f} MB/s)"
+            f"  other CPU {m.other_cpu / m.seconds:4.0%}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def run_benchmark(
+    rounds: int,
+    scale: float,
+    workdir: Path,
+    progress: bool,
+    mode: str = "fresh",
+    only: tuple[str, ...] = (),
+) -> list[Row]:
+    """``mode`` "fresh": a new pair of servers for each round; "reused": one pair per
+    workload, filled by an untimed copy, then overwritten by each timed one."""
+    workloads = [(w, w.scaled_size(scale)) for w in WORKLOADS if not only or w.name in only]
     sources: dict[int, Path] = {}
     for _, nbytes in workloads:
         if nbytes not in sources:
@@ -325,26 +370,30 @@ def run_benchmark(rounds: int, scale: float, workdir: Path, progress: bool) -> l
         Row(w.name, w.label, nbytes, w.request_size, w.requests, w.target)
         for w, nbytes in workloads
     ]
-    for r in range(rounds):
-        for (w, nbytes), row in zip(workloads, rows, strict=True):
-            for server in (
-                NetswapServer(export_size(nbytes), workdir),
-                NbdkitServer(export_size(nbytes), workdir),
-            ):
-                m = copy_once(server, w, sources[nbytes])
-                row.seconds[server.name].append(m.seconds)
-                row.other_cpu[server.name].append(m.other_cpu)
-                if progress:
-                    print(
-                        f"  round {r + 1}/{rounds} {w.name:<9} {server.name:<7} "
-                        f"{nbytes / MiB:6.0f} MiB in {m.seconds:6.3f} s "
-                        f"({nbytes / m.seconds / 1e6:7.1f} MB/s)"
-                        f"  other CPU {m.other_cpu / m.seconds:4.0%}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    for path in sources.values():
-        path.unlink(missing_ok=True)
+    try:
+        if mode == "fresh":
+            for r in range(rounds):
+                for (w, nbytes), row in zip(workloads, rows, strict=True):
+                    for server in _servers(nbytes, workdir):
+                        m = copy_once(server, w, sources[nbytes])
+                        _record(row, server, m, f"fresh  round {r + 1}/{rounds}", progress)
+        else:
+            for (w, nbytes), row in zip(workloads, rows, strict=True):
+                pair = _servers(nbytes, workdir)
+                try:
+                    for server in pair:
+                        server.start()
+                        copy_into(server, w, sources[nbytes])  # fill: later copies overwrite
+                    for r in range(rounds):
+                        for server in pair:
+                            m = copy_into(server, w, sources[nbytes])
+                            _record(row, server, m, f"reused round {r + 1}/{rounds}", progress)
+                finally:
+                    for server in pair:
+                        server.stop()
+    finally:
+        for path in sources.values():
+            path.unlink(missing_ok=True)
     return rows
 
 
@@ -427,33 +476,49 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def section(rows: list[Row], info: dict[str, Any], rounds: int, scale: float) -> str:
+def section(
+    results: dict[str, list[Row]],
+    info: dict[str, Any],
+    rounds: int,
+    scale: float,
+    mode: str,
+) -> str:
     opts = " ".join(o for o in WORKLOADS[0].nbdcopy_options() if not o.startswith("--request"))
-    return f"""{SECTION}
-
-Measured {info["date"]} by `bench/server_vs_nbdkit.py --rounds {rounds} --size-scale {scale:g}`
-on {info["nproc"]} CPUs ({info["cpu"]}), {info["kernel"]}, {info["python"]},
-{info["nbdkit"]}, {info["nbdcopy"]}.
-
-Each run starts a fresh server with an empty in-memory export on 127.0.0.1 (TCP) --
-`netswap server --export bench:SIZE` or `nbdkit memory SIZE` (default thread pool) -- and
-times `nbdcopy SRC nbd://127.0.0.1:PORT/...` writing a file of random data into it, with
-
-    nbdcopy --request-size=SIZE --requests=DEPTH {opts}
-
-The servers alternate (netswap, nbdkit, netswap, nbdkit, ...); each cell is the median of
-{rounds} runs.  MB/s is 10^6 bytes per second of nbdcopy wall-clock time (server start and
-stop excluded); ops/s is write requests per second.  "netswap/nbdkit" is the ratio of the
-median throughputs, "per round" the range of the ratios of the back-to-back pairs; the
-targets are the issue's (the script prints PASS or "below target" and exits 0 either way).
+    tables = "\n".join(
+        f"""### {MODE_TITLES[m]}
 
 {table(rows)}
 
 {noise_line(rows)}
+"""
+        for m, rows in results.items()
+    )
+    return f"""{SECTION}
 
-On a shared machine, look at that line before the ratios: netswap serves from one Python
-thread and loses more than nbdkit when other processes compete for the CPUs, so a run with
-more than a few percent of other CPU use understates its ratios.
+Measured {info["date"]} by
+`bench/server_vs_nbdkit.py --rounds {rounds} --size-scale {scale:g} --mode {mode}`
+on {info["nproc"]} CPUs ({info["cpu"]}), {info["kernel"]}, {info["python"]},
+{info["nbdkit"]}, {info["nbdcopy"]}.
+
+Each run times `nbdcopy SRC nbd://127.0.0.1:PORT/...` writing a file of random data into an
+in-memory export on 127.0.0.1 (TCP) -- `netswap server --export bench:SIZE` or
+`nbdkit memory SIZE` (default thread pool) -- with
+
+    nbdcopy --request-size=SIZE --requests=DEPTH {opts}
+
+"Fresh exports": each copy goes to a newly started server, so every write is a first write
+to its region.  "Reused servers": one server of each kind per workload, filled once by an
+untimed copy, then overwritten by every timed one (as a swap device is).  The servers
+alternate (netswap, nbdkit, netswap, nbdkit, ...); each cell is the median of {rounds} runs.
+MB/s is 10^6 bytes per second of nbdcopy wall-clock time (server start and stop excluded);
+ops/s is write requests per second.  "netswap/nbdkit" is the ratio of the median
+throughputs, "per round" the range of the ratios of the back-to-back pairs; the targets are
+the issue's (the script prints PASS or "below target" and exits 0 either way).
+
+{tables}
+On a shared machine, look at the "other processes" lines before the ratios: netswap serves
+from one Python thread and loses more than nbdkit when other processes compete for the
+CPUs, so a run with more than a few percent of other CPU use understates its ratios.
 """
 
 
@@ -484,6 +549,15 @@ def main(argv: list[str] | None = None) -> int:
         "--size-scale", type=float, default=1.0, metavar="X",
         help="multiply every workload's data size by X (default 1; 0.1 for a quick look)",
     )  # fmt: skip
+    parser.add_argument(
+        "--mode", choices=(*MODES, "both"), default="both",
+        help="fresh servers per copy, reused (overwritten) servers, or both (default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", metavar="NAMES", default="",
+        help="comma-separated workloads to run (default all: "
+        + ", ".join(w.name for w in WORKLOADS) + ")",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
     parser.add_argument(
         "--write-docs", action="store_true",
@@ -494,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.size_scale <= 0:
         parser.error("--rounds must be >= 1 and --size-scale > 0")
+    only = tuple(n for n in args.only.split(",") if n)
+    unknown = set(only) - {w.name for w in WORKLOADS}
+    if unknown:
+        parser.error(f"--only: no workload named {', '.join(sorted(unknown))}")
+    modes = MODES if args.mode == "both" else (args.mode,)
     for tool in ("nbdkit", "nbdcopy"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (Debian: nbdkit, libnbd-bin)", file=sys.stderr)
@@ -505,36 +584,47 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['python']}, {info['nbdkit']}, {info['nbdcopy']}",
         file=sys.stderr,
     )
+    results: dict[str, list[Row]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="netswap-bench-") as tmp:
-            rows = run_benchmark(args.rounds, args.size_scale, Path(tmp), not args.quiet)
+            for mode in modes:
+                results[mode] = run_benchmark(
+                    args.rounds, args.size_scale, Path(tmp), not args.quiet, mode, only
+                )
     except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
 
-    print(table(rows))
-    print(noise_line(rows))
+    for mode, rows in results.items():
+        print(f"{MODE_TITLES[mode]}:")
+        print(table(rows))
+        print(noise_line(rows))
     if args.json:
         payload = {
             "machine": info,
             "rounds": args.rounds,
             "size_scale": args.size_scale,
-            "other_cpu": dict(zip(("average", "worst"), noise(rows), strict=True)),
-            "results": [
-                {
-                    **asdict(row),
-                    **{f"{s}_mb_s": round(row.mb_s(s), 2) for s in SERVERS},
-                    **{f"{s}_ops_s": round(row.ops_s(s)) for s in SERVERS},
-                    "ratio": round(row.ratio, 3),
-                    "round_ratios": [round(r, 3) for r in row.round_ratios],
-                    "verdict": row.verdict,
+            "modes": {
+                mode: {
+                    "other_cpu": dict(zip(("average", "worst"), noise(rows), strict=True)),
+                    "results": [
+                        {
+                            **asdict(row),
+                            **{f"{s}_mb_s": round(row.mb_s(s), 2) for s in SERVERS},
+                            **{f"{s}_ops_s": round(row.ops_s(s)) for s in SERVERS},
+                            "ratio": round(row.ratio, 3),
+                            "round_ratios": [round(r, 3) for r in row.round_ratios],
+                            "verdict": row.verdict,
+                        }
+                        for row in rows
+                    ],
                 }
-                for row in rows
-            ],
+                for mode, rows in results.items()
+            },
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.write_docs:
-        write_docs(Path(args.docs), section(rows, info, args.rounds, args.size_scale))
+        write_docs(Path(args.docs), section(results, info, args.rounds, args.size_scale, args.mode))
         print(f"wrote the '{SECTION}' section of {args.docs}", file=sys.stderr)
     return 0
 

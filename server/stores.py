@@ -11,7 +11,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
+import platform
+import sys
 from typing import Protocol
 
 from testbed.nbd.constants import StateFlags
@@ -46,7 +49,16 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """A sparse in-memory disk: a dict of 4 KiB pages; absent pages read as zeros."""
+    """A sparse in-memory disk: one anonymous private mapping of the export's size, which the
+    kernel fills with zero pages as they are first written (as ``nbdkit memory``'s sparse
+    array allocates as it goes), plus one byte per 4 KiB page saying whether it holds data.
+
+    Timed on a fresh export, the dict of 4 KiB ``bytes`` pages this replaces spent a
+    128 KiB write on 32 allocations, copies and dict stores (~450 us on a 2-core VM; an
+    overwrite ~200 us); one copy into the mapping costs ~40 us there, plus the kernel's page
+    faults the first time (~3-6 us per 4 KiB page on that VM, as for nbdkit).  Whole pages that are trimmed or zeroed are given
+    back to the kernel (``MADV_DONTNEED``: they read as zeros again and cost no memory).
+    """
 
     needs_flush = False
 
@@ -55,54 +67,34 @@ class MemoryStore:
             raise ValueError("size must not be negative")
         self.size = size
         self.read_only = read_only
-        self._pages: dict[int, bytes] = {}
+        pages = -(-size // PAGE)
+        self._map = _anonymous_map(size)
+        #: Per 4 KiB page: 1 once written (data), 0 for a hole (never written, or freed).
+        #: Mapped too, so that a large export costs no memory before it is written.
+        self._used = _anonymous_map(pages)
+        self._pages = pages
+        self._allocated = 0  # pages with data: the count of 1s in _used
 
     @property
     def allocated_bytes(self) -> int:
-        return len(self._pages) * PAGE
+        return self._allocated * PAGE
 
     def pread(self, offset: int, length: int) -> bytes:
-        pages = self._pages
-        index, skip = divmod(offset, PAGE)
-        if skip + length <= PAGE:  # the common case: inside one page
-            page = pages.get(index)
-            if page is None:
-                return bytes(length)
-            return page if length == PAGE else page[skip : skip + length]
-        parts = []
-        remaining = length
-        while remaining:
-            n = min(PAGE - skip, remaining)
-            page = pages.get(index)
-            if page is None:
-                parts.append(bytes(n))
-            else:
-                parts.append(page if n == PAGE else page[skip : skip + n])
-            remaining -= n
-            index += 1
-            skip = 0
-        return b"".join(parts)
+        return self._map[offset : offset + length]
 
     def pwrite(self, offset: int, data: bytes) -> None:
-        pages = self._pages
-        index, skip = divmod(offset, PAGE)
-        length = len(data)
-        if skip == 0 and length == PAGE:
-            pages[index] = data
-            return
-        view = memoryview(data)
-        pos = 0
-        while pos < length:
-            n = min(PAGE - skip, length - pos)
-            if n == PAGE:
-                pages[index] = bytes(view[pos : pos + PAGE])
-            else:
-                page = bytearray(pages.get(index) or bytes(PAGE))
-                page[skip : skip + n] = view[pos : pos + n]
-                pages[index] = bytes(page)
-            pos += n
-            index += 1
-            skip = 0
+        end = offset + len(data)
+        self._map[offset:end] = data
+        first = offset // PAGE
+        last = -(-end // PAGE)
+        used = self._used
+        if last - first == 1:  # the common case: one page (swap writes whole pages)
+            if not used[first]:
+                used[first] = 1
+                self._allocated += 1
+        elif last > first:
+            self._allocated += last - first - used[first:last].count(1)
+            used[first:last] = b"\x01" * (last - first)
 
     def trim(self, offset: int, length: int) -> None:
         # Discarded ranges read back as zeros here (allowed: TRIM content is unspecified).
@@ -116,56 +108,97 @@ class MemoryStore:
             self._zero_partial(offset, end)
             return
         self._zero_partial(offset, first * PAGE)
-        pages = self._pages
-        if not may_trim:  # NO_HOLE: the range must stay allocated, so store zero pages
-            zero = bytes(PAGE)
-            for index in range(first, last):
-                pages[index] = zero
-        elif last - first < len(pages):
-            for index in range(first, last):
-                pages.pop(index, None)
-        else:
-            for index in [i for i in pages if first <= i < last]:
-                del pages[index]
         self._zero_partial(last * PAGE, end)
+        used = self._used
+        if not may_trim:  # NO_HOLE: the range must stay allocated, so store zero pages
+            self._map[first * PAGE : last * PAGE] = bytes((last - first) * PAGE)
+            self._allocated += last - first - used[first:last].count(1)
+            used[first:last] = b"\x01" * (last - first)
+            return
+        self._free(first, last)
+        self._allocated -= used[first:last].count(1)
+        used[first:last] = bytes(last - first)
+
+    def _free(self, first: int, last: int) -> None:
+        """Zero pages ``first:last`` and give back the memory under them."""
+        start, end = first * PAGE, min(last * PAGE, self.size)
+        # madvise works on host pages (4 KiB, or more on some arm64 kernels): free the
+        # whole host pages inside, write zeros over the edges.
+        host = mmap.PAGESIZE
+        inner_start = -(-start // host) * host
+        inner_end = end // host * host
+        if inner_start < inner_end and _MADV_DONTNEED is not None:
+            self._map.madvise(_MADV_DONTNEED, inner_start, inner_end - inner_start)
+        else:
+            inner_start = inner_end = start
+        if start < inner_start:
+            self._map[start:inner_start] = bytes(inner_start - start)
+        if inner_end < end:
+            self._map[inner_end:end] = bytes(end - inner_end)
 
     def _zero_partial(self, start: int, end: int) -> None:
+        """Zero part of a page; a page that holds no data is already zeros."""
         while start < end:
             index, skip = divmod(start, PAGE)
             n = min(PAGE - skip, end - start)
-            page = self._pages.get(index)
-            if page is not None:
-                buf = bytearray(page)
-                buf[skip : skip + n] = bytes(n)
-                self._pages[index] = bytes(buf)
+            if self._used[index]:
+                self._map[start : start + n] = bytes(n)
             start += n
 
     def flush(self) -> None:
         pass
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """(length, flags) runs from ``offset``: allocated pages are data, others holes."""
+        """(length, flags) runs from ``offset``: pages with data, others holes."""
         end = offset + min(length, MAX_STATUS_SCAN)
         out: list[tuple[int, int]] = []
+        used = self._used
+        last = -(-end // PAGE)
         pos = offset
-        pages = self._pages
         while pos < end:
             index = pos // PAGE
-            flags = 0 if index in pages else _HOLE
-            run_end = min((index + 1) * PAGE, end)
-            index += 1
-            while run_end < end and (0 if index in pages else _HOLE) == flags:
-                run_end = min(run_end + PAGE, end)
-                index += 1
-            if out and out[-1][1] == flags:
-                out[-1] = (out[-1][0] + run_end - pos, flags)
-            else:
-                out.append((run_end - pos, flags))
+            flags = 0 if used[index] else _HOLE
+            # The next page of the other kind (bytearray.find scans in C).
+            nxt = used.find(b"\x00" if flags == 0 else b"\x01", index + 1, last)
+            run_end = end if nxt < 0 else min(nxt * PAGE, end)
+            out.append((run_end - pos, flags))
             pos = run_end
         return out
 
     def close(self) -> None:
-        self._pages.clear()
+        # Empty, and its memory given back; the store stays usable (as the dict it
+        # replaces did after clear()).
+        self._free(0, self._pages)
+        if self._pages and _MADV_DONTNEED is not None:
+            self._used.madvise(_MADV_DONTNEED, 0, len(self._used))
+        else:
+            self._used[: self._pages] = bytes(self._pages)
+        self._allocated = 0
+
+
+_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+# MAP_NORESERVE (mmap has it from Python 3.12) lets a sparse export larger than memory plus
+# swap open under the kernel's default overcommit heuristic.  0x4000 is its value on the
+# Linux architectures we run on; elsewhere go without.
+_MAP_NORESERVE: int = getattr(
+    mmap,
+    "MAP_NORESERVE",
+    0x4000
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64", "riscv64")
+    else 0,
+)
+
+
+def _anonymous_map(size: int) -> mmap.mmap:
+    """A private anonymous mapping of ``size`` bytes (at least one byte): zeros, allocated
+    by the kernel as they are first written."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+    try:
+        return mmap.mmap(-1, max(size, 1), flags=flags)
+    except OSError as exc:
+        raise StoreError(
+            exc.errno or errno.ENOMEM, f"cannot map {size} bytes for a memory export: {exc}"
+        ) from exc
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01

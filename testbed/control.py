@@ -637,6 +637,7 @@ class ServerControlEndpoint(ControlEndpoint):
 
     def __init__(self, server: Any, *, log: Any = None) -> None:
         super().__init__(None, server_faults=NBDServerFaults(server), log=log)  # type: ignore[arg-type]
+        self._server = server
 
     async def execute(self, line: bytes | str) -> tuple[dict[str, Any], Callable[[], None] | None]:
         try:
@@ -651,6 +652,8 @@ class ServerControlEndpoint(ControlEndpoint):
                         "ok": True,
                         "cmd": "status",
                         "exports": self.server_faults.report(),
+                        # Live connections' requests and bytes included (server.stats).
+                        "stats": attrs.asdict(self._server.stats),
                     }, None
                 case ServerFault(kind=kind, params=params):
                     result = await self.server_faults.apply(kind, params)

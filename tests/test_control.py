@@ -852,6 +852,32 @@ async def _process(
 # -- netswap server --control: server faults at run time ----------------------------------
 
 
+async def test_a_servers_status_counts_a_live_connections_requests(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Watched while a swap device (one long connection) works, the status shows its work."""
+    import trio.testing
+
+    from client.nbd_client import NBDClient
+    from server import Export, NBDServer
+    from testbed.config import ExportConfig, ServerConfig
+    from testbed.control import ServerControlEndpoint
+
+    cfg = ServerConfig(listen="127.0.0.1:0", exports=(ExportConfig(name="swap", size=1 << 20),))
+    server = NBDServer(cfg, [Export.from_config(e) for e in cfg.exports])
+    endpoint = ServerControlEndpoint(server)
+    client_end, server_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end)
+        client = await NBDClient.over(client_end, "swap", nursery=nursery)
+        await client.write(0, b"w" * 4096)
+        await client.write(4096, b"w" * 4096)
+        status, _after = await endpoint.execute('{"cmd": "status"}')
+        stats = status["stats"]
+        assert (stats["live"], stats["requests"], stats["bytes_written"]) == (1, 2, 8192)
+        await client.close()
+
+
 async def test_a_servers_endpoint_sets_and_clears_its_faults() -> None:
     from server import Export, NBDServer
     from testbed.config import ExportConfig, ServerConfig

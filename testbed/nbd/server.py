@@ -43,6 +43,17 @@ _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _ERR_CHUNK = struct.Struct(">IH")
+# Plain ints and module-level names for the per-request path: an enum member costs an
+# attribute lookup on its class at every use, and a request makes a dozen such uses.
+_REQUEST_MAGIC = c.REQUEST_MAGIC
+_SIMPLE_REPLY_MAGIC = c.SIMPLE_REPLY_MAGIC
+_SIMPLE_PACK = _SIMPLE.pack
+_READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_STRUCTURED_REPLY_MAGIC = c.STRUCTURED_REPLY_MAGIC
+_DONE = int(c.ReplyFlags.DONE)
+_OFFSET_DATA = int(c.Chunk.OFFSET_DATA)
+_TRANSMISSION, _CLOSED = Phase.TRANSMISSION, Phase.CLOSED
 
 #: Meta contexts this server knows, with the (opaque, non-zero) ids it hands out.
 META_CONTEXTS: dict[str, int] = {c.BASE_ALLOCATION: 1}
@@ -138,10 +149,14 @@ class ServerConnection(Machine):
 
     # -- input ----------------------------------------------------------------------------
     def next_event(self) -> Event | _NeedData:
+        if self._phase is _TRANSMISSION:  # the hot path: not ERROR, so usable
+            try:
+                return self._next_request()
+            except RemoteProtocolError:
+                self._phase = Phase.ERROR
+                raise
         self._check_usable()
         try:
-            if self._phase is Phase.TRANSMISSION:
-                return self._next_request()
             if self._phase is Phase.AWAIT_FLAGS:
                 return self._next_flags()
             if self._phase is Phase.OPTIONS:
@@ -356,14 +371,17 @@ class ServerConnection(Machine):
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < _REQ_SIZE:
+            if not self._eof:
+                return NEED_DATA  # after each batch of requests: spare the call
             return self._closed_event()
         magic, flags, cmd, cookie, offset, length = _REQ.unpack_from(buf, pos)
-        if magic != c.REQUEST_MAGIC:
+        if magic != _REQUEST_MAGIC:
             self._fail(RemoteProtocolError(f"bad request magic {magic:#x}"))
-        if cmd == Cmd.WRITE:
+        start = pos + _REQ_SIZE
+        if cmd == _WRITE:
             if length > self.max_payload:
                 # Refuse before buffering: the payload is drained as it arrives, never held.
-                self._pos = pos + _REQ_SIZE
+                self._pos = start
                 self._drain(length)
                 return self._reject(
                     cookie,
@@ -371,39 +389,39 @@ class ServerConnection(Machine):
                     Errno.EINVAL,
                     f"payload {length} exceeds maximum {self.max_payload}",
                 )
-            end = pos + _REQ_SIZE + length
+            end = start + length
             if len(buf) < end:
                 if self._eof:
                     return self._closed_event()
                 return NEED_DATA
-            data: bytes | None = _copy(buf, pos + _REQ_SIZE, end)
+            data: bytes | None = _copy(buf, start, end)
             self._pos = end
         else:
             data = None
-            self._pos = pos + _REQ_SIZE
-            if cmd == Cmd.DISC:
+            self._pos = start
+            if cmd == _DISC:
                 self._move(Trigger.DISC, remote=True)
                 return Disconnect()
-        error, reason = self._validate(cmd, flags, offset, length)
-        if error:
-            return self._reject(cookie, cmd, error, reason)
-        return Request(cookie, cmd, offset, length, flags, data)
-
-    def _validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str]:
-        # Fast path: the common, valid request costs a dict lookup and three comparisons.
+        # The common, valid request passes here (a dict lookup and four comparisons);
+        # anything else goes through every rule.
         mask = self._fast.get(cmd)
         if (
-            mask is not None
-            and not flags & ~mask
-            and offset + length <= self._size
-            and (cmd != Cmd.READ or length <= self.max_payload)
-            and not self.shutting_down
+            mask is None
+            or flags & ~mask
+            or offset + length > self._size
+            or (cmd == _READ and length > self.max_payload)
+            or self.shutting_down
         ):
-            return Errno.OK, ""
-        return self._validate_slow(cmd, flags, offset, length)
+            error, reason = self._validate_slow(cmd, flags, offset, length)
+            if error:
+                return self._reject(cookie, cmd, error, reason)
+        return Request(cookie, cmd, offset, length, flags, data)
 
     def _validate_slow(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str]:
-        """Every rule, in the order that picks the error a client should see."""
+        """Every rule, in the order that picks the error a client should see.
+
+        ``_next_request`` comes here only when its fast check (``_fast_masks``, the range)
+        does not pass a request outright."""
         if self.shutting_down:
             return Errno.ESHUTDOWN, "server is shutting down"
         allowed = _ALLOWED_FLAGS.get(cmd)
@@ -464,8 +482,14 @@ class ServerConnection(Machine):
         self, req: Request, error: int = 0, data: bytes | None = None, message: str = ""
     ) -> None:
         """Queue the answer to ``req``: READ data on success, else an error or a plain ACK."""
-        if self._phase is not Phase.TRANSMISSION and self._phase is not Phase.CLOSED:
-            self._fail(LocalProtocolError(f"cannot reply in phase {self._phase.value}"))
+        phase = self._phase
+        if phase is not _TRANSMISSION and phase is not _CLOSED:
+            self._fail(LocalProtocolError(f"cannot reply in phase {phase.value}"))
+        command = req.command
+        if not error and data is None and command != _READ and command != _BLOCK_STATUS:
+            # The common case first: a plain ACK (WRITE, FLUSH, TRIM, ...).
+            self._out.append(_SIMPLE_PACK(_SIMPLE_REPLY_MAGIC, 0, req.cookie))
+            return
         if error:
             try:
                 name = Errno(error).name
@@ -473,11 +497,11 @@ class ServerConnection(Machine):
                 name = f"error {error}"
             self._send_error(req.cookie, req.command, error, message or name)
             return
-        if req.command == Cmd.BLOCK_STATUS:
+        if command == _BLOCK_STATUS:
             # "A server MUST reply to NBD_CMD_BLOCK_STATUS with a structured reply of type
             # NBD_REPLY_TYPE_BLOCK_STATUS": a simple success reply would break the protocol.
             self._fail(LocalProtocolError("answer BLOCK_STATUS with reply_block_status"))
-        if req.command == Cmd.READ:
+        if command == _READ:
             if data is None or len(data) != req.length:
                 self._fail(
                     LocalProtocolError("a READ reply must carry exactly the requested length")
@@ -492,16 +516,12 @@ class ServerConnection(Machine):
                     return
                 self._out.append(
                     _CHUNK.pack(
-                        c.STRUCTURED_REPLY_MAGIC,
-                        c.ReplyFlags.DONE,
-                        c.Chunk.OFFSET_DATA,
-                        req.cookie,
-                        8 + len(data),
+                        _STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, req.cookie, 8 + len(data)
                     )
                     + _U64.pack(req.offset)
                 )
             else:
-                self._out.append(_SIMPLE.pack(c.SIMPLE_REPLY_MAGIC, 0, req.cookie))
+                self._out.append(_SIMPLE_PACK(_SIMPLE_REPLY_MAGIC, 0, req.cookie))
             self._out.append(data)
             return
         if data is not None:

@@ -47,8 +47,8 @@ async def test_nbdcopy_with_4k_requests_in_and_out(
     out = tmp_path / "out.img"
     await run(nbdcopy, "--request-size=4096", uri(server, "small"), out)
     assert first_difference(src, out) is None
-    # The server adds a connection's counters to its stats when the connection ends: let
-    # it see the EOFs first.  Every byte went over the wire as 4 KiB requests.
+    # Let the server see the EOFs (live goes to 0).  Every byte went over the wire as
+    # 4 KiB requests.
     await trio.testing.wait_all_tasks_blocked()
     assert server.stats.live == 0
     assert server.stats.bytes_written == 4 * MiB

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from client.nbd_client import NBDClient, NBDError
 from server import NBDServer
@@ -166,6 +167,33 @@ async def test_connections_share_one_store(nbd_server: NBDServer, nursery: trio.
     await a.write(0, b"multi-conn" * 100)
     await a.flush()
     assert await b.read(0, 1000) == b"multi-conn" * 100
+
+
+async def test_stats_count_a_live_connections_requests_as_they_happen(
+    nbd_server: NBDServer, nursery: trio.Nursery
+) -> None:
+    """A swap device keeps one connection for its whole life: its work must show in the
+    server's totals while it lasts, not when it closes."""
+    c = await connect(nbd_server, nursery)
+    before = nbd_server.stats.requests
+    for i in range(3):
+        await c.write(i * 4096, b"s" * 4096)
+        # The reply came back, so the server has counted the request.
+        assert nbd_server.stats.requests == before + i + 1
+        assert nbd_server.stats.bytes_written == (i + 1) * 4096
+    assert await c.read(0, 8192) == b"s" * 8192
+    stats = nbd_server.stats
+    assert (stats.live, stats.requests, stats.bytes_read) == (1, before + 4, 8192)
+    await c.close()
+    await trio.testing.wait_all_tasks_blocked()
+    stats = nbd_server.stats
+    # Closing adds nothing more: each request counted once.
+    assert (stats.live, stats.requests, stats.bytes_written, stats.bytes_read) == (
+        0,
+        before + 4,
+        3 * 4096,
+        8192,
+    )
 
 
 # -- errors that keep the connection ------------------------------------------------------
