@@ -78,11 +78,17 @@ say release "$release"
 if [ -n "$COLOCATED" ]; then
   # The NBD server inside the guest, on its own loopback: Debian's nbdkit memory, whose
   # memory the kernel it serves may reclaim (--swap mlocks it).
+  # nbdkit 1.32's data segment declares 192 MiB of .bss: under the default overcommit
+  # heuristic a guest below ~256 MiB with no swap yet cannot exec it (the kernel kills
+  # it with SIGSEGV), so overcommit is allowed while it starts, then put back.
+  read overcommit < /proc/sys/vm/overcommit_memory
+  echo 1 > /proc/sys/vm/overcommit_memory
   set -- -i 127.0.0.1 -p $SERVER_PORT -e "$EXPORT" -P /run/nbdkit.pid
   [ "$COLOCATED" = guest-swap ] && set -- --swap "$@"
   nbdkit "$@" memory "$SWAP_BYTES" > /tmp/nbdkit.out 2>&1 || {
     read e < /tmp/nbdkit.out; fail "nbdkit: $e"; }
   while [ ! -s /run/nbdkit.pid ]; do sleep 0.1; done  # written once it listens
+  echo "$overcommit" > /proc/sys/vm/overcommit_memory
   say nbdkit "$COLOCATED"
 fi
 nbd-client -N "$EXPORT" $SERVER_IP $SERVER_PORT /dev/nbd0 -b 4096 -t "$NBD_TIMEOUT" \

@@ -399,7 +399,7 @@ def colocated_server(image: GuestImage, progress: object = None) -> Path:
     libraries ``ldd`` names, for a guest that serves its own swap (``kernel.server =
     "guest"``).  Built once per nbdkit version, beside the image."""
     version = package_version("nbdkit")
-    out = image.directory / f"nbdkit-{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}.cpio.gz"
+    out = image.directory / f"nbdkit-{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}-2.cpio.gz"
     if out.exists():
         return out
     if shutil.which("nbdkit") is None:
@@ -424,6 +424,11 @@ def colocated_server(image: GuestImage, progress: object = None) -> Path:
         for program in (binary, plugin):
             for lib in needed_libraries(program):
                 libs[lib.as_posix()] = lib
+        # Only what the base archive lacks: a second copy of a library would replace the
+        # first as the kernel unpacks the archives in turn (and guests below 256 MiB then
+        # crashed every program that loads it).
+        for have in image.libraries:
+            libs.pop(have, None)
         files = [("usr/bin/nbdkit", EXEC, binary.read_bytes())]
         files.append((plugin.relative_to(root).as_posix(), FILE, plugin.read_bytes()))
         files += [(p.lstrip("/"), EXEC, lib.resolve().read_bytes()) for p, lib in libs.items()]

@@ -447,7 +447,7 @@ async def _supervise(
                 log.warning("kernel.monitor_failed", error=str(exc))
             finally:
                 await monitor.aclose()
-            await _settle(state, quiet=5.0, limit=120.0)
+            await _settle(state, quiet=5.0, limit=60.0)
             tasks = blocked_tasks(state.console)
             log.warning(
                 "kernel.blocked_tasks",
