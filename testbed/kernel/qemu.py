@@ -8,9 +8,12 @@ host listens on), the monitor a third unix socket, through which the host sends 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import attrs
 import trio
 
 from testbed.kernel.guest import SERVER_IP, SERVER_PORT
+from testbed.kernel.image import cpio_newc
 
 QEMU = "qemu-system-x86_64"
 #: qemu's device for each NIC model the guest may have.
@@ -81,46 +85,89 @@ class QemuGuest:
         ]
 
 
-def kvm_works() -> bool:
-    """Whether KVM can run a guest here: /dev/kvm opens and qemu starts a bare machine with
-    it.  A probe, not a promise: nested KVM has failed mid-boot on machines that pass it, so
-    ``auto`` means TCG unless asked (see docs/kernel.md)."""
+#: What the probe's guest prints when it reached userspace under KVM.
+KVM_PROBE_OK = "netswap-kvm-probe-ok"
+KVM_PROBE_SECONDS = 30.0
+
+
+def kvm_works(kernel: Path, initramfs: Path, cache: Path) -> bool:
+    """Whether this image's kernel boots to userspace under KVM here: a real boot, not just
+    an open /dev/kvm (nested KVM on these machines passed that, then stopped mid-boot with
+    an emulation failure).  The answer is cached beside the image, per host kernel and
+    qemu, so only the first run pays for it (up to 30 s)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK) or shutil.which(QEMU) is None:
         return False
+    key = f"{os.uname().release} {_qemu_version()}"
+    cached = cache / "kvm-probe.json"
     try:
-        done = subprocess.run(
-            [
-                QEMU,
-                "-accel",
-                "kvm",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-machine",
-                "none",
-                "-S",
-                "-monitor",
-                "stdio",
-            ],
-            input="quit\n",
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
+        known = json.loads(cached.read_text())
+        if known.get("key") == key:
+            return bool(known["works"])
+    except (OSError, ValueError, KeyError):
+        pass
+    init = f"#!/bin/sh\n/bin/busybox echo {KVM_PROBE_OK}\n/bin/busybox poweroff -f\n"
+    with tempfile.TemporaryDirectory(prefix="netswap-kvm-") as tmp:
+        initrd = Path(tmp) / "initrd"
+        base = initramfs.read_bytes()
+        initrd.write_bytes(
+            base + b"\0" * (-len(base) % 4) + cpio_newc([("init", 0o100755, init.encode())])
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
+        argv = [
+            QEMU,
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "128M",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            "console=ttyS0 panic=-1",
+            "-serial",
+            "stdio",
+        ]
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=KVM_PROBE_SECONDS, check=False,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            works = KVM_PROBE_OK in done.stdout
+        except (OSError, subprocess.TimeoutExpired):
+            works = False
+    with contextlib.suppress(OSError):
+        cached.write_text(json.dumps({"key": key, "works": works}))
+    return works
 
 
-def choose_accel(requested: str) -> str:
-    if requested == "auto":
-        # Nested KVM on these machines stopped mid-boot with an emulation failure after
-        # passing the probe, so "auto" takes TCG, which always works; --accel kvm asks.
+def _qemu_version() -> str:
+    try:
+        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return "?"
+    return out.stdout.splitlines()[0] if out.stdout else "?"
+
+
+def choose_accel(requested: str, kernel: Path, initramfs: Path, cache: Path) -> str:
+    """``auto``: KVM when a boot of this kernel under it reaches userspace, else TCG (which
+    always works); ``kvm``: KVM or a one-line error; ``tcg``: TCG."""
+    if requested == "tcg":
         return "tcg"
-    if requested == "kvm" and not kvm_works():
-        raise RuntimeError("--accel kvm: KVM is not usable here (/dev/kvm or qemu -accel kvm)")
-    return requested
+    if kvm_works(kernel, initramfs, cache):
+        return "kvm"
+    if requested == "kvm":
+        raise RuntimeError(
+            "--accel kvm: this kernel does not boot under KVM here (/dev/kvm is missing, "
+            "or nested KVM stops mid-boot); use --accel tcg"
+        )
+    return "tcg"
 
 
 class Monitor:

@@ -116,7 +116,6 @@ async def run_kernel(
     settings = guest_settings(scenario)
     mib = memory_mib(scenario)
     kcfg = scenario.kernel
-    accel = choose_accel(kcfg.accel)
     if server is not None:
         await _probe(*server[:2])  # before minutes of image building, not after
     if image is None:
@@ -130,6 +129,12 @@ async def run_kernel(
             )
         except ImageError as exc:
             raise KernelRunError(str(exc)) from None
+    try:
+        accel = await trio.to_thread.run_sync(
+            choose_accel, kcfg.accel, image.kernel, image.initramfs, image.directory
+        )
+    except RuntimeError as exc:
+        raise KernelRunError(str(exc)) from None
     nic_module = {"virtio": "virtio_net", "e1000": "e1000"}[kcfg.nic]
     if not image.has_module(nic_module):
         raise ConfigError(
