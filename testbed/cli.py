@@ -478,14 +478,22 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _jobs(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes") from None
-    if not 1 <= n <= 256:
-        raise argparse.ArgumentTypeError(f"{n}: must be 1..256")
-    return n
+def counted(what: str, most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``what`` from 1 to ``most``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {what}") from None
+        if not 1 <= n <= most:
+            raise argparse.ArgumentTypeError(f"{n}: must be 1..{most}")
+        return n
+
+    return parse
+
+
+_jobs = counted("processes", 256)
 
 
 def _add_jobs(p: argparse.ArgumentParser) -> None:

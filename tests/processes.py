@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 
-def netswap(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def netswap(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``netswap ARGS`` with no stdin; its exit status, stdout and stderr."""
     return subprocess.run(
         [sys.executable, "-m", "testbed.cli", *args],
@@ -15,6 +17,7 @@ def netswap(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 

@@ -54,7 +54,11 @@ def add_parser(
         metavar="nbd://HOST:PORT/EXPORT",
         help="swap on this NBD server (loopback only) instead of an embedded netswap server",
     )
-    run.add_argument("--trials", type=_trials, default=1, metavar="N", help="boot N times")
+    from testbed.cli import counted
+
+    run.add_argument(
+        "--trials", type=counted("trials", 1000), default=1, metavar="N", help="boot N times"
+    )
     run.add_argument("--nic", choices=("virtio", "e1000"), help="the guest's NIC (kernel.nic)")
     run.add_argument(
         "--accel", choices=("auto", "kvm", "tcg"), help="qemu's accelerator (kernel.accel)"
@@ -80,16 +84,6 @@ def add_parser(
         "--flavour", choices=("cloud", "generic"), default="cloud", help="Debian's kernel"
     )
     image.set_defaults(func=cmd_kernel_image)
-
-
-def _trials(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of trials") from None
-    if not 1 <= n <= 1000:
-        raise argparse.ArgumentTypeError(f"{n}: must be 1..1000")
-    return n
 
 
 def kernel_scenario(args: argparse.Namespace) -> ScenarioConfig:

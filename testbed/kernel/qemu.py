@@ -49,29 +49,10 @@ class QemuGuest:
         if self.server is not None:
             host, port = self.server
             netdev += f",guestfwd=tcp:{SERVER_IP}:{SERVER_PORT}-tcp:{host}:{port}"
-        cpu = ["-cpu", "max"] if self.accel == "tcg" else ["-cpu", "host"]
         return [
-            QEMU,
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display",
-            "none",
-            "-accel",
-            self.accel,
-            *cpu,
+            *machine_argv(self.accel, self.memory_mib, self.kernel, self.initrd, KERNEL_CMDLINE),
             "-smp",
             str(self.cpus),
-            "-m",
-            f"{self.memory_mib}M",
-            "-kernel",
-            str(self.kernel),
-            "-initrd",
-            str(self.initrd),
-            "-append",
-            KERNEL_CMDLINE,
-            "-serial",
-            "stdio",
             "-chardev",
             f"socket,id=samples,path={self.samples_socket}",
             "-serial",
@@ -88,6 +69,17 @@ class QemuGuest:
 #: What the probe's guest prints when it reached userspace under KVM.
 KVM_PROBE_OK = "netswap-kvm-probe-ok"
 KVM_PROBE_SECONDS = 30.0
+
+
+def machine_argv(accel: str, memory_mib: int, kernel: Path, initrd: Path, append: str) -> list[str]:
+    """qemu with nothing but what we ask for: the kernel, its initramfs and command line,
+    the console on stdout (the first serial port), no display, no reboot."""
+    return [
+        QEMU, "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+        "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+        "-m", f"{memory_mib}M", "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", append, "-serial", "stdio",
+    ]  # fmt: skip
 
 
 def kvm_works(kernel: Path, initramfs: Path, cache: Path) -> bool:
@@ -112,28 +104,7 @@ def kvm_works(kernel: Path, initramfs: Path, cache: Path) -> bool:
         initrd.write_bytes(
             base + b"\0" * (-len(base) % 4) + cpio_newc([("init", 0o100755, init.encode())])
         )
-        argv = [
-            QEMU,
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display",
-            "none",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "128M",
-            "-kernel",
-            str(kernel),
-            "-initrd",
-            str(initrd),
-            "-append",
-            "console=ttyS0 panic=-1",
-            "-serial",
-            "stdio",
-        ]
+        argv = machine_argv("kvm", 128, kernel, initrd, "console=ttyS0 panic=-1")
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=KVM_PROBE_SECONDS, check=False,

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from testbed.report import load_runs
+from tests import processes
 from tests.conftest import require_tool
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(900)]
@@ -36,13 +37,7 @@ def guest_tools() -> None:
 
 
 def netswap(*args: str, timeout: float = 800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "testbed.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return processes.netswap(*args, timeout=timeout)
 
 
 def assert_completed(summary: dict[str, Any], log: Path) -> None:
