@@ -174,6 +174,17 @@ def blocked_tasks(lines: Iterable[str]) -> list[BlockedTask]:
     return tasks
 
 
+#: The hung-task detector (kernel/hung_task.c): a task in TASK_UNINTERRUPTIBLE for longer
+#: than hung_task_timeout_secs (120 s by default).
+_HUNG = re.compile(r"INFO: task (\S+):(\d+) blocked for more than (\d+) seconds")
+
+
+def hung_task(line: str) -> tuple[str, int, int] | None:
+    """(task, pid, seconds) of a hung-task report, or None."""
+    m = _HUNG.search(strip_printk(line))
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+
+
 def fatal_line(line: str) -> str | None:
     """The console line, without its timestamp, if it ends the run as an error."""
     text = strip_printk(line)

@@ -44,6 +44,7 @@ from testbed.kernel.parse import (
     allocstall,
     blocked_tasks,
     fatal_line,
+    hung_task,
     parse_sample,
     parse_tcpext,
     strip_printk,
@@ -338,6 +339,9 @@ async def _console(stream: Any, state: _State, log: Any) -> None:
         del state.console[:-CONSOLE_KEPT]
         state.console_at = time.monotonic()
         log.info("kernel.console", line=strip_printk(line))
+        hung = hung_task(line)
+        if hung is not None:
+            log.warning("kernel.hung_task", task=hung[0], pid=hung[1], seconds=hung[2])
         fatal = fatal_line(line)
         if fatal and state.fatal is None:
             state.fatal = fatal

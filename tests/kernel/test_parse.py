@@ -7,6 +7,7 @@ from pathlib import Path
 from testbed.kernel.parse import (
     blocked_tasks,
     fatal_line,
+    hung_task,
     parse_sample,
     parse_tcpext,
     strip_printk,
@@ -100,3 +101,9 @@ def test_panics_and_oopses_end_a_run_ordinary_lines_do_not() -> None:
     assert fatal_line("[  10.1] BUG: kernel NULL pointer dereference, address: 0") is not None
     assert fatal_line("[  36.02] block nbd0: Possible stuck request ...") is None
     assert strip_printk("[  350.931651] sysrq: Show Blocked State") == "sysrq: Show Blocked State"
+
+
+def test_the_hung_task_detector_is_read() -> None:
+    line = "[  243.2] INFO: task kswapd0:36 blocked for more than 120 seconds."
+    assert hung_task(line) == ("kswapd0", 36, 120)
+    assert hung_task("[  36.0] block nbd0: Possible stuck request") is None
