@@ -19,7 +19,6 @@ import trio
 from client.mm.facts import AllocEmergency, AllocFailed, Observer, drop
 from client.mm.gfp import (
     ALLOC_NO_WATERMARKS,
-    ALLOC_WMARK_LOW,
     GFP,
     GFP_KERNEL,
     PF,
@@ -319,7 +318,3 @@ class Allocator:
     @property
     def nr_free_pages(self) -> int:
         return sum(zone.nr_free for zone in self.zones)
-
-    def zones_ok(self, alloc_flags: AllocFlags = ALLOC_WMARK_LOW) -> bool:
-        """Does every zone pass the watermark ``alloc_flags`` selects?"""
-        return all(zone.watermark_ok(alloc_flags) for zone in self.zones)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, Memory
+from client.mm import GFP, Memory
 from client.net.socket import ModelledSocket
 
 if TYPE_CHECKING:
@@ -38,22 +38,6 @@ class NetPolicy(Protocol):
     def rx_reserve(self) -> object | None:
         """The reserve an emergency RX allocation charges (None: no bean counting)."""
         ...
-
-
-class PlainNet:
-    """No reserve for the network: Linux before 2012 (nbd sets GFP_NOIO, nothing else)."""
-
-    def socket_created(self, sock: ModelledSocket, kind: str) -> None:
-        sock.allocation = GFP_NOIO  # nbd's sock_xmit: sk_allocation = GFP_NOIO
-
-    def socket_closed(self, sock: ModelledSocket) -> None:
-        pass
-
-    def rx_gfp(self, memalloc_socks: int) -> GFP:
-        return GFP_ATOMIC
-
-    def rx_reserve(self) -> object | None:
-        return None
 
 
 class NetStack:
