@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PF
+from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, MAX_RECLAIM_RETRIES, PF
 from client.mm.gfp import current_task_flags
 from client.mm.waits import WaitFor
 from client.net.socket import ModelledSocket
@@ -50,6 +50,11 @@ class PfmemallocPolicy(Policy):
         """mm/vmscan.c allow_direct_reclaim (pfmemalloc_watermark_ok before 2017): the free
         pages of the node's zones against half their summed min watermarks."""
         assert self.memory is not None
+        # allow_direct_reclaim: "if (pgdat->kswapd_failures >= MAX_RECLAIM_RETRIES) return
+        # true" (Shakeel Butt, "mm: fix condition for throttle_direct_reclaim", 2017): kswapd
+        # has given up on the node and sleeps, so nobody would wake the throttled.
+        if self.memory.reclaimer.kswapd_failures >= MAX_RECLAIM_RETRIES:
+            return True
         reserve = sum(z.watermarks.min for z in self.memory.zones)
         free = sum(z.nr_free for z in self.memory.zones)
         return free > reserve // 2

@@ -21,6 +21,7 @@ from client.mm import (
     GFP_ATOMIC,
     GFP_KERNEL,
     GFP_NOIO,
+    MAX_RECLAIM_RETRIES,
     PAGE_SIZE,
     PF,
     Memory,
@@ -302,6 +303,27 @@ async def test_pfmemalloc_nofs_caller_waits_at_most_one_second_across_wakeups(
             rig.hold_until(low)  # ... but others take the pages before it runs
     assert done and done[0] <= 1.0 + 1e-9
 
+
+
+async def test_pfmemalloc_allows_direct_reclaim_once_kswapd_has_given_up(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§7, §5 item 4 allow_direct_reclaim: "if (pgdat->kswapd_failures >=
+    MAX_RECLAIM_RETRIES) return true" — kswapd has given up, nobody would wake the
+    throttled. Free 32 = Σmin/2 fails the watermark check; 15 failures still throttle,
+    16 let even a __GFP_FS caller (no timeout) through at once, uncounted."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    rig.hold_until(BASE_MIN // 2)
+    reclaimer = rig.memory.reclaimer
+    reclaimer.kswapd_failures = MAX_RECLAIM_RETRIES - 1
+    assert MAX_RECLAIM_RETRIES == 16 and not policy.allow_direct_reclaim()
+    reclaimer.kswapd_failures = MAX_RECLAIM_RETRIES
+    assert policy.allow_direct_reclaim()
+    t0 = trio.current_time()
+    await policy.throttle_direct_reclaim(GFP_KERNEL)
+    assert trio.current_time() == t0
+    assert rig.memory.stat.pgscan_direct_throttle == 0 and policy.throttled == 0
 
 # -- reserve (Zijlstra) -------------------------------------------------------------------
 
