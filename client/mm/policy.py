@@ -54,7 +54,11 @@ class ReservePolicy(Protocol):
         ...
 
     def kswapd_pass(self) -> None:
-        """kswapd finished a reclaim pass or is about to sleep (wake throttled tasks here)."""
+        """kswapd finished a reclaim pass (wake throttled tasks here if they may go on)."""
+        ...
+
+    def prepare_kswapd_sleep(self) -> None:
+        """kswapd is about to sleep (``prepare_kswapd_sleep``): wake every throttled task."""
         ...
 
 
@@ -80,4 +84,7 @@ class NullPolicy:
         pass
 
     def kswapd_pass(self) -> None:
+        pass
+
+    def prepare_kswapd_sleep(self) -> None:
         pass

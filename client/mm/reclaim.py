@@ -410,8 +410,17 @@ class Reclaimer:
                 self._kswapd_pending = False
                 self.kswapd_awake = True
                 balanced, nr_reclaimed = await self.balance_pgdat()
-                self.allocator.policy.kswapd_pass()
+                self.prepare_kswapd_sleep()
                 self.allocator.observer(KswapdSleep(balanced, nr_reclaimed))
+
+    def prepare_kswapd_sleep(self) -> None:
+        """mm/vmscan.c prepare_kswapd_sleep, called before every sleep of kswapd: "If kswapd
+        is going to sleep, no process should be sleeping on pfmemalloc_wait, so wake them
+        now if necessary. If the wake up is premature, processes will wake kswapd and get
+        throttled again." The wait queue is the policy's (only a throttling policy has
+        one). Unlike the kernel's, the model's kswapd sleeps after every balance_pgdat
+        pass, balanced or not, until an allocator wakes it again."""
+        self.allocator.policy.prepare_kswapd_sleep()
 
     async def balance_pgdat(self) -> tuple[bool, int]:
         """mm/vmscan.c balance_pgdat: reclaim until every zone is above high.

@@ -70,8 +70,7 @@ class PfmemallocPolicy(Policy):
         assert self.memory is not None
         self.memory.stat.pgscan_direct_throttle += 1
         self.throttled += 1
-        for zone in self.memory.zones:  # "wake kswapd" when the check fails
-            self.memory.reclaimer.wakeup_kswapd(zone)
+        self._wake_kswapd()
         what = WaitFor("pfmemalloc_wait", self.memory.zones[0].name, waker="kswapd")
         # "If the caller cannot enter the filesystem ... throttle for at most HZ";
         # everyone else waits (killably) until kswapd wakes them.
@@ -85,16 +84,36 @@ class PfmemallocPolicy(Policy):
             )
         )
         deadline = trio.current_time() + timeout
-        while not self.allow_direct_reclaim():
+        while True:
             remaining = deadline - trio.current_time()
             if remaining <= 0 or not await self.memory.waits.park(
                 self._pfmemalloc_wait, what, remaining
             ):
                 return
+            if self.allow_direct_reclaim():
+                return
+            # Woken too early (kswapd going to sleep, prepare_kswapd_sleep): "processes will
+            # wake kswapd and get throttled again" -- the wait_event condition,
+            # allow_direct_reclaim, wakes kswapd_wait whenever it fails.
+            self._wake_kswapd()
+
+    def _wake_kswapd(self) -> None:
+        """allow_direct_reclaim: "kswapd must be awake if processes are being throttled"."""
+        assert self.memory is not None
+        for zone in self.memory.zones:
+            self.memory.reclaimer.wakeup_kswapd(zone)
 
     def kswapd_pass(self) -> None:
+        # balance_pgdat: "if (waitqueue_active(&pgdat->pfmemalloc_wait) &&
+        # allow_direct_reclaim(pgdat)) wake_up_all(&pgdat->pfmemalloc_wait)"
         if self.allow_direct_reclaim() and self._pfmemalloc_wait.statistics().tasks_waiting:
             self.throttle_wakeups += 1
+            self._pfmemalloc_wait.unpark_all()
+
+    def prepare_kswapd_sleep(self) -> None:
+        # prepare_kswapd_sleep: "if (waitqueue_active(&pgdat->pfmemalloc_wait))
+        # wake_up_all(&pgdat->pfmemalloc_wait)" -- whether or not the check passes.
+        if self._pfmemalloc_wait.statistics().tasks_waiting:
             self._pfmemalloc_wait.unpark_all()
 
     # -- the network ----------------------------------------------------------------------

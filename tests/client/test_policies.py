@@ -325,6 +325,67 @@ async def test_pfmemalloc_allows_direct_reclaim_once_kswapd_has_given_up(
     assert trio.current_time() == t0
     assert rig.memory.stat.pgscan_direct_throttle == 0 and policy.throttled == 0
 
+
+async def test_pfmemalloc_kswapd_wakes_the_throttled_before_it_sleeps(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§7 prepare_kswapd_sleep: "if (waitqueue_active(&pgdat->pfmemalloc_wait))
+    wake_up_all(...)" — unlike balance_pgdat's wake-up, whether or not the check passes
+    when kswapd looks. Free 32 = Σmin/2: kswapd_pass leaves the __GFP_FS caller asleep;
+    prepare_kswapd_sleep wakes it, it re-checks and is throttled again (the same throttle,
+    counted once). The race it closes: kswapd goes to sleep with the check failing, then
+    "a large process exits" (free 192) before the woken task re-checks — it goes on."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    memory = rig.memory
+    rig.hold_until(BASE_MIN // 2)
+    passed: list[float] = []
+
+    async def user() -> None:
+        await policy.throttle_direct_reclaim(GFP_KERNEL)
+        passed.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(user, name="user")
+        await wait_all_tasks_blocked()
+        assert wait_of(memory, "user") == "pfmemalloc_wait"
+        policy.kswapd_pass()  # balance_pgdat's wake-up needs the check to pass
+        await wait_all_tasks_blocked()
+        assert wait_of(memory, "user") == "pfmemalloc_wait" and not passed
+        policy.prepare_kswapd_sleep()  # premature: woken, re-checks, throttled again
+        await wait_all_tasks_blocked()
+        assert wait_of(memory, "user") == "pfmemalloc_wait" and not passed
+        assert memory.stat.pgscan_direct_throttle == 1 and policy.throttle_wakeups == 0
+        assert not policy.allow_direct_reclaim()
+        policy.prepare_kswapd_sleep()  # kswapd goes to sleep with the check failing ...
+        rig.hold_until(3 * BASE_MIN)  # ... a large process exits before the task runs
+    assert passed == [0.0]
+    assert memory.stat.pgscan_direct_throttle == 1 and policy.throttle_wakeups == 0
+
+
+async def test_pfmemalloc_throttled_task_gets_through_after_kswapd_gives_up(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§5 item 4 (Shakeel Butt, 2017): kswapd and a throttled reclaimer must not ping-pong
+    forever. No swap and no LRU pages: nothing is reclaimable. Free 32 = Σmin/2 throttles
+    a GFP_KERNEL allocation; each fruitless balance_pgdat pass counts a kswapd failure,
+    and prepare_kswapd_sleep wakes the task, which wakes kswapd again (allow_direct_reclaim
+    fails) — 16 passes, then allow_direct_reclaim passes, wakeup_kswapd gives up on the
+    hopeless node, and the task goes on to direct reclaim (17 fruitless tries: 1 +
+    MAX_RECLAIM_RETRIES) and the OOM killer, which finds nothing to kill: it fails."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    memory = rig.memory
+    rig.hold_until(BASE_MIN // 2)
+    with trio.fail_after(60):
+        async with memory.running():
+            page = await memory.alloc_page(GFP_KERNEL)
+    assert page is None and trio.current_time() == 0.0
+    assert memory.stat.pgscan_direct_throttle == 1 and policy.throttled == 1
+    assert memory.stat.pageoutrun == MAX_RECLAIM_RETRIES == memory.reclaimer.kswapd_failures
+    assert memory.stat.pgscan_kswapd == 0 and memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1
+    assert memory.stat.oom_kill == 0 and memory.stat.alloc_fail == 1
+
 # -- reserve (Zijlstra) -------------------------------------------------------------------
 
 

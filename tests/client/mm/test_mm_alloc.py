@@ -176,6 +176,9 @@ class RecordingPolicy:
     def kswapd_pass(self) -> None:
         self.calls.append(("kswapd_pass", None))
 
+    def prepare_kswapd_sleep(self) -> None:
+        self.calls.append(("prepare_kswapd_sleep", None))
+
 
 async def test_emergency_pages_are_charged_and_uncharged_after_free(m: Machine) -> None:
     policy = RecordingPolicy()
