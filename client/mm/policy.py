@@ -49,8 +49,12 @@ class ReservePolicy(Protocol):
         (e.g. after reclaiming clean pages without I/O), False to fail it."""
         ...
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
-        """Called before each direct reclaim (``throttle_direct_reclaim`` site); may wait."""
+    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+        """Called before each direct reclaim (``throttle_direct_reclaim`` site); may wait.
+
+        True: a fatal signal is pending after the wait, so the caller skips this reclaim
+        and counts it as progress (``try_to_free_pages`` returns 1).
+        """
         ...
 
     def kswapd_pass(self) -> None:
@@ -80,8 +84,8 @@ class NullPolicy:
     async def memalloc_failed(self, gfp: GFP) -> bool:
         return False
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
-        pass
+    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+        return False
 
     def kswapd_pass(self) -> None:
         pass

@@ -14,7 +14,9 @@ min_free_kbytes" (``sk_set_memalloc`` kernel-doc).
   ``allow_direct_reclaim`` fails — free pages at most half of the summed min watermarks —
   wake kswapd and wait on ``pfmemalloc_wait``; kernel threads are never throttled; a caller
   without ``__GFP_FS`` waits at most HZ.  kswapd wakes the throttled when the check passes
-  and before it sleeps.
+  and before it sleeps.  Later fixes: a task with a fatal signal pending (an OOM victim)
+  is not throttled and a kill ends the wait (Sep 2012); the check passes once kswapd has
+  given up on the node, ``kswapd_failures >= MAX_RECLAIM_RETRIES`` (2017).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, MAX_RECLAIM_RETRIES, PF
 from client.mm.gfp import current_task_flags
+from client.mm.process import fatal_signal_pending, killable
 from client.mm.waits import WaitFor
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
@@ -59,14 +62,21 @@ class PfmemallocPolicy(Policy):
         free = sum(z.nr_free for z in self.memory.zones)
         return free > reserve // 2
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
+    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+        """mm/vmscan.c throttle_direct_reclaim. True if a fatal signal is pending after the
+        wait (the caller then skips reclaim, "so the OOM killer is not triggered")."""
         if not self.throttle:
-            return
+            return False
         flags = current_task_flags()
         if flags & (PF.KTHREAD | PF.KSWAPD):  # "Kernel threads should not be throttled"
-            return
+            return False
+        # throttle_direct_reclaim (Mel Gorman, Sep 2012): "If a fatal signal is pending, this
+        # process should not throttle. It should return quickly so it can exit and free its
+        # memory" -- an OOM victim looping in the throttle would "effectively deadlock".
+        if fatal_signal_pending():
+            return False
         if self.allow_direct_reclaim():
-            return
+            return False
         assert self.memory is not None
         self.memory.stat.pgscan_direct_throttle += 1
         self.throttled += 1
@@ -83,6 +93,15 @@ class PfmemallocPolicy(Policy):
                 None if math.isinf(timeout) else timeout,
             )
         )
+        # wait_event_killable / wait_event_interruptible_timeout: SIGKILL ends either wait.
+        with killable():
+            await self._wait_until_allowed(what, timeout)
+        # "if (fatal_signal_pending(current)) return true;"
+        return fatal_signal_pending()
+
+    async def _wait_until_allowed(self, what: WaitFor, timeout: float) -> None:
+        """Sleep on pfmemalloc_wait until allow_direct_reclaim passes or ``timeout`` ends."""
+        assert self.memory is not None
         deadline = trio.current_time() + timeout
         while True:
             remaining = deadline - trio.current_time()

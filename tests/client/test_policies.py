@@ -28,12 +28,14 @@ from client.mm import (
     MemoryConfig,
     Page,
     Process,
+    ProcessKilled,
     Watermarks,
     Zone,
     calculate_watermarks,
     memalloc_noreclaim,
     task_flags,
 )
+from client.mm.process import as_current
 from client.mm.testing import MemorySwapDevice, pattern_content
 from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
@@ -385,6 +387,84 @@ async def test_pfmemalloc_throttled_task_gets_through_after_kswapd_gives_up(
     assert memory.stat.pageoutrun == MAX_RECLAIM_RETRIES == memory.reclaimer.kswapd_failures
     assert memory.stat.pgscan_kswapd == 0 and memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1
     assert memory.stat.oom_kill == 0 and memory.stat.alloc_fail == 1
+
+
+async def test_pfmemalloc_never_throttles_a_task_with_a_fatal_signal_pending(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§5 item 6 throttle_direct_reclaim: "If a fatal signal is pending, this process
+    should not throttle. It should return quickly so it can exit and free its memory".
+    Free 32 = Σmin/2 would throttle a __GFP_FS caller for good; a killed process's task
+    returns at once, uncounted, and does not skip reclaim (False)."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    rig.hold_until(BASE_MIN // 2)
+    victim = rig.memory.new_process("victim")
+    victim.kill()
+    with as_current(victim), trio.move_on_after(10) as scope:
+        assert await policy.throttle_direct_reclaim(GFP_KERNEL) is False
+    assert not scope.cancelled_caught and trio.current_time() == 0.0
+    assert rig.memory.stat.pgscan_direct_throttle == 0 and policy.throttled == 0
+
+
+
+async def test_pfmemalloc_kill_ends_a_nofs_throttle_and_reports_the_signal(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§2: SIGKILL ends wait_event_interruptible_timeout too, and then "if
+    (fatal_signal_pending(current)) return true". A GFP_NOIO caller at free 32 would wait
+    HZ = 1 s; killed at t=0.5 it returns True at t=0.5."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    rig.hold_until(BASE_MIN // 2)
+    victim = rig.memory.new_process("victim")
+    results: list[tuple[bool, float]] = []
+
+    async def reclaimer() -> None:
+        with as_current(victim):
+            results.append((await policy.throttle_direct_reclaim(GFP_NOIO), trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reclaimer, name="victim")
+        await trio.sleep(0.5)
+        assert wait_of(rig.memory, "victim") == "pfmemalloc_wait"
+        victim.kill()
+    assert results == [(True, 0.5)]
+    assert rig.memory.stat.pgscan_direct_throttle == 1
+
+async def test_pfmemalloc_oom_kill_ends_the_throttle_of_its_victim(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§2, §5 item 6: the __GFP_FS caller waits killably (wait_event_killable), and
+    "if (fatal_signal_pending(current)) return true": try_to_free_pages returns 1 without
+    reclaiming. A fault of "victim" at free 32 = Σmin/2 is throttled with no timeout; at
+    t=5 the OOM killer (another task's) picks it. Its fault ends at t=5: the throttle
+    returns, the retry is not throttled again (pgscan_direct_throttle stays 1), reclaim
+    finds nothing (no swap) 1 + 16 times, the OOM killer has no one left, and the fault
+    gives up with ProcessKilled."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    memory = rig.memory
+    rig.hold_until(BASE_MIN // 2)
+    victim = memory.new_process("victim")
+    ended: list[tuple[str, float]] = []
+
+    async def fault() -> None:
+        try:
+            await memory.touch(victim, 0, write=True, content_fn=pattern_content)
+        except ProcessKilled:
+            ended.append(("killed", trio.current_time()))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fault, name="victim")
+            await trio.sleep(5)
+            assert wait_of(memory, "victim") == "pfmemalloc_wait" and not ended
+            assert memory.stat.allocstall == 0
+            assert memory.out_of_memory(GFP_KERNEL)
+    assert ended == [("killed", 5.0)] and victim.killed
+    assert memory.stat.pgscan_direct_throttle == 1 and policy.throttled == 1
+    assert memory.stat.oom_kill == 1 and memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1
 
 # -- reserve (Zijlstra) -------------------------------------------------------------------
 
