@@ -306,7 +306,6 @@ async def test_pfmemalloc_nofs_caller_waits_at_most_one_second_across_wakeups(
     assert done and done[0] <= 1.0 + 1e-9
 
 
-
 async def test_pfmemalloc_allows_direct_reclaim_once_kswapd_has_given_up(
     make_rig: MakeRig, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -407,7 +406,6 @@ async def test_pfmemalloc_never_throttles_a_task_with_a_fatal_signal_pending(
     assert rig.memory.stat.pgscan_direct_throttle == 0 and policy.throttled == 0
 
 
-
 async def test_pfmemalloc_kill_ends_a_nofs_throttle_and_reports_the_signal(
     make_rig: MakeRig, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -431,6 +429,7 @@ async def test_pfmemalloc_kill_ends_a_nofs_throttle_and_reports_the_signal(
         victim.kill()
     assert results == [(True, 0.5)]
     assert rig.memory.stat.pgscan_direct_throttle == 1
+
 
 async def test_pfmemalloc_oom_kill_ends_the_throttle_of_its_victim(
     make_rig: MakeRig, autojump_clock: trio.testing.MockClock
@@ -465,6 +464,7 @@ async def test_pfmemalloc_oom_kill_ends_the_throttle_of_its_victim(
     assert ended == [("killed", 5.0)] and victim.killed
     assert memory.stat.pgscan_direct_throttle == 1 and policy.throttled == 1
     assert memory.stat.oom_kill == 1 and memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1
+
 
 # -- reserve (Zijlstra) -------------------------------------------------------------------
 

@@ -228,7 +228,6 @@ async def test_throttle_hook_runs_before_each_direct_reclaim(
     assert m.memory.stat.allocstall == len(throttles) == len(m.facts_of(DirectReclaim))
 
 
-
 class KilledInThrottle(RecordingPolicy):
     """The first throttle ends with a fatal signal pending (returns True)."""
 
@@ -250,6 +249,7 @@ async def test_a_throttle_ended_by_a_fatal_signal_skips_that_reclaim(
     throttles = [c for c in policy.calls if c[0] == "throttle"]
     assert len(throttles) == MAX_RECLAIM_RETRIES + 2
     assert m.memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1 == len(m.facts_of(DirectReclaim))
+
 
 def test_extra_min_pages_raise_the_watermarks(m: Machine) -> None:
     m.memory.set_policy(RecordingPolicy(extra=100))
