@@ -60,11 +60,6 @@ _current: contextvars.ContextVar[Process | None] = contextvars.ContextVar(
 )
 
 
-def current_process() -> Process | None:
-    """The process the running trio task works for (``current->mm``), None for kernel work."""
-    return _current.get()
-
-
 @contextmanager
 def as_current(process: Process) -> Iterator[Process]:
     """Run the block as one of ``process``'s tasks (what ``current`` is in a page fault)."""
