@@ -191,8 +191,13 @@ class Allocator:
                     return self._fail(gfp, alloc_flags, tflags)
                 await self._wait_for_free_pages()
                 continue
-            await self.policy.throttle_direct_reclaim(gfp)
-            nr_reclaimed = await self._direct_reclaim(gfp)
+            if await self.policy.throttle_direct_reclaim(gfp):
+                # try_to_free_pages: "if (throttle_direct_reclaim(...)) return 1" -- killed
+                # while throttled: no reclaim, and the progress it pretends keeps the OOM
+                # killer away; the next try is not throttled (the signal is still pending).
+                nr_reclaimed = 1
+            else:
+                nr_reclaimed = await self._direct_reclaim(gfp)
             page = self._get_page_from_freelist(wmark_flags)
             if page is not None:
                 return page

@@ -26,7 +26,7 @@ from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
 from client.mm.pagecache import CachedFile, FileContentFn, PageCache
 from client.mm.policy import NullPolicy, ReservePolicy
-from client.mm.process import Process
+from client.mm.process import Process, as_current
 from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
 from client.mm.swap import SWAP_RA_HITS_MAX, SwapArea, vma_readahead_window
 from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
@@ -341,6 +341,11 @@ class Memory:
         """
         self.stat.pgfault += 1
         await trio.lowlevel.checkpoint()
+        with as_current(process):  # the faulting task is one of the process's
+            return await self._fault_loop(process, vpage)
+
+    async def _fault_loop(self, process: Process, vpage: int) -> Page:
+        """``_fault``'s retries, as a task of ``process`` (``current`` for the allocator)."""
         failed_reads = 0
         while True:
             self._check_alive(process)
@@ -598,7 +603,8 @@ class Memory:
         with self.psi.nonidle():
             self._check_alive(process)
             await trio.lowlevel.checkpoint()  # cond_resched, as in _fault
-            data = await self.pagecache.read(file, index, content_fn)
+            with as_current(process):
+                data = await self.pagecache.read(file, index, content_fn)
             if data is None:
                 self._check_alive(process)
                 raise OutOfMemory(f"no page cache page for process {process.pid}")
@@ -653,6 +659,7 @@ class Memory:
         victim = max(candidates, key=Process.oom_badness)
         self.stat.oom_kill += 1
         self.observer(OomKill(victim.pid, victim.name, victim.rss, victim.swapents))
+        victim.kill()  # oom_kill_process: SIGKILL wakes its tasks' killable sleeps
         self.exit_process(victim)
         if self._oom_hook is not None:
             self._oom_hook(victim)

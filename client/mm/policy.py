@@ -49,12 +49,20 @@ class ReservePolicy(Protocol):
         (e.g. after reclaiming clean pages without I/O), False to fail it."""
         ...
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
-        """Called before each direct reclaim (``throttle_direct_reclaim`` site); may wait."""
+    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+        """Called before each direct reclaim (``throttle_direct_reclaim`` site); may wait.
+
+        True: a fatal signal is pending after the wait, so the caller skips this reclaim
+        and counts it as progress (``try_to_free_pages`` returns 1).
+        """
         ...
 
     def kswapd_pass(self) -> None:
-        """kswapd finished a reclaim pass or is about to sleep (wake throttled tasks here)."""
+        """kswapd finished a reclaim pass (wake throttled tasks here if they may go on)."""
+        ...
+
+    def prepare_kswapd_sleep(self) -> None:
+        """kswapd is about to sleep (``prepare_kswapd_sleep``): wake every throttled task."""
         ...
 
 
@@ -76,8 +84,11 @@ class NullPolicy:
     async def memalloc_failed(self, gfp: GFP) -> bool:
         return False
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
-        pass
+    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+        return False
 
     def kswapd_pass(self) -> None:
+        pass
+
+    def prepare_kswapd_sleep(self) -> None:
         pass

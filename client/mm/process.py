@@ -1,8 +1,14 @@
-"""A workload process as memory sees it: an address space of anonymous pages."""
+"""A workload process as memory sees it: an address space of anonymous pages, and the
+task-side state the allocator reads through ``current`` (is it being killed?)."""
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import attrs
+import trio
 
 from client.mm.page import Page
 
@@ -23,6 +29,8 @@ class Process:
     #: vm_area_struct.swap_readahead_info of its one mapping (VMA swap readahead):
     #: (last faulting page, window, readahead hits), None until the first swap-in.
     swap_ra: tuple[int, int, int] | None = attrs.field(default=None, repr=False)
+    #: The killable sleeps its tasks are in right now (see ``killable``).
+    _killable: set[trio.CancelScope] = attrs.field(factory=set, init=False, repr=False)
 
     @property
     def rss(self) -> int:
@@ -37,3 +45,52 @@ class Process:
     def oom_badness(self) -> int:
         """mm/oom_kill.c oom_badness (4.x), without page tables and oom_score_adj."""
         return self.rss + self.swapents
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer sends it (mm/oom_kill.c ``__oom_kill_process``):
+        ``fatal_signal_pending`` from now on, and ``signal_wake_up`` ends the sleeps its
+        tasks are in killably (TASK_KILLABLE, TASK_INTERRUPTIBLE)."""
+        self.killed = True
+        for scope in self._killable:
+            scope.cancel()
+
+
+_current: contextvars.ContextVar[Process | None] = contextvars.ContextVar(
+    "netswap_current_process", default=None
+)
+
+
+@contextmanager
+def as_current(process: Process) -> Iterator[Process]:
+    """Run the block as one of ``process``'s tasks (what ``current`` is in a page fault)."""
+    token = _current.set(process)
+    try:
+        yield process
+    finally:
+        _current.reset(token)
+
+
+def fatal_signal_pending() -> bool:
+    """``fatal_signal_pending(current)``: the current task's process has been killed."""
+    process = _current.get()
+    return process is not None and process.killed
+
+
+@contextmanager
+def killable() -> Iterator[None]:
+    """Sleep killably for the block (``wait_event_killable``): a kill of the current
+    process ends the block's sleep at once (the block is left, nothing raised); a task
+    whose process is already killed does not sleep at all. Check ``fatal_signal_pending``
+    after the block, as the kernel does."""
+    process = _current.get()
+    if process is None:
+        yield
+        return
+    with trio.CancelScope() as scope:
+        if process.killed:
+            scope.cancel()
+        process._killable.add(scope)
+        try:
+            yield
+        finally:
+            process._killable.discard(scope)

@@ -262,6 +262,7 @@ class Reclaimer:
         if not nr_anon and not nr_file:
             return 0
         before = sc.nr_scanned + sc.nr_refill
+        reclaimed_before = sc.nr_reclaimed
         if nr_file:
             if self.lru.inactive_is_low(file=True):
                 self.shrink_active_list(nr_file, sc, file=True)
@@ -278,6 +279,11 @@ class Reclaimer:
             plug = self.shrink_page_list(pages, sc)
             if plug:
                 await self.flush_plug(plug)
+        if sc.nr_reclaimed > reclaimed_before:
+            # shrink_node (4.12+, "mm: fix 100% CPU kswapd busyloop on unreclaimable nodes"):
+            # "On reclaim progress, reset the failure counter. A successful direct reclaim
+            # run will revive a dormant kswapd." -- kswapd's reclaim or direct reclaim.
+            self.kswapd_failures = 0
         return sc.nr_scanned + sc.nr_refill - before
 
     async def shrink(self, gfp: GFP, nr_to_reclaim: int = SWAP_CLUSTER_MAX) -> ScanControl:
@@ -299,8 +305,6 @@ class Reclaimer:
         sc = await self.shrink(gfp, SWAP_CLUSTER_MAX)
         self.stat.pgscan_direct += sc.nr_scanned
         self.stat.pgsteal_direct += sc.nr_reclaimed
-        if sc.nr_reclaimed:
-            self.kswapd_failures = 0  # shrink_node (4.12+): reclaim worked, kswapd may retry
         self.allocator.observer(DirectReclaim(gfp, sc.nr_scanned, sc.nr_reclaimed))
         return sc
 
@@ -406,22 +410,32 @@ class Reclaimer:
                 self._kswapd_pending = False
                 self.kswapd_awake = True
                 balanced, nr_reclaimed = await self.balance_pgdat()
-                self.allocator.policy.kswapd_pass()
+                self.prepare_kswapd_sleep()
                 self.allocator.observer(KswapdSleep(balanced, nr_reclaimed))
+
+    def prepare_kswapd_sleep(self) -> None:
+        """mm/vmscan.c prepare_kswapd_sleep, called before every sleep of kswapd: "If kswapd
+        is going to sleep, no process should be sleeping on pfmemalloc_wait, so wake them
+        now if necessary. If the wake up is premature, processes will wake kswapd and get
+        throttled again." The wait queue is the policy's (only a throttling policy has
+        one). Unlike the kernel's, the model's kswapd sleeps after every balance_pgdat
+        pass, balanced or not, until an allocator wakes it again."""
+        self.allocator.policy.prepare_kswapd_sleep()
 
     async def balance_pgdat(self) -> tuple[bool, int]:
         """mm/vmscan.c balance_pgdat: reclaim until every zone is above high.
 
         Waits for writeback when as much as is missing is already in flight, or when the
-        scan finds nothing else to do; gives up (kswapd_failures++) when nothing is
-        reclaimable and nothing is in flight. Returns (balanced, pages reclaimed).
+        scan finds nothing else to do; gives up when nothing is reclaimable and nothing is
+        in flight, and counts a failure (``kswapd_failures++``) only if the whole pass
+        reclaimed nothing. A balanced node is left as it is: only reclaim progress resets
+        the count (``shrink_node``). Returns (balanced, pages reclaimed).
         """
         self.stat.pageoutrun += 1
         total = 0
         fruitless = 0
         while True:
-            if self.pgdat_balanced():
-                self.kswapd_failures = 0
+            if self.pgdat_balanced():  # balance_pgdat: "goto out", failures untouched
                 return True, total
             sc = ScanControl(GFP_KERNEL, SWAP_CLUSTER_MAX, is_kswapd=True)
             looked = await self.shrink_node(sc)
@@ -435,8 +449,11 @@ class Reclaimer:
             stuck = looked == 0 or fruitless > 2 * len(self.lru) + SWAP_CLUSTER_MAX
             if stuck or self.stat.nr_writeback >= self._shortfall():
                 if self.stat.nr_writeback == 0:
-                    # balance_pgdat: "if (!sc.nr_reclaimed) pgdat->kswapd_failures++"
-                    self.kswapd_failures += 1
+                    # balance_pgdat: "if (!sc.nr_reclaimed) pgdat->kswapd_failures++" --
+                    # sc.nr_reclaimed of the whole pass: a pass that freed some pages but
+                    # could not balance the node is not a failure.
+                    if total == 0:
+                        self.kswapd_failures += 1
                     return False, total
                 await self.wait_for_writeback(KSWAPD_WRITEBACK_WAIT)
                 fruitless = 0

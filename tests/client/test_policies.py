@@ -21,18 +21,21 @@ from client.mm import (
     GFP_ATOMIC,
     GFP_KERNEL,
     GFP_NOIO,
+    MAX_RECLAIM_RETRIES,
     PAGE_SIZE,
     PF,
     Memory,
     MemoryConfig,
     Page,
     Process,
+    ProcessKilled,
     Watermarks,
     Zone,
     calculate_watermarks,
     memalloc_noreclaim,
     task_flags,
 )
+from client.mm.process import as_current
 from client.mm.testing import MemorySwapDevice, pattern_content
 from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
@@ -301,6 +304,166 @@ async def test_pfmemalloc_nofs_caller_waits_at_most_one_second_across_wakeups(
             policy.kswapd_pass()  # the check passes: kswapd wakes the waiter ...
             rig.hold_until(low)  # ... but others take the pages before it runs
     assert done and done[0] <= 1.0 + 1e-9
+
+
+async def test_pfmemalloc_allows_direct_reclaim_once_kswapd_has_given_up(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§7, §5 item 4 allow_direct_reclaim: "if (pgdat->kswapd_failures >=
+    MAX_RECLAIM_RETRIES) return true" — kswapd has given up, nobody would wake the
+    throttled. Free 32 = Σmin/2 fails the watermark check; 15 failures still throttle,
+    16 let even a __GFP_FS caller (no timeout) through at once, uncounted."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    rig.hold_until(BASE_MIN // 2)
+    reclaimer = rig.memory.reclaimer
+    reclaimer.kswapd_failures = MAX_RECLAIM_RETRIES - 1
+    assert MAX_RECLAIM_RETRIES == 16 and not policy.allow_direct_reclaim()
+    reclaimer.kswapd_failures = MAX_RECLAIM_RETRIES
+    assert policy.allow_direct_reclaim()
+    t0 = trio.current_time()
+    await policy.throttle_direct_reclaim(GFP_KERNEL)
+    assert trio.current_time() == t0
+    assert rig.memory.stat.pgscan_direct_throttle == 0 and policy.throttled == 0
+
+
+async def test_pfmemalloc_kswapd_wakes_the_throttled_before_it_sleeps(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§7 prepare_kswapd_sleep: "if (waitqueue_active(&pgdat->pfmemalloc_wait))
+    wake_up_all(...)" — unlike balance_pgdat's wake-up, whether or not the check passes
+    when kswapd looks. Free 32 = Σmin/2: kswapd_pass leaves the __GFP_FS caller asleep;
+    prepare_kswapd_sleep wakes it, it re-checks and is throttled again (the same throttle,
+    counted once). The race it closes: kswapd goes to sleep with the check failing, then
+    "a large process exits" (free 192) before the woken task re-checks — it goes on."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    memory = rig.memory
+    rig.hold_until(BASE_MIN // 2)
+    passed: list[float] = []
+
+    async def user() -> None:
+        await policy.throttle_direct_reclaim(GFP_KERNEL)
+        passed.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(user, name="user")
+        await wait_all_tasks_blocked()
+        assert wait_of(memory, "user") == "pfmemalloc_wait"
+        policy.kswapd_pass()  # balance_pgdat's wake-up needs the check to pass
+        await wait_all_tasks_blocked()
+        assert wait_of(memory, "user") == "pfmemalloc_wait" and not passed
+        policy.prepare_kswapd_sleep()  # premature: woken, re-checks, throttled again
+        await wait_all_tasks_blocked()
+        assert wait_of(memory, "user") == "pfmemalloc_wait" and not passed
+        assert memory.stat.pgscan_direct_throttle == 1 and policy.throttle_wakeups == 0
+        assert not policy.allow_direct_reclaim()
+        policy.prepare_kswapd_sleep()  # kswapd goes to sleep with the check failing ...
+        rig.hold_until(3 * BASE_MIN)  # ... a large process exits before the task runs
+    assert passed == [0.0]
+    assert memory.stat.pgscan_direct_throttle == 1 and policy.throttle_wakeups == 0
+
+
+async def test_pfmemalloc_throttled_task_gets_through_after_kswapd_gives_up(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§5 item 4 (Shakeel Butt, 2017): kswapd and a throttled reclaimer must not ping-pong
+    forever. No swap and no LRU pages: nothing is reclaimable. Free 32 = Σmin/2 throttles
+    a GFP_KERNEL allocation; each fruitless balance_pgdat pass counts a kswapd failure,
+    and prepare_kswapd_sleep wakes the task, which wakes kswapd again (allow_direct_reclaim
+    fails) — 16 passes, then allow_direct_reclaim passes, wakeup_kswapd gives up on the
+    hopeless node, and the task goes on to direct reclaim (17 fruitless tries: 1 +
+    MAX_RECLAIM_RETRIES) and the OOM killer, which finds nothing to kill: it fails."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    memory = rig.memory
+    rig.hold_until(BASE_MIN // 2)
+    with trio.fail_after(60):
+        async with memory.running():
+            page = await memory.alloc_page(GFP_KERNEL)
+    assert page is None and trio.current_time() == 0.0
+    assert memory.stat.pgscan_direct_throttle == 1 and policy.throttled == 1
+    assert memory.stat.pageoutrun == MAX_RECLAIM_RETRIES == memory.reclaimer.kswapd_failures
+    assert memory.stat.pgscan_kswapd == 0 and memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1
+    assert memory.stat.oom_kill == 0 and memory.stat.alloc_fail == 1
+
+
+async def test_pfmemalloc_never_throttles_a_task_with_a_fatal_signal_pending(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§5 item 6 throttle_direct_reclaim: "If a fatal signal is pending, this process
+    should not throttle. It should return quickly so it can exit and free its memory".
+    Free 32 = Σmin/2 would throttle a __GFP_FS caller for good; a killed process's task
+    returns at once, uncounted, and does not skip reclaim (False)."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    rig.hold_until(BASE_MIN // 2)
+    victim = rig.memory.new_process("victim")
+    victim.kill()
+    with as_current(victim), trio.move_on_after(10) as scope:
+        assert await policy.throttle_direct_reclaim(GFP_KERNEL) is False
+    assert not scope.cancelled_caught and trio.current_time() == 0.0
+    assert rig.memory.stat.pgscan_direct_throttle == 0 and policy.throttled == 0
+
+
+async def test_pfmemalloc_kill_ends_a_nofs_throttle_and_reports_the_signal(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§2: SIGKILL ends wait_event_interruptible_timeout too, and then "if
+    (fatal_signal_pending(current)) return true". A GFP_NOIO caller at free 32 would wait
+    HZ = 1 s; killed at t=0.5 it returns True at t=0.5."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    rig.hold_until(BASE_MIN // 2)
+    victim = rig.memory.new_process("victim")
+    results: list[tuple[bool, float]] = []
+
+    async def reclaimer() -> None:
+        with as_current(victim):
+            results.append((await policy.throttle_direct_reclaim(GFP_NOIO), trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reclaimer, name="victim")
+        await trio.sleep(0.5)
+        assert wait_of(rig.memory, "victim") == "pfmemalloc_wait"
+        victim.kill()
+    assert results == [(True, 0.5)]
+    assert rig.memory.stat.pgscan_direct_throttle == 1
+
+
+async def test_pfmemalloc_oom_kill_ends_the_throttle_of_its_victim(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """§2, §5 item 6: the __GFP_FS caller waits killably (wait_event_killable), and
+    "if (fatal_signal_pending(current)) return true": try_to_free_pages returns 1 without
+    reclaiming. A fault of "victim" at free 32 = Σmin/2 is throttled with no timeout; at
+    t=5 the OOM killer (another task's) picks it. Its fault ends at t=5: the throttle
+    returns, the retry is not throttled again (pgscan_direct_throttle stays 1), reclaim
+    finds nothing (no swap) 1 + 16 times, the OOM killer has no one left, and the fault
+    gives up with ProcessKilled."""
+    policy = PfmemallocPolicy()
+    rig = make_rig(policy)
+    memory = rig.memory
+    rig.hold_until(BASE_MIN // 2)
+    victim = memory.new_process("victim")
+    ended: list[tuple[str, float]] = []
+
+    async def fault() -> None:
+        try:
+            await memory.touch(victim, 0, write=True, content_fn=pattern_content)
+        except ProcessKilled:
+            ended.append(("killed", trio.current_time()))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fault, name="victim")
+            await trio.sleep(5)
+            assert wait_of(memory, "victim") == "pfmemalloc_wait" and not ended
+            assert memory.stat.allocstall == 0
+            assert memory.out_of_memory(GFP_KERNEL)
+    assert ended == [("killed", 5.0)] and victim.killed
+    assert memory.stat.pgscan_direct_throttle == 1 and policy.throttled == 1
+    assert memory.stat.oom_kill == 1 and memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1
 
 
 # -- reserve (Zijlstra) -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from client.mm import (
     GFP_NOFS,
     GFP_NOIO,
     GFP_NOWAIT,
+    MAX_RECLAIM_RETRIES,
     PF,
     AllocEmergency,
     AllocFailed,
@@ -170,11 +171,15 @@ class RecordingPolicy:
             return True
         return False
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> None:
+    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
         self.calls.append(("throttle", gfp))
+        return False
 
     def kswapd_pass(self) -> None:
         self.calls.append(("kswapd_pass", None))
+
+    def prepare_kswapd_sleep(self) -> None:
+        self.calls.append(("prepare_kswapd_sleep", None))
 
 
 async def test_emergency_pages_are_charged_and_uncharged_after_free(m: Machine) -> None:
@@ -221,6 +226,29 @@ async def test_throttle_hook_runs_before_each_direct_reclaim(
     throttles = [c for c in policy.calls if c[0] == "throttle"]
     assert throttles and throttles[0] == ("throttle", GFP_KERNEL)
     assert m.memory.stat.allocstall == len(throttles) == len(m.facts_of(DirectReclaim))
+
+
+class KilledInThrottle(RecordingPolicy):
+    """The first throttle ends with a fatal signal pending (returns True)."""
+
+    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+        await super().throttle_direct_reclaim(gfp)
+        return sum(c[0] == "throttle" for c in self.calls) == 1
+
+
+async def test_a_throttle_ended_by_a_fatal_signal_skips_that_reclaim(
+    m: Machine, autojump_clock: trio.testing.MockClock
+) -> None:
+    """try_to_free_pages: "if (throttle_direct_reclaim(...)) return 1" — no reclaim, and
+    the pretended progress restarts the retry count. No swap, nothing to kill: 1 skipped
+    + (1 + MAX_RECLAIM_RETRIES) fruitless reclaims, each after a throttle, then failure."""
+    policy = KilledInThrottle()
+    m.memory.set_policy(policy)
+    await drain(m.memory, GFP_NOWAIT)
+    assert await m.memory.alloc_page(GFP_KERNEL) is None
+    throttles = [c for c in policy.calls if c[0] == "throttle"]
+    assert len(throttles) == MAX_RECLAIM_RETRIES + 2
+    assert m.memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1 == len(m.facts_of(DirectReclaim))
 
 
 def test_extra_min_pages_raise_the_watermarks(m: Machine) -> None:

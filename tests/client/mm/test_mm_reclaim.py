@@ -22,9 +22,11 @@ from client.mm import (
     SwapWritebackDone,
     SwapWritepage,
     WaitFor,
+    Watermarks,
     memalloc_noio,
 )
 from client.mm.testing import pattern_content
+from client.workload import file_content
 
 if TYPE_CHECKING:
     from conftest import Machine, MakeMachine
@@ -326,3 +328,40 @@ async def test_kswapd_gives_up_when_nothing_is_reclaimable(
         [sleep] = machine.facts_of(KswapdSleep)
         assert not sleep.balanced and sleep.nr_reclaimed == 0
         assert memory.reclaimer.kswapd_failures == 1 and memory.stat.pgscan_kswapd == 0
+
+
+async def test_kswapd_failures_count_only_passes_that_reclaim_nothing(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    """balance_pgdat: "if (!sc.nr_reclaimed) pgdat->kswapd_failures++" for the whole pass;
+    shrink_node: "if (reclaimable) pgdat->kswapd_failures = 0", kswapd's or direct reclaim's.
+
+    1024 pages (min 64, low 80, high 96), no swap: only 8 clean page cache pages are
+    reclaimable. Free held at min = 64: a pass frees the 8 (72 < high, not balanced) and
+    is no failure; the next finds nothing and is one; direct reclaim progress resets it.
+    """
+    machine = make_machine(1024, readahead_pages=8)
+    memory = machine.memory
+    reclaimer = memory.reclaimer
+    reader = memory.new_process("reader")
+    file = memory.open_file("data", 8)
+    for index in range(8):
+        await memory.read_file(reader, file, index, file_content)
+    assert memory.lru.nr_file == 8
+    zone = memory.zones[0]
+    assert zone.watermarks == Watermarks(min=64, low=80, high=96)
+    held = [zone.take() for _ in range(zone.nr_free - 64)]
+    reclaimer.kswapd_failures = 3
+
+    assert await reclaimer.balance_pgdat() == (False, 8)  # progress, not balanced
+    assert reclaimer.kswapd_failures == 0 and memory.nr_free_pages == 72
+    assert await reclaimer.balance_pgdat() == (False, 0)  # nothing left to reclaim
+    assert reclaimer.kswapd_failures == 1
+    assert await reclaimer.balance_pgdat() == (False, 0)
+    assert reclaimer.kswapd_failures == 2
+
+    await memory.read_file(reader, file, 0, file_content)  # readahead: 8 clean pages again
+    sc = await reclaimer.try_to_free_pages(GFP_KERNEL)
+    assert sc.nr_reclaimed == 8 and reclaimer.kswapd_failures == 0
+    for page in held:
+        memory.free_page(page)
