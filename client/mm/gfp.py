@@ -136,6 +136,7 @@ class AllocFlags(enum.IntFlag):
     WMARK_LOW = 0x01
     WMARK_HIGH = 0x02
     NO_WATERMARKS = 0x04  # don't check watermarks at all
+    OOM = 0x08  # OOM victim (4.16+): min -= min/2 instead of ALLOC_HARDER's quarter
     HARDER = 0x10  # try to alloc harder: min -= min/4
     HIGH = 0x20  # __GFP_HIGH set: min -= min/2
 
@@ -144,16 +145,22 @@ ALLOC_WMARK_MIN = AllocFlags.WMARK_MIN
 ALLOC_WMARK_LOW = AllocFlags.WMARK_LOW
 ALLOC_WMARK_HIGH = AllocFlags.WMARK_HIGH
 ALLOC_NO_WATERMARKS = AllocFlags.NO_WATERMARKS
+# mm/internal.h (4.16+, CONFIG_MMU): ALLOC_OOM 0x08; !MMU and kernels before 4.16 gave the
+# victim ALLOC_NO_WATERMARKS instead (TIF_MEMDIE), which the oom_reaper made unnecessary.
+ALLOC_OOM = AllocFlags.OOM
 ALLOC_HARDER = AllocFlags.HARDER
 ALLOC_HIGH = AllocFlags.HIGH
 # mm/internal.h: #define ALLOC_WMARK_MASK (ALLOC_NO_WATERMARKS-1)
 ALLOC_WMARK_MASK = AllocFlags.WMARK_LOW | AllocFlags.WMARK_HIGH
 
 
-def gfp_pfmemalloc_flags(gfp: GFP, flags: PF) -> AllocFlags:
-    """May this request ignore the watermarks? ``__gfp_pfmemalloc_flags`` (mm/page_alloc.c).
+def gfp_pfmemalloc_flags(gfp: GFP, flags: PF, oom_victim: bool = False) -> AllocFlags:
+    """May this request go below min? ``__gfp_pfmemalloc_flags`` (mm/page_alloc.c, 4.16+).
 
-    The OOM-victim branch (``ALLOC_OOM``) is not modelled: the model reaps victims at once.
+    ``oom_victim`` is ``oom_reserves_allowed(current)``: the task's process is an OOM victim
+    (``tsk_is_oom_victim``, ``signal->oom_mm`` set by ``mark_oom_victim``). Such a task gets
+    ``ALLOC_OOM``, half of min, so that it can allocate on its way to exit; before 4.16 a
+    ``TIF_MEMDIE`` task got ``ALLOC_NO_WATERMARKS``.
     """
     if gfp & GFP.NOMEMALLOC:  # __GFP_NOMEMALLOC overrides everything
         return AllocFlags(0)
@@ -161,17 +168,20 @@ def gfp_pfmemalloc_flags(gfp: GFP, flags: PF) -> AllocFlags:
         return ALLOC_NO_WATERMARKS
     if flags & PF.SOFTIRQ and flags & PF.MEMALLOC:  # in_serving_softirq() && PF_MEMALLOC
         return ALLOC_NO_WATERMARKS
-    if not in_interrupt(flags) and flags & PF.MEMALLOC:  # !in_interrupt() && PF_MEMALLOC
-        return ALLOC_NO_WATERMARKS
+    if not in_interrupt(flags):
+        if flags & PF.MEMALLOC:  # !in_interrupt() && PF_MEMALLOC
+            return ALLOC_NO_WATERMARKS
+        if oom_victim:  # "else if (oom_reserves_allowed(current)) return ALLOC_OOM"
+            return ALLOC_OOM
     return AllocFlags(0)
 
 
-def gfp_pfmemalloc_allowed(gfp: GFP, flags: PF) -> bool:
+def gfp_pfmemalloc_allowed(gfp: GFP, flags: PF, oom_victim: bool = False) -> bool:
     """``gfp_pfmemalloc_allowed()`` (mm/page_alloc.c): ``__gfp_pfmemalloc_flags() != 0``."""
-    return bool(gfp_pfmemalloc_flags(gfp, flags))
+    return bool(gfp_pfmemalloc_flags(gfp, flags, oom_victim))
 
 
-def gfp_to_alloc_flags(gfp: GFP, flags: PF) -> AllocFlags:
+def gfp_to_alloc_flags(gfp: GFP, flags: PF, oom_victim: bool = False) -> AllocFlags:
     """Slow-path allocation flags for ``gfp`` in a task with ``flags``.
 
     ALLOC_HIGH/ALLOC_HARDER follow 4.x ``gfp_to_alloc_flags`` (mm/page_alloc.c). As in the 3.6
@@ -179,11 +189,19 @@ def gfp_to_alloc_flags(gfp: GFP, flags: PF) -> AllocFlags:
     result also carries ``ALLOC_NO_WATERMARKS`` when ``__gfp_pfmemalloc_flags`` allows it; the
     slow path first tries ``alloc_flags & ~ALLOC_NO_WATERMARKS``. Real-time tasks (the other
     source of ALLOC_HARDER) are not modelled.
+
+    An OOM victim's ``ALLOC_OOM`` *replaces* the flags, as 6.1 ``__alloc_pages_slowpath``
+    does at ``retry:`` ("reserve_flags = __gfp_pfmemalloc_flags(gfp_mask); if (reserve_flags)
+    alloc_flags = gfp_to_alloc_flags_cma(gfp_mask, reserve_flags)"): the min watermark, less
+    half, whatever ``__GFP_HIGH`` the request had.
     """
+    reserve_flags = gfp_pfmemalloc_flags(gfp, flags, oom_victim)
+    if reserve_flags == ALLOC_OOM:
+        return ALLOC_WMARK_MIN | ALLOC_OOM
     alloc = ALLOC_WMARK_MIN
     if gfp & GFP.HIGH:  # __GFP_HIGH is ALLOC_HIGH
         alloc |= ALLOC_HIGH
     if gfp & GFP.ATOMIC and not gfp & GFP.NOMEMALLOC:
         # "Not worth trying to allocate harder for __GFP_NOMEMALLOC even if it can't schedule."
         alloc |= ALLOC_HARDER
-    return alloc | gfp_pfmemalloc_flags(gfp, flags)
+    return alloc | reserve_flags

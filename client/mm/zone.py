@@ -38,18 +38,25 @@ _WMARK_MASK = int(ALLOC_WMARK_MASK)
 _NO_WATERMARKS = int(ALLOC_NO_WATERMARKS)
 _HIGH = int(AllocFlags.HIGH)
 _HARDER = int(AllocFlags.HARDER)
-#: alloc_flags -> (watermark index, ALLOC_NO_WATERMARKS, ALLOC_HIGH, ALLOC_HARDER).  The
+_OOM = int(AllocFlags.OOM)
+#: alloc_flags -> (watermark index, ALLOC_NO_WATERMARKS, ALLOC_HIGH, ALLOC_HARDER, ALLOC_OOM).  The
 #: watermark check runs on every allocation of the slow path, and an ``IntFlag`` operator
 #: costs about a microsecond (``enum.Flag.__and__`` builds a new member); the few
 #: distinct values are decoded once, with plain ``int`` operations.
-_DECODED: dict[int, tuple[int, bool, bool, bool]] = {}
+_DECODED: dict[int, tuple[int, bool, bool, bool, bool]] = {}
 
 
-def _decode(alloc_flags: int) -> tuple[int, bool, bool, bool]:
+def _decode(alloc_flags: int) -> tuple[int, bool, bool, bool, bool]:
     decoded = _DECODED.get(alloc_flags)
     if decoded is None:
         f = int(alloc_flags)
-        decoded = (f & _WMARK_MASK, bool(f & _NO_WATERMARKS), bool(f & _HIGH), bool(f & _HARDER))
+        decoded = (
+            f & _WMARK_MASK,
+            bool(f & _NO_WATERMARKS),
+            bool(f & _HIGH),
+            bool(f & _HARDER),
+            bool(f & _OOM),
+        )
         _DECODED[f] = decoded
     return decoded
 
@@ -109,18 +116,23 @@ def zone_watermark_ok(
 ) -> bool:
     """May an order-0 allocation with ``alloc_flags`` take a page from a zone?
 
-    mm/page_alloc.c __zone_watermark_ok (4.x), order 0, no highatomic/CMA pages:
-    ALLOC_HIGH gives ``min -= min/2``; ALLOC_HARDER then ``min -= min/4`` (so GFP_ATOMIC
-    reaches 3/8 of min); fail if ``free <= min + lowmem_reserve``. ALLOC_NO_WATERMARKS skips
-    the check (get_page_from_freelist: ``goto try_this_zone``), down to an empty free list.
+    mm/page_alloc.c __zone_watermark_ok (4.16-6.2), order 0, no highatomic/CMA pages:
+    ALLOC_HIGH gives ``min -= min/2``; then, for ``alloc_harder = alloc_flags &
+    (ALLOC_HARDER|ALLOC_OOM)``, ALLOC_OOM ``min -= min/2`` ("OOM victims can try even harder
+    than normal ALLOC_HARDER users") or else ALLOC_HARDER ``min -= min/4`` (so GFP_ATOMIC
+    reaches 3/8 of min, an OOM victim's GFP_KERNEL 1/2); fail if ``free <= min +
+    lowmem_reserve``. ALLOC_NO_WATERMARKS skips the check (get_page_from_freelist: ``goto
+    try_this_zone``), down to an empty free list.
     """
-    _index, no_watermarks, high, harder = _decode(alloc_flags)
+    _index, no_watermarks, high, harder, oom = _decode(alloc_flags)
     if no_watermarks:
         return True
     wmin = mark
     if high:  # __zone_watermark_ok: ALLOC_HIGH halves min
         wmin -= wmin // 2
-    if harder:  # __zone_watermark_ok: ALLOC_HARDER, a further quarter
+    if oom:  # __zone_watermark_ok (4.16-6.2): "if (alloc_flags & ALLOC_OOM) min -= min / 2"
+        wmin -= wmin // 2
+    elif harder:  # __zone_watermark_ok: "else min -= min / 4"
         wmin -= wmin // 4
     return free_pages > wmin + lowmem_reserve
 

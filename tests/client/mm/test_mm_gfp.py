@@ -10,6 +10,7 @@ from client.mm import (
     ALLOC_HARDER,
     ALLOC_HIGH,
     ALLOC_NO_WATERMARKS,
+    ALLOC_OOM,
     ALLOC_WMARK_MIN,
     GFP,
     GFP_ATOMIC,
@@ -80,6 +81,29 @@ def test_gfp_to_alloc_flags_of_a_pf_memalloc_task_ignores_watermarks() -> None:
 )
 def test_gfp_pfmemalloc_allowed(gfp: GFP, flags: PF, allowed: bool) -> None:
     assert gfp_pfmemalloc_allowed(gfp, flags) is allowed
+
+
+@pytest.mark.parametrize(
+    ("gfp", "flags", "expected"),
+    [
+        # oom_reserves_allowed(current): ALLOC_OOM, replacing the gfp's own flags (6.1
+        # __alloc_pages_slowpath: "alloc_flags = gfp_to_alloc_flags_cma(gfp_mask,
+        # reserve_flags)")
+        (GFP_KERNEL, NONE, ALLOC_OOM),
+        (GFP_ATOMIC, NONE, ALLOC_OOM),
+        # PF_MEMALLOC and __GFP_MEMALLOC come first: ALLOC_NO_WATERMARKS
+        (GFP_KERNEL, PF.MEMALLOC, ALLOC_NO_WATERMARKS),
+        (GFP_KERNEL | GFP.MEMALLOC, NONE, ALLOC_NO_WATERMARKS),
+        # __GFP_NOMEMALLOC overrides; in interrupt there is no current to be a victim
+        (GFP_KERNEL | GFP.NOMEMALLOC, NONE, ALLOC_WMARK_MIN),
+        (GFP_ATOMIC, PF.SOFTIRQ, ALLOC_HIGH | ALLOC_HARDER),
+    ],
+)
+def test_gfp_to_alloc_flags_of_an_oom_victim(gfp: GFP, flags: PF, expected: int) -> None:
+    assert gfp_to_alloc_flags(gfp, flags, oom_victim=True) == expected
+    assert gfp_pfmemalloc_allowed(gfp, flags, oom_victim=True) is (
+        expected in (ALLOC_OOM, ALLOC_NO_WATERMARKS)
+    )
 
 
 def test_memalloc_noio_strips_io_and_fs() -> None:

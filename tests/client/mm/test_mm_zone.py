@@ -8,6 +8,7 @@ from client.mm import (
     ALLOC_HARDER,
     ALLOC_HIGH,
     ALLOC_NO_WATERMARKS,
+    ALLOC_OOM,
     ALLOC_WMARK_HIGH,
     ALLOC_WMARK_LOW,
     ALLOC_WMARK_MIN,
@@ -99,6 +100,9 @@ MIN = 800
         (ALLOC_HIGH, 400),  # ALLOC_HIGH: min -= min/2
         (ALLOC_HARDER, 600),  # ALLOC_HARDER alone: 3/4 min
         (ALLOC_HIGH | ALLOC_HARDER, 300),  # GFP_ATOMIC: 3/8 min
+        (ALLOC_OOM, 400),  # OOM victim (4.16-6.2): "if (alloc_flags & ALLOC_OOM) min -= min / 2"
+        (ALLOC_OOM | ALLOC_HARDER, 400),  # ALLOC_OOM instead of ALLOC_HARDER's quarter
+        (ALLOC_OOM | ALLOC_HIGH, 200),  # both halvings (never built: ALLOC_OOM replaces HIGH)
     ],
 )
 def test_zone_watermark_ok_thresholds(alloc_flags: AllocFlags, threshold: int) -> None:
