@@ -163,14 +163,19 @@ class HogMemory:
                 await self.memory.allocator.wait_for_free_pages(CONGESTION_WAIT)
 
     def exit_process(self, process: Process) -> None:
-        if self._hold and not self.released:
+        if self._hold and not self.released and not process.killed:
             self.held.append(process)
-        else:
+        else:  # a killed process exits whether held or not: its memory goes now
             self._exit(process)
 
     def _exit(self, process: Process) -> None:
-        if process.pid in self.memory.processes:  # not reaped by the OOM killer already
-            self.memory.exit_process(process)
+        self.memory.exit_process(process)  # idempotent: exited already by release
+
+    def exit_held(self, process: Process) -> None:
+        """``process``, if it holds its memory here, exits now (it was killed)."""
+        if process in self.held:
+            self.held.remove(process)
+            self._exit(process)
 
     def release(self) -> None:
         """End the hold: held processes exit now, running ones at their next touch."""
@@ -273,7 +278,9 @@ class ClientMachine:
         self.observer = observer
         self._connect = connect
         m = scenario.machine
-        self.memory = Memory.from_config(memory_config(m), policy=self.policy, observer=observer)
+        self.memory = Memory.from_config(
+            memory_config(m), policy=self.policy, observer=observer, oom_hook=self._oom_killed
+        )
         s = scenario.swap
         self.device = NBDSwapDevice(
             self._connect_swap,
@@ -321,6 +328,13 @@ class ClientMachine:
         self._run_nursery: trio.Nursery | None = None
         self._workloads_scope: trio.CancelScope | None = None
         self._cut: ModelledSocket | None = None
+
+    def _oom_killed(self, victim: Process) -> None:
+        """The OOM killer chose ``victim``: if it is a held process of an injected hog, its
+        task sleeps killably (a process holding its memory sleeps in pause(2)), so SIGKILL
+        ends the sleep and it exits now."""
+        for injected in self.injected_hogs:
+            injected.memory.exit_held(victim)
 
     def _hog_memory(self, *, hold: bool = False) -> Memory:
         """A ``HogMemory`` for an ``AnonHog``, which takes it for the ``Memory`` it uses."""

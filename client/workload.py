@@ -107,6 +107,9 @@ class AnonHog:
                     if interval:
                         await trio.sleep(interval)
         except ProcessKilled:
+            # SIGKILL (the OOM killer's): the task exits, and exit_mmap frees what the
+            # oom_reaper has not.
+            memory.exit_process(process)
             self.result.killed += 1
             return
         except SwapReadError:
@@ -174,6 +177,7 @@ class FileReader:
                     if interval:
                         await trio.sleep(interval)
         except ProcessKilled:
+            memory.exit_process(process)  # as AnonHog's
             self.result.killed += 1
             return
         except OutOfMemory:
