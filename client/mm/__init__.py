@@ -20,6 +20,8 @@ from client.mm.facts import (
     KswapdWoken,
     Observer,
     OomKill,
+    OomReaped,
+    OomVictimExited,
     SwapReadDone,
     SwapReadpage,
     SwapWritebackDone,
@@ -55,7 +57,7 @@ from client.mm.gfp import (
     task_flags,
 )
 from client.mm.lru import Lru, inactive_ratio
-from client.mm.memory import ContentFn, Memory, MemoryConfig
+from client.mm.memory import OOM_REAPER_DELAY, ContentFn, Memory, MemoryConfig
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, Frames, Page
 from client.mm.policy import NullPolicy, ReservePolicy
@@ -91,6 +93,7 @@ __all__ = [
     "GFP_NOWAIT",
     "GFP_USER",
     "MAX_RECLAIM_RETRIES",
+    "OOM_REAPER_DELAY",
     "PAGE_SIZE",
     "PF",
     "SWAP_CLUSTER_MAX",
@@ -116,6 +119,8 @@ __all__ = [
     "NullPolicy",
     "Observer",
     "OomKill",
+    "OomReaped",
+    "OomVictimExited",
     "OutOfMemory",
     "Page",
     "Process",

@@ -6,6 +6,7 @@ page: a couple of attribute reads and a list pop. Slow path (``alloc_page``), af
 then below min (ALLOC_NO_WATERMARKS) if ``gfp_pfmemalloc_allowed``, marking the page
 pfmemalloc; fail if the caller may not sleep; fail a PF_MEMALLOC caller rather than recurse
 into reclaim; otherwise direct reclaim, then wait for writeback or retry, and finally OOM.
+A task of an OOM victim allocates at ALLOC_OOM (half of min) and fails rather than loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from client.mm.facts import AllocEmergency, AllocFailed, Observer, drop
 from client.mm.gfp import (
     ALLOC_NO_WATERMARKS,
+    ALLOC_OOM,
     GFP,
     GFP_KERNEL,
     PF,
@@ -30,6 +32,7 @@ from client.mm.gfp import (
 )
 from client.mm.page import Page
 from client.mm.policy import NullPolicy, ReservePolicy
+from client.mm.process import current_is_oom_victim, fatal_signal_pending
 from client.mm.vmstat import Progress, Psi, VmStat
 from client.mm.waits import WaitFor, WaitRegistry
 from client.mm.zone import Zone
@@ -56,24 +59,25 @@ class _Plan(NamedTuple):
     no_watermarks: bool
     direct_reclaim: bool
     memalloc: bool  # PF_MEMALLOC
+    oom: bool  # ALLOC_OOM: the task is an OOM victim's
     nofail: bool
     noretry: bool
     fs: bool
 
 
-#: (gfp, task flags) -> the slow path's plan.  These are pure functions of two small flag
-#: sets, and each ``IntFlag`` operator costs about a microsecond (``enum.Flag.__and__``
-#: looks up or builds a member): decoding them on every slow-path allocation cost more than
-#: the allocation itself.
-_PLANS: dict[tuple[GFP, PF], _Plan] = {}
+#: (gfp, task flags, OOM victim) -> the slow path's plan.  These are pure functions of two
+#: small flag sets and a bool, and each ``IntFlag`` operator costs about a microsecond
+#: (``enum.Flag.__and__`` looks up or builds a member): decoding them on every slow-path
+#: allocation cost more than the allocation itself.
+_PLANS: dict[tuple[GFP, PF, bool], _Plan] = {}
 
 
-def _plan(gfp: GFP, tflags: PF) -> _Plan:
-    plan = _PLANS.get((gfp, tflags))
+def _plan(gfp: GFP, tflags: PF, oom_victim: bool = False) -> _Plan:
+    plan = _PLANS.get((gfp, tflags, oom_victim))
     if plan is None:
         g = current_gfp_context(gfp, tflags)
-        alloc_flags = gfp_to_alloc_flags(g, tflags)
-        plan = _PLANS[(gfp, tflags)] = _Plan(
+        alloc_flags = gfp_to_alloc_flags(g, tflags, oom_victim)
+        plan = _PLANS[(gfp, tflags, oom_victim)] = _Plan(
             g,
             alloc_flags,
             alloc_flags & ~ALLOC_NO_WATERMARKS,
@@ -81,6 +85,7 @@ def _plan(gfp: GFP, tflags: PF) -> _Plan:
             bool(alloc_flags & ALLOC_NO_WATERMARKS),
             bool(g & GFP.DIRECT_RECLAIM),
             bool(tflags & PF.MEMALLOC),
+            bool(alloc_flags & ALLOC_OOM),
             bool(g & GFP.NOFAIL),
             bool(g & GFP.NORETRY),
             bool(g & GFP.FS),
@@ -114,6 +119,9 @@ class Allocator:
         self.policy: ReservePolicy = NullPolicy() if policy is None else policy
         self.reclaimer: Reclaimer | None = None
         self.out_of_memory: Callable[[GFP], bool] = lambda gfp: False
+        #: What a task retrying after the OOM killer made progress waits for (the victim
+        #: whose memory it expects); None: any free page.
+        self.oom_wait: Callable[[], WaitFor | None] = lambda: None
         #: Fault injection (client/faults.py): ``should_fail_alloc_page``; None: no fault.
         self.fail_page_alloc: Callable[[GFP], bool] | None = None
         self._free_wait = trio.lowlevel.ParkingLot()
@@ -166,43 +174,53 @@ class Allocator:
 
     async def _slowpath(self, gfp: GFP, reserve: object | None) -> Page | None:
         tflags = current_task_flags()
-        # current_gfp_context, gfp_to_alloc_flags and "the slow path first retries with
-        # alloc_flags & ~ALLOC_NO_WATERMARKS" (3.6+), decoded once per (gfp, tflags)
-        plan = _plan(gfp, tflags)
-        gfp, alloc_flags, wmark_flags = plan.gfp, plan.alloc_flags, plan.wmark_flags
         no_progress_loops = 0
+        first = True
         while True:
+            # current_gfp_context, gfp_to_alloc_flags and "the slow path first retries with
+            # alloc_flags & ~ALLOC_NO_WATERMARKS" (3.6+), decoded once per (gfp, tflags,
+            # victim). Looked up again each time round, as 6.1 __alloc_pages_slowpath
+            # recomputes reserve_flags at "retry:": a task whose process the OOM killer chose
+            # meanwhile allocates at ALLOC_OOM from then on.
+            plan = _plan(gfp, tflags, current_is_oom_victim())
+            g, alloc_flags, wmark_flags = plan.gfp, plan.alloc_flags, plan.wmark_flags
             if plan.kswapd_reclaim:
                 self._wake_all_kswapds()
             page = self._get_page_from_freelist(wmark_flags)
+            if page is None and first and plan.oom:
+                # 6.1: the slow path's first attempt, before "retry:", is at
+                # gfp_to_alloc_flags' own flags (3/8 of min for GFP_ATOMIC, below ALLOC_OOM's
+                # half); the reserve flags replace them from "retry:" on.
+                page = self._get_page_from_freelist(_plan(gfp, tflags).wmark_flags)
+            first = False
             if page is not None:
                 return page
             # "Allocate without watermarks if the context allows"
             if plan.no_watermarks:
-                page = await self._alloc_emergency(gfp, tflags, wmark_flags, reserve)
+                page = await self._alloc_emergency(g, tflags, wmark_flags, reserve)
                 if page is not None:
                     return page
             if not plan.direct_reclaim:  # "Atomic allocations - we can't balance anything"
-                return self._fail(gfp, alloc_flags, tflags)
+                return self._fail(g, alloc_flags, tflags)
             if plan.memalloc:  # "Avoid recursion of direct reclaim"
-                if await self.policy.memalloc_failed(gfp):
+                if await self.policy.memalloc_failed(g):
                     continue
                 if not plan.nofail:
-                    return self._fail(gfp, alloc_flags, tflags)
+                    return self._fail(g, alloc_flags, tflags)
                 await self._wait_for_free_pages()
                 continue
-            if await self.policy.throttle_direct_reclaim(gfp):
+            if await self.policy.throttle_direct_reclaim(g):
                 # try_to_free_pages: "if (throttle_direct_reclaim(...)) return 1" -- killed
                 # while throttled: no reclaim, and the progress it pretends keeps the OOM
                 # killer away; the next try is not throttled (the signal is still pending).
                 nr_reclaimed = 1
             else:
-                nr_reclaimed = await self._direct_reclaim(gfp)
+                nr_reclaimed = await self._direct_reclaim(g)
             page = self._get_page_from_freelist(wmark_flags)
             if page is not None:
                 return page
             if plan.noretry:  # __GFP_NORETRY: "don't loop in __alloc_pages"
-                return self._fail(gfp, alloc_flags, tflags)
+                return self._fail(g, alloc_flags, tflags)
             if nr_reclaimed:  # progress, but others took the pages: retry
                 no_progress_loops = 0
                 await trio.lowlevel.checkpoint()
@@ -215,18 +233,37 @@ class Allocator:
             if no_progress_loops <= MAX_RECLAIM_RETRIES:
                 await trio.lowlevel.checkpoint()  # cond_resched()
                 continue
-            if not plan.fs:
+            if not plan.fs and not fatal_signal_pending():
                 # out_of_memory: "The OOM killer does not compensate for IO-less reclaim";
-                # pretend progress and keep looping (order-0 is "too small to fail").
+                # pretend progress and keep looping (order-0 is "too small to fail"). A
+                # killed task goes on to out_of_memory, whose task_will_free_mem(current)
+                # comes before this test (6.1).
                 await self._wait_for_free_pages()
                 continue
-            if self.out_of_memory(gfp):  # __alloc_pages_may_oom
+            progress = self.out_of_memory(g)  # __alloc_pages_may_oom
+            victim = current_is_oom_victim()
+            if victim and (plan.oom or g & GFP.NOMEMALLOC):
+                # 6.1 __alloc_pages_slowpath, after __alloc_pages_may_oom: "Avoid allocations
+                # with no watermarks from looping endlessly": the victim's task fails and
+                # goes on to exit, which frees its memory.
+                if plan.nofail:  # nopage: "__GFP_NOFAIL request ... we always retry"
+                    await self._wait_for_free_pages()
+                    continue
+                return self._fail(g, alloc_flags, tflags)
+            if progress:  # "Retry as long as the OOM killer is making progress"
                 no_progress_loops = 0
+                if not victim:
+                    # The kernel goes round again at once, and the victim runs on another
+                    # CPU meanwhile; on the model's clock a task that never sleeps stops
+                    # time, so the retry waits for a page to be freed (the victim's exit or
+                    # the oom_reaper), at most CONGESTION_WAIT. A task that has just become
+                    # a victim itself (task_will_free_mem(current)) retries at ALLOC_OOM now.
+                    await self._wait_for_free_pages(what=self.oom_wait())
                 continue
             if plan.nofail:
                 await self._wait_for_free_pages()
                 continue
-            return self._fail(gfp, alloc_flags, tflags)  # nothing left to kill
+            return self._fail(g, alloc_flags, tflags)  # nothing left to kill
 
     async def _alloc_emergency(
         self, gfp: GFP, tflags: PF, wmark_flags: AllocFlags, reserve: object | None
@@ -272,10 +309,14 @@ class Allocator:
         with self.psi.memstall():
             await self.reclaimer.wait_for_writeback(CONGESTION_WAIT)
 
-    async def _wait_for_free_pages(self, timeout: float = CONGESTION_WAIT) -> bool:
-        """Wait until a page is freed (or ``timeout``); a task waiting here is stalled."""
-        zone = self._zonelist[0].name if self._zonelist else "none"
-        what = WaitFor("free_pages", zone, waker="kswapd")
+    async def _wait_for_free_pages(
+        self, timeout: float = CONGESTION_WAIT, what: WaitFor | None = None
+    ) -> bool:
+        """Wait until a page is freed (or ``timeout``); a task waiting here is stalled.
+        ``what`` names the wait (default: free pages, from kswapd)."""
+        if what is None:
+            zone = self._zonelist[0].name if self._zonelist else "none"
+            what = WaitFor("free_pages", zone, waker="kswapd")
         with self.psi.memstall():
             return await self.waits.park(self._free_wait, what, timeout)
 
@@ -292,7 +333,7 @@ class Allocator:
     def _fail_injected(self, gfp: GFP) -> Page | None:
         """An injected failure: counted and reported exactly as a real one."""
         tflags = current_task_flags()
-        plan = _plan(gfp, tflags)
+        plan = _plan(gfp, tflags, current_is_oom_victim())
         return self._fail(plan.gfp, plan.alloc_flags, tflags)
 
     # -- free --------------------------------------------------------------------------------

@@ -119,13 +119,44 @@ class SwapReadDone(Fact):
 
 @attrs.frozen
 class OomKill(Fact):
-    """The OOM killer chose and reaped a process."""
+    """The OOM killer chose a process and sent it SIGKILL (``__oom_kill_process``); its
+    memory is freed later, when it exits (``oom.victim_exited``) or is reaped
+    (``oom.reaped``)."""
 
     event: ClassVar[str] = "oom.kill"
     pid: int
     name: str
     rss: int
     swapents: int
+
+
+@attrs.frozen
+class OomReaped(Fact):
+    """The oom_reaper unmapped the anonymous memory of a victim that had not exited
+    ``OOM_REAPER_DELAY`` after it was chosen (mm/oom_kill.c ``oom_reap_task_mm``: "oom_reaper:
+    reaped process ...")."""
+
+    event: ClassVar[str] = "oom.reaped"
+    pid: int
+    name: str
+    unmapped: int  # resident pages unmapped
+    freed: int  # of those, pages freed now (the rest are under writeback or isolated)
+    swapents: int  # swap entries dropped
+    since_kill: float  # seconds from the choice to the reaping (run clock)
+
+
+@attrs.frozen
+class OomVictimExited(Fact):
+    """An OOM victim's task reached exit and ``exit_mmap`` freed what the oom_reaper had not
+    (everything, if it exits before the reaper runs)."""
+
+    event: ClassVar[str] = "oom.victim_exited"
+    pid: int
+    name: str
+    unmapped: int
+    freed: int
+    swapents: int
+    since_kill: float
 
 
 @attrs.frozen

@@ -1,5 +1,6 @@
 """A workload process as memory sees it: an address space of anonymous pages, and the
-task-side state the allocator reads through ``current`` (is it being killed?)."""
+task-side state the allocator reads through ``current`` (is it being killed? is it an OOM
+victim?)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ class Process:
     present: dict[int, Page] = attrs.field(factory=dict, repr=False)
     swapped: dict[int, int] = attrs.field(factory=dict, repr=False)
     killed: bool = False
+    #: ``tsk_is_oom_victim``: ``mark_oom_victim`` set ``signal->oom_mm`` (mm/oom_kill.c):
+    #: its tasks allocate with ALLOC_OOM, and no other process is chosen while it is pending.
+    oom_victim: bool = False
+    #: When (run clock) it became one.
+    oom_victim_since: float | None = attrs.field(default=None, repr=False)
+    #: ``MMF_OOM_SKIP`` on its mm: its memory is gone (exit_mmap) or the oom_reaper is done
+    #: with it; the OOM killer passes over it (oom_evaluate_task, oom_badness).
+    oom_skip: bool = False
+    #: ``MMF_OOM_REAP_QUEUED``: queue_oom_reaper armed its timer once.
+    oom_reap_queued: bool = False
+    #: exit_mmap ran: its address space is gone (a task of it can no longer fault).
+    exited: bool = False
     #: vm_area_struct.swap_readahead_info of its one mapping (VMA swap readahead):
     #: (last faulting page, window, readahead hits), None until the first swap-in.
     swap_ra: tuple[int, int, int] | None = attrs.field(default=None, repr=False)
@@ -68,6 +81,17 @@ def as_current(process: Process) -> Iterator[Process]:
         yield process
     finally:
         _current.reset(token)
+
+
+def current_process() -> Process | None:
+    """``current``'s process: the process whose task is running (None for kernel tasks)."""
+    return _current.get()
+
+
+def current_is_oom_victim() -> bool:
+    """``tsk_is_oom_victim(current)`` (include/linux/oom.h): ``current->signal->oom_mm``."""
+    process = _current.get()
+    return process is not None and process.oom_victim
 
 
 def fatal_signal_pending() -> bool:

@@ -438,9 +438,11 @@ async def test_pfmemalloc_oom_kill_ends_the_throttle_of_its_victim(
     "if (fatal_signal_pending(current)) return true": try_to_free_pages returns 1 without
     reclaiming. A fault of "victim" at free 32 = Σmin/2 is throttled with no timeout; at
     t=5 the OOM killer (another task's) picks it. Its fault ends at t=5: the throttle
-    returns, the retry is not throttled again (pgscan_direct_throttle stays 1), reclaim
-    finds nothing (no swap) 1 + 16 times, the OOM killer has no one left, and the fault
-    gives up with ProcessKilled."""
+    returns, the retry is not throttled again (pgscan_direct_throttle stays 1), ALLOC_OOM's
+    half of min is no lower than the 32 free, reclaim finds nothing (no swap) 1 + 16 times,
+    and the victim's allocation fails rather than loop (6.1 __alloc_pages_slowpath: "Avoid
+    allocations with no watermarks from looping endlessly"): the fault gives up with
+    ProcessKilled."""
     policy = PfmemallocPolicy()
     rig = make_rig(policy)
     memory = rig.memory

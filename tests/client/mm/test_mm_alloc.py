@@ -16,12 +16,14 @@ from client.mm import (
     GFP_NOIO,
     GFP_NOWAIT,
     MAX_RECLAIM_RETRIES,
+    OOM_REAPER_DELAY,
     PF,
     AllocEmergency,
     AllocFailed,
     DirectReclaim,
     Memory,
     OomKill,
+    OomReaped,
     Page,
     Process,
     ProcessKilled,
@@ -260,18 +262,26 @@ def test_extra_min_pages_raise_the_watermarks(m: Machine) -> None:
 async def test_oom_kills_the_biggest_process_when_nothing_is_reclaimable(
     make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """No swap: "big" (2500 pages) is chosen when "small" no longer fits. big has no task
+    here to exit with, so its memory comes back OOM_REAPER_DELAY = 2 s later, from the
+    oom_reaper; small's fault waits for it and goes on."""
     killed: list[Process] = []
     machine = make_machine(PAGES, oom_hook=killed.append)  # no swap at all
     memory = machine.memory
     big, small = memory.new_process("big"), memory.new_process("small")
-    for v in range(2500):
-        await memory.touch(big, v, write=True, content_fn=pattern_content)
-    for v in range(2000):  # does not fit next to big: big is killed, small goes on
-        await memory.touch(small, v, write=True, content_fn=pattern_content)
-    assert killed == [big] and big.killed and not small.killed
+    async with memory.running():
+        for v in range(2500):
+            await memory.touch(big, v, write=True, content_fn=pattern_content)
+        for v in range(2000):  # does not fit next to big: big is killed, small goes on
+            await memory.touch(small, v, write=True, content_fn=pattern_content)
+        assert trio.current_time() == OOM_REAPER_DELAY
+    assert killed == [big] and big.killed and big.oom_victim and not small.killed
     assert memory.stat.oom_kill == 1
     [fact] = machine.facts_of(OomKill)
     assert (fact.pid, fact.name, fact.rss, fact.swapents) == (big.pid, "big", 2500, 0)
+    [reaped] = machine.facts_of(OomReaped)
+    assert (reaped.pid, reaped.unmapped, reaped.freed, reaped.swapents) == (big.pid, 2500, 2500, 0)
+    assert reaped.since_kill == OOM_REAPER_DELAY and big.oom_skip
     assert big.rss == 0 and small.rss == 2000
     with pytest.raises(ProcessKilled):
         await memory.touch(big, 0, write=False, content_fn=pattern_content)
