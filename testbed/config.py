@@ -485,13 +485,30 @@ class NoiseConfig:
             raise ConfigError(f"noise {self.name!r}: sockets, process_pages >= 0, consume_rate > 0")
 
 
+#: How the ``reserve`` policy treats TX below min.  "posted" is Zijlstra's series:
+#: ``sk_adjust_memalloc`` adds ``tx_reserve_pages`` to the reserve ("an upper-bound of memory
+#: used for TX hence we need not account the pages like we do for RX pages").
+#: "bean-counted" is a variant of ours, not his: each memalloc socket's TX is charged to a
+#: node with a limit and the sender waits there.
+TX_ACCOUNTING = ("posted", "bean-counted")
+
+
+def _tx_accounting(value: str) -> str:
+    if value not in TX_ACCOUNTING:
+        raise ConfigError(
+            f"reserve.tx_accounting {value!r}: choose one of {', '.join(TX_ACCOUNTING)}"
+        )
+    return value
+
+
 @attrs.frozen
 class ReserveConfig:
-    """Zijlstra's reserve sizes, in pages (``policy = "reserve"``)."""
+    """Zijlstra's reserve sizes, in pages (``policy = "reserve"``), and how TX is treated."""
 
     tx_pages: int = 32  # TX_RESERVE_PAGES per memalloc socket: "max packet size 64k, double it"
     rx_pages: int = 128  # the SKB data reserve (512K in his /proc/reserve_info example)
     block_pages: int = 16
+    tx_accounting: str = attrs.field(default="posted", converter=_tx_accounting)
 
     def __attrs_post_init__(self) -> None:
         if min(self.tx_pages, self.rx_pages, self.block_pages) < 0:
