@@ -356,6 +356,17 @@ def _buf_size(value: str | int) -> int:
     return parse_size(value, what="socket buffer size")
 
 
+#: ``[swap] nbd``: the same names as client/nbd_client.py NBD_ERAS (testbed may not import
+#: the client at config time; a test checks that they agree).
+NBD_ERAS = ("2.6.18", "3.5", "3.6", "6.1")
+
+
+def _nbd_era(value: str) -> str:
+    if value not in NBD_ERAS:
+        raise ConfigError(f"swap.nbd {value!r}: choose one of {', '.join(NBD_ERAS)}")
+    return value
+
+
 @attrs.frozen
 class SwapConfig:
     """The swap device: an NBD export, the connection's depth and its failure handling."""
@@ -369,6 +380,11 @@ class SwapConfig:
     io_timeout: float = 30.0
     spare_pages: int | None = None  # remap space for fenced writes (default: 1/16)
     quarantine_seconds: float = 30.0
+    # drivers/block/nbd.c's transmit context by kernel era (client/nbd_client.py
+    # nbd_xmit_context): "2.6.18" the submitter's flags (request_fn), "3.5" nbd_thread
+    # (PF_KTHREAD), "3.6" nbd_thread + PF_MEMALLOC in sock_xmit, "6.1" the submitter's
+    # flags + memalloc_noreclaim_save in __sock_xmit.
+    nbd: str = attrs.field(default="2.6.18", converter=_nbd_era)
 
     def __attrs_post_init__(self) -> None:
         if self.depth < 1:
