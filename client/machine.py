@@ -290,6 +290,7 @@ class ClientMachine:
             spare_pages=s.spare_pages,
             quarantine_seconds=s.quarantine_seconds,
             observer=observer,
+            nbd=s.nbd,
         )
         self.faults = ClientFaults(self.memory, seed=scenario.run.seed, observer=observer)
         if scenario.faults.latency_ms is not None:

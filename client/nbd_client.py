@@ -6,6 +6,10 @@ back to EXPORT_NAME when a server does not know GO (nbd.md §2, "Fallback behavi
 
 This is the transport of the client machine's swap device; reconnection and the fencing of
 superseded writes belong to the swap device above it.
+
+``xmit`` (optional) is the context every request's send runs in: the kernel's nbd driver
+changes the sending task's flags around ``sock_xmit``, and which flags depends on its era
+(``nbd_xmit_context``).  Without it a send runs in whatever context the caller has.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import trio
 
+from client.mm.gfp import PF, as_task, task_flags
 from testbed.nbd import (
     NEED_DATA,
     ClientConnection,
@@ -43,6 +49,53 @@ from testbed.nbd import (
 from testbed.nbd.constants import ClientFlags, HandshakeFlags
 
 RECEIVE_SIZE = 256 * 1024
+
+#: The context of one send: entered around each request's ``send_all``.
+XmitContext = Callable[[], AbstractContextManager[object]]
+
+#: ``[swap] nbd``: the kernel eras of drivers/block/nbd.c whose transmit context differs.
+NBD_ERAS = ("2.6.18", "3.5", "3.6", "6.1")
+
+
+def nbd_xmit_context(era: str) -> XmitContext:
+    """The task context drivers/block/nbd.c sends a request in, by kernel era.
+
+    What a sender's allocations carry is its task's flags (``PF_MEMALLOC`` lets them go
+    below min, ``gfp_pfmemalloc_flags``); its skbs' gfp is ``sk_allocation``, which the
+    policy sets (``socket_created``: each design's nbd patch).  A request reaches the driver
+    in its submitter's task (client/mm/block.py), and then:
+
+    * ``"2.6.18"``: the request_fn ``do_nbd_request`` calls ``nbd_send_req`` itself, so the
+      send runs in whoever runs the queue -- the submitter, with its flags and nothing more
+      (kswapd's and a direct reclaimer's ``PF_MEMALLOC``; a faulting process's none).  The
+      driver Zijlstra patched in "nbd: deadlock prevention for NBD" (Aug 2006).
+    * ``"3.5"``: ``do_nbd_request`` only queues; the per-device kernel thread
+      ``nbd_thread`` sends (``nbd_handle_req`` -> ``nbd_send_req`` -> ``sock_xmit``) with
+      the flags of a kernel thread: ``PF_KTHREAD``, no ``PF_MEMALLOC``.  The driver Gorman's
+      3.6 patch was made against.
+    * ``"3.6"``: the same thread; ``sock_xmit`` does ``current->flags |= PF_MEMALLOC`` around
+      the send and ``tsk_restore_flags`` after ("nbd: Set SOCK_MEMALLOC for access to
+      PFMEMALLOC reserves", Gorman, Linux 3.6).
+    * ``"6.1"``: blk-mq; ``nbd_queue_rq`` runs in the submitter's task (or a kblockd
+      worker), and ``__sock_xmit`` wraps ``sock_sendmsg`` in ``memalloc_noreclaim_save()``:
+      the submitter's flags plus ``PF_MEMALLOC``.  For the allocator this equals 3.6: a
+      ``PF_MEMALLOC`` task never reaches direct reclaim or its throttle, where the other
+      flags would matter.
+
+    Receiving allocates nothing in the model (RX buffers are the softirq's), so the
+    receiving side (``nbd_do_it``'s ioctl process, 6.1's ``recv_work``) is not modelled here.
+    """
+    if era == "2.6.18":
+        return contextlib.nullcontext
+    if era == "3.5":
+        return lambda: as_task(PF.KTHREAD)  # nbd_thread: a kernel thread, nothing more
+    if era == "3.6":
+        # sock_xmit in nbd_thread: "current->flags |= PF_MEMALLOC"
+        return lambda: as_task(PF.KTHREAD | PF.MEMALLOC)
+    if era == "6.1":
+        # __sock_xmit: "noreclaim_flag = memalloc_noreclaim_save();" in queue_rq's task
+        return lambda: task_flags(PF.MEMALLOC)
+    raise ValueError(f"nbd era {era!r}: choose one of {', '.join(NBD_ERAS)}")
 
 
 class NBDError(Exception):
@@ -91,8 +144,15 @@ class _Slot:
 class NBDClient:
     """One connection to an export.  Use :meth:`connect`, then the async request methods."""
 
-    def __init__(self, stream: trio.abc.Stream, machine: ClientConnection, depth: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        machine: ClientConnection,
+        depth: int,
+        xmit: XmitContext = contextlib.nullcontext,
+    ) -> None:
         self._stream = stream
+        self._xmit = xmit
         self._machine = machine
         # The queue depth (a semaphore, acquired as trio.Semaphore does) and the send lock:
         # both handed over to the next waiter, as trio's are, but the send lock costs no
@@ -141,11 +201,13 @@ class NBDClient:
         depth: int = 64,
         structured: bool = True,
         nursery: trio.Nursery,
+        xmit: XmitContext = contextlib.nullcontext,
     ) -> NBDClient:
-        """Handshake on an open stream (TCP or an in-memory pair) and start the reader."""
+        """Handshake on an open stream (TCP or an in-memory pair) and start the reader;
+        requests are then sent in the ``xmit`` context (``nbd_xmit_context``)."""
         machine = ClientConnection()
         await _handshake(stream, machine, export, structured)
-        client = cls(stream, machine, depth)
+        client = cls(stream, machine, depth, xmit)
         nursery.start_soon(client._reader)
         return client
 
@@ -236,7 +298,8 @@ class NBDClient:
         else:
             self._send_busy = True
         try:
-            await self._stream.send_all(payload)
+            with self._xmit():  # nbd's sock_xmit: the sending task's flags, by era
+                await self._stream.send_all(payload)
         finally:
             if self._send_waiters:
                 self._send_waiters.unpark()

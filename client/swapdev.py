@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from client.mm.block import SwapIOError
-from client.nbd_client import Disconnected, NBDClient, NBDError
+from client.nbd_client import Disconnected, NBDClient, NBDError, nbd_xmit_context
 from testbed.nbd import Errno, ProtocolError
 
 PAGE = 4096
@@ -71,8 +71,13 @@ class NBDSwapDevice:
         quarantine_seconds: float = 30.0,
         observer: Callable[[DeviceEvent], None] = lambda _e: None,
         structured: bool = True,
+        nbd: str = "2.6.18",
     ) -> None:
         self._connect = connect
+        #: The kernel era of drivers/block/nbd.c whose send context requests get
+        #: (``nbd_xmit_context``; ``[swap] nbd``).
+        self.nbd = nbd
+        self._xmit = nbd_xmit_context(nbd)
         self.export = export
         self.depth = depth
         self.io_timeout = io_timeout
@@ -132,6 +137,7 @@ class NBDSwapDevice:
                 depth=self.depth,
                 structured=self._structured,
                 nursery=self._nursery,
+                xmit=self._xmit,
             )
         except BaseException:
             await trio.aclose_forcefully(stream)

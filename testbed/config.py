@@ -356,6 +356,17 @@ def _buf_size(value: str | int) -> int:
     return parse_size(value, what="socket buffer size")
 
 
+#: ``[swap] nbd``: the same names as client/nbd_client.py NBD_ERAS (testbed may not import
+#: the client at config time; a test checks that they agree).
+NBD_ERAS = ("2.6.18", "3.5", "3.6", "6.1")
+
+
+def _nbd_era(value: str) -> str:
+    if value not in NBD_ERAS:
+        raise ConfigError(f"swap.nbd {value!r}: choose one of {', '.join(NBD_ERAS)}")
+    return value
+
+
 @attrs.frozen
 class SwapConfig:
     """The swap device: an NBD export, the connection's depth and its failure handling."""
@@ -369,6 +380,11 @@ class SwapConfig:
     io_timeout: float = 30.0
     spare_pages: int | None = None  # remap space for fenced writes (default: 1/16)
     quarantine_seconds: float = 30.0
+    # drivers/block/nbd.c's transmit context by kernel era (client/nbd_client.py
+    # nbd_xmit_context): "2.6.18" the submitter's flags (request_fn), "3.5" nbd_thread
+    # (PF_KTHREAD), "3.6" nbd_thread + PF_MEMALLOC in sock_xmit, "6.1" the submitter's
+    # flags + memalloc_noreclaim_save in __sock_xmit.
+    nbd: str = attrs.field(default="2.6.18", converter=_nbd_era)
 
     def __attrs_post_init__(self) -> None:
         if self.depth < 1:
@@ -485,13 +501,30 @@ class NoiseConfig:
             raise ConfigError(f"noise {self.name!r}: sockets, process_pages >= 0, consume_rate > 0")
 
 
+#: How the ``reserve`` policy treats TX below min.  "posted" is Zijlstra's series:
+#: ``sk_adjust_memalloc`` adds ``tx_reserve_pages`` to the reserve ("an upper-bound of memory
+#: used for TX hence we need not account the pages like we do for RX pages").
+#: "bean-counted" is a variant of ours, not his: each memalloc socket's TX is charged to a
+#: node with a limit and the sender waits there.
+TX_ACCOUNTING = ("posted", "bean-counted")
+
+
+def _tx_accounting(value: str) -> str:
+    if value not in TX_ACCOUNTING:
+        raise ConfigError(
+            f"reserve.tx_accounting {value!r}: choose one of {', '.join(TX_ACCOUNTING)}"
+        )
+    return value
+
+
 @attrs.frozen
 class ReserveConfig:
-    """Zijlstra's reserve sizes, in pages (``policy = "reserve"``)."""
+    """Zijlstra's reserve sizes, in pages (``policy = "reserve"``), and how TX is treated."""
 
     tx_pages: int = 32  # TX_RESERVE_PAGES per memalloc socket: "max packet size 64k, double it"
     rx_pages: int = 128  # the SKB data reserve (512K in his /proc/reserve_info example)
     block_pages: int = 16
+    tx_accounting: str = attrs.field(default="posted", converter=_tx_accounting)
 
     def __attrs_post_init__(self) -> None:
         if min(self.tx_pages, self.rx_pages, self.block_pages) < 0:

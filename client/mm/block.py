@@ -4,6 +4,16 @@ The device is abstract (``SwapDevice``): the real one is the NBD client, tests u
 ``client.mm.testing.MemorySwapDevice``. Every request runs in a task of the block layer's
 own nursery, so a request is never cancelled because the task that submitted it was, and
 completion calls back into the model (``end_io``), as an interrupt handler would.
+
+**Whose context a request runs in.**  ``submit_bio`` hands the request to the driver in the
+submitter's task: a request_fn driver (nbd before its kernel thread) or blk-mq's
+``queue_rq`` issued from the submitter's plug runs with the submitter's ``current->flags``.
+So the request's task starts with exactly the flags its submitter had at ``submit``
+(``Bio.submitter_flags``: kswapd's ``PF_MEMALLOC|PF_KSWAPD``, a direct reclaimer's
+``PF_MEMALLOC``, nothing for a faulting process's swap-in), set explicitly rather than
+left to trio's copy of the spawning task's context.  A driver that sends from a task of
+its own, or changes the flags around its send, says so itself (client/swapdev.py, nbd's
+``sock_xmit`` by kernel era).
 """
 
 from __future__ import annotations
@@ -15,10 +25,12 @@ from typing import Protocol
 import attrs
 import trio
 
-from client.mm.gfp import GFP
+from client.mm.gfp import GFP, PF, as_task, current_task_flags
 from client.mm.mempool import Mempool
 from client.mm.page import Frames, Page
 from client.mm.waits import WaitFor, WaitRegistry
+
+_NO_FLAGS = PF(0)
 
 
 class SwapIOError(Exception):
@@ -53,6 +65,8 @@ class Bio:
     mem: Page = attrs.field(repr=False)  # the memory this bio costs, from the bio mempool
     end_io: Callable[[Bio], None] = attrs.field(repr=False)
     error: SwapIOError | None = None
+    #: ``current->flags`` of the task that called ``submit`` (see the module docstring).
+    submitter_flags: PF = _NO_FLAGS
     completed: bool = attrs.field(default=False, init=False, repr=False)
     _done: trio.Event | None = attrs.field(default=None, init=False, repr=False)
 
@@ -140,20 +154,24 @@ class BlockQueue:
             self.bio_pool.free(mem)  # cancelled while waiting: the bio goes back (bio_put)
             raise
         self._tags_free -= 1
-        bio = Bio(next(self._ids), write, slot, pages, mem, end_io)
+        flags = current_task_flags()
+        bio = Bio(next(self._ids), write, slot, pages, mem, end_io, submitter_flags=flags)
         self.inflight[bio.id] = bio
         self._nursery.start_soon(self._run, bio, name=f"{self.name} {bio.name}")
         return bio
 
     async def _run(self, bio: Bio) -> None:
         views = [self._frames.view(p.pfn) for p in bio.pages]
-        try:
-            if bio.write:
-                await self.device.write(bio.slot, views)
-            else:
-                await self.device.read(bio.slot, views)
-        except SwapIOError as exc:
-            bio.error = exc
+        # The driver is entered in the submitter's context (submit_bio -> request_fn /
+        # queue_rq from the submitter's plug): its task flags, no more, no fewer.
+        with as_task(bio.submitter_flags):
+            try:
+                if bio.write:
+                    await self.device.write(bio.slot, views)
+                else:
+                    await self.device.read(bio.slot, views)
+            except SwapIOError as exc:
+                bio.error = exc
         self._complete(bio)
 
     def _complete(self, bio: Bio) -> None:

@@ -88,6 +88,18 @@ def task_flags(flags: PF) -> Iterator[PF]:
         _task_flags.reset(token)
 
 
+@contextmanager
+def as_task(flags: PF) -> Iterator[PF]:
+    """Run the block as a task whose ``current->flags`` are exactly ``flags`` (not OR-ed
+    into the current ones): work handed to another task, e.g. a kernel thread, which does
+    not carry the flags of whoever queued it."""
+    token = _task_flags.set(flags)
+    try:
+        yield flags
+    finally:
+        _task_flags.reset(token)
+
+
 def memalloc_noreclaim() -> AbstractContextManager[PF]:
     """``PF_MEMALLOC`` for the block (include/linux/sched/mm.h memalloc_noreclaim_save)."""
     return task_flags(PF.MEMALLOC)

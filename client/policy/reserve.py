@@ -1,22 +1,48 @@
 """``reserve``: Peter Zijlstra's memory reserves for swap over network (2006-2009, SLES 11).
 
-A tree of ``mem_reserve`` nodes (``mm/reserve.c``)::
+A tree of ``mem_reserve`` nodes (``mm/reserve.c``; ``netvm: network reserve infrastructure``,
+lkml 20071030160913.811204000@chello.nl, the same in the 2008 postings up to -v20)::
 
     total reserve
-    ├── network reserve
-    │   ├── network TX reserve ── one node per memalloc socket (TX_RESERVE_PAGES = 32)
-    │   └── network RX reserve ── SKB data reserve (a limit, "only added once")
-    └── block reserve
+    ├── block reserve            (ours: see below)
+    └── network reserve          ("total network reserve")
+        ├── network TX reserve ── protocol TX pages (TX_RESERVE_PAGES = 32 per memalloc socket)
+        └── network RX reserve ── SKB data reserve (a limit, "only added once")
 
-* The root's pages are added to min (``adjust_memalloc_reserve`` → ``var_free_kbytes``), so
-  growing the reserve raises every ordinary allocator's watermark.
-* Bean counting happens only on the slow path: ``kmalloc_reserve`` first tries a normal
-  allocation, and only an allocation that dips below min (``ALLOC_NO_WATERMARKS``) charges
-  its node.  ``__mem_reserve_charge`` succeeds iff ``usage + charge <= limit``; at the limit a
-  caller that may sleep waits on the node's wait queue, one that may not fails.
-* ``kfree_reserve`` frees first, then uncharges and wakes the waiters.
-* RX allocations use the reserve only while memalloc sockets exist (``rx_emergency_get``);
-  an emergency skb for a socket without ``SOCK_MEMALLOC`` is dropped at ``sk_filter``.
+As posted:
+
+* The root's pages are added to min (``__mem_reserve_add`` → ``adjust_memalloc_reserve``),
+  so growing the reserve raises every ordinary allocator's watermark.
+* **TX is bounded, not bean-counted.**  ``sk_adjust_memalloc(socks, tx_reserve_pages)`` adds
+  the socket's TX pages to "protocol TX pages" (``mem_reserve_pages_add``: pages and limit
+  up the tree, so min rises), and its kernel-doc says "@tx_reserve_pages is an upper-bound
+  of memory used for TX hence we need not account the pages like we do for RX pages".  No
+  TX allocation charges that node: ``sk_set_memalloc`` sets ``sk_allocation |=
+  __GFP_MEMALLOC`` and TX skbs are plain ``alloc_skb(sk_allocation)`` — only ``__alloc_skb``
+  with ``SKB_ALLOC_RX`` takes the emergency path.  So a swap socket's TX below min is served
+  from the reserve without a limit, and its sender never waits on a reserve.
+* **RX is bean-counted** on the SKB data reserve, and only on the slow path: ``__alloc_skb``
+  first tries with ``__GFP_NOMEMALLOC`` and, if that fails while memalloc sockets exist,
+  ``rx_emergency_get`` (``mem_reserve_kmalloc_charge(&net_skb_reserve, ...)``) must succeed
+  before the emergency allocation; ``__mem_reserve_charge`` succeeds iff ``usage + charge <
+  limit``.  RX runs in softirq and cannot wait: at the limit the packet is dropped (TCP
+  retransmits).  ``kfree_reserve``/``rx_emergency_put`` free first, then uncharge and wake.
+* An emergency skb for a socket without ``SOCK_MEMALLOC`` is dropped at ``sk_filter``
+  ("netvm: filter emergency skbs"; client/net/socket.py applies it for every policy).
+
+Ours, not his:
+
+* ``[reserve] tx_accounting = "bean-counted"`` gives each memalloc socket its own TX node
+  with a limit of ``tx_pages``; a TX allocation below min charges it and a sender that may
+  sleep waits at the limit (``kmalloc_reserve``'s wait, applied to TX).  The series never
+  did this; it is kept as a named variant to show what that rule would do.
+* The "block reserve" node only raises min by ``block_pages``: the posted tree has no such
+  node (the seed mail's "the block layer reserves B pages" are the block layer's mempools,
+  which the model has as the bio mempool), and nothing charges it.
+* The network subtree stays connected after the last memalloc socket closes (the series
+  disconnects it, ``sk_adjust_memalloc`` with ``!nr_socks``): the swap device reconnects,
+  as sunrpc's ``xs_swapper`` keeps "one extra sock reference so the reserve won't dip when
+  the socket gets reconnected".
 """
 
 from __future__ import annotations
@@ -33,6 +59,10 @@ from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
 from client.policy.base import Policy, ReserveChargeFailed
 from testbed.config import ReserveConfig
+
+#: ``[reserve] tx_accounting``: Zijlstra's rule, and our variant (see the module docstring).
+TX_POSTED = "posted"
+TX_BEAN_COUNTED = "bean-counted"
 
 
 @attrs.define(eq=False)
@@ -51,29 +81,31 @@ class MemReserve:
     children: list[MemReserve] = attrs.field(factory=list)
     lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
 
+    def add(self, pages: int, limit: int) -> None:
+        """``__calc_reserve``: pages and limit change here and in every ancestor."""
+        node: MemReserve | None = self
+        while node is not None:
+            node.pages += pages
+            node.limit += limit
+            node = node.parent
+
     def connect(self, child: MemReserve) -> None:
         """``mem_reserve_connect``: the child's pages and limit count in every ancestor."""
         child.parent = self
         self.children.append(child)
-        node: MemReserve | None = self
-        while node is not None:
-            node.pages += child.pages
-            node.limit += child.limit
-            node = node.parent
+        self.add(child.pages, child.limit)
 
     def disconnect(self, child: MemReserve) -> None:
+        """``mem_reserve_disconnect``: the reverse."""
         self.children.remove(child)
         child.parent = None
-        node: MemReserve | None = self
-        while node is not None:
-            node.pages -= child.pages
-            node.limit -= child.limit
-            node = node.parent
+        self.add(-child.pages, -child.limit)
 
     def charge(self, n: int = 1) -> bool:
-        """``__mem_reserve_charge``: "succeeds iff charge < 0 || usage + charge < limit"
-        (bytes there; in pages the last page up to the limit fits)."""
-        if self.usage + n > self.limit:
+        """``__mem_reserve_charge``: "if (charge < 0 || res->usage + charge < res->limit)"
+        — strictly below the limit, so a node of limit L holds at most L-1 charges (the
+        kernel counts bytes; the model's unit is one page)."""
+        if self.usage + n >= self.limit:
             self.charge_failed += 1
             return False
         self.usage += n
@@ -102,7 +134,7 @@ class MemReserve:
 
 class ReservePolicyZ(Policy):
     name = "reserve"
-    models = "Zijlstra 2007: mem_reserve tree, bean counting once in the reserve, drop at demux"
+    models = "Zijlstra 2007-09: mem_reserve tree raising min, RX bean-counted, drop at demux"
 
     def __init__(self, config: ReserveConfig | None = None) -> None:
         super().__init__()
@@ -110,6 +142,8 @@ class ReservePolicyZ(Policy):
         self.root = MemReserve("total reserve")
         self.network = MemReserve("network reserve")
         self.tx = MemReserve("network TX reserve")
+        # sk_init: mem_reserve_init(&net_tx_pages, "protocol TX pages", &net_tx_reserve).
+        self.tx_pages = MemReserve("protocol TX pages")
         self.rx = MemReserve("network RX reserve")
         self.skb = MemReserve(
             "SKB data reserve",
@@ -120,12 +154,15 @@ class ReservePolicyZ(Policy):
         self.block = MemReserve(
             "block reserve", pages=self.config.block_pages, limit=self.config.block_pages
         )
-        self._sockets: dict[str, MemReserve] = {}
+        self.bean_counted_tx = self.config.tx_accounting == TX_BEAN_COUNTED
+        self._sockets: dict[str, MemReserve] = {}  # bean-counted: each socket's TX node
+        self._posted: set[str] = set()  # posted: sockets whose TX pages are in the tree
         self._closed: list[MemReserve] = []  # reserves of sockets closed during the run
         self._in_use = 0  # pages charged anywhere in the tree now
         self._peak = 0  # the most charged at one moment
         self.root.connect(self.block)
         self.network.connect(self.tx)
+        self.tx.connect(self.tx_pages)
         self.network.connect(self.rx)
         self._rx_connected = False
 
@@ -139,7 +176,9 @@ class ReservePolicyZ(Policy):
     # -- bean counting --------------------------------------------------------------------
     async def charge_emergency(self, gfp: GFP, reserve: object | None) -> bool:
         if not isinstance(reserve, MemReserve):
-            return True  # the VM's own PF_MEMALLOC work is not bean counted
+            # Only callers that name a reserve are bean counted (kmalloc_reserve's "if
+            # (res && ...)"): the VM's own PF_MEMALLOC work, and TX as posted, are not.
+            return True
         first = True
         while not reserve.charge(1):
             may_wait = bool(gfp & GFP.DIRECT_RECLAIM)
@@ -169,21 +208,30 @@ class ReservePolicyZ(Policy):
         if kind != SWAP:
             sock.allocation = GFP_NOIO
             return
-        # sk_set_memalloc: SOCK_MEMALLOC and sk_allocation |= __GFP_MEMALLOC; then
-        # sk_adjust_memalloc: a TX reserve for this socket, and the network subtree joins
-        # the root when the first memalloc socket appears ("the RX reserve is a limit, and
-        # only added once, not for each socket").
+        # sk_set_memalloc: "sock_set_flag(sk, SOCK_MEMALLOC); sk->sk_allocation |=
+        # __GFP_MEMALLOC" (nbd's sk_allocation is GFP_NOIO, set at NBD_SET_SOCK in his
+        # "nbd: deadlock prevention for NBD", Aug 2006).
         sock.memalloc = True
         sock.allocation = GFP_NOIO | GFP.MEMALLOC
-        node = MemReserve(
-            f"{sock.name} TX",
-            pages=self.config.tx_pages,
-            limit=self.config.tx_pages,
-            waker=sock.rx_task_name,
-        )
-        self.tx.connect(node)
-        self._sockets[sock.name] = node
-        sock.tx_reserve = node
+        if self.bean_counted_tx:
+            # Ours, not the series': a TX node per socket, charged and waited on.
+            node = MemReserve(
+                f"{sock.name} TX",
+                pages=self.config.tx_pages,
+                limit=self.config.tx_pages,
+                waker=sock.rx_task_name,
+            )
+            self.tx.connect(node)
+            self._sockets[sock.name] = node
+            sock.tx_reserve = node
+        else:
+            # sk_adjust_memalloc: "mem_reserve_pages_add(&net_tx_pages, tx_reserve_pages)"
+            # raises min by the TX bound; "we need not account the pages like we do for RX
+            # pages", so sock.tx_reserve stays None: TX below min is never charged.
+            self.tx_pages.add(self.config.tx_pages, self.config.tx_pages)
+            self._posted.add(sock.name)
+        # sk_adjust_memalloc: "if (!nr_socks && socks > 0) mem_reserve_connect(&net_reserve,
+        # &mem_reserve_root)" -- "the RX reserve is a limit, and only added once".
         if not self._rx_connected:
             self.rx.connect(self.skb)
             self.root.connect(self.network)
@@ -196,12 +244,18 @@ class ReservePolicyZ(Policy):
             self.tx.disconnect(node)
             self._closed.append(node)
             self._resize()
+        elif sock.name in self._posted:
+            # sk_clear_memalloc / xs_swapper(0): sk_adjust_memalloc(-1, -tx_reserve_pages).
+            self._posted.discard(sock.name)
+            self.tx_pages.add(-self.config.tx_pages, -self.config.tx_pages)
+            self._resize()
 
     def rx_gfp(self, memalloc_socks: int) -> GFP:
-        # RX skbs may come from the reserve only while memalloc sockets exist.
+        # __alloc_skb: "Attempt emergency allocation when RX skb" only if sk_memalloc_socks().
         return GFP_ATOMIC | GFP.MEMALLOC if memalloc_socks else GFP_ATOMIC
 
     def rx_reserve(self) -> object | None:
+        # rx_emergency_get(bytes) = mem_reserve_kmalloc_charge(&net_skb_reserve, bytes).
         return self.skb
 
     def report(self) -> dict[str, Any]:

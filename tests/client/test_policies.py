@@ -470,15 +470,19 @@ async def test_pfmemalloc_oom_kill_ends_the_throttle_of_its_victim(
 
 # -- reserve (Zijlstra) -------------------------------------------------------------------
 
+BEAN_COUNTED = "bean-counted"  # [reserve] tx_accounting: our variant, not the series'
+
 
 async def test_reserve_tree_propagates_to_root_and_raises_min(make_rig: MakeRig) -> None:
     """§1 mem_reserve_connect: a child's pages and limit count in every ancestor;
-    sk_adjust_memalloc connects the network subtree when the first memalloc socket appears
-    (TX_RESERVE_PAGES = 32 per socket; the RX reserve "only added once");
-    adjust_memalloc_reserve adds the root's pages to min_free_kbytes (setup_watermarks)."""
+    sk_adjust_memalloc adds TX_RESERVE_PAGES (32) per memalloc socket to "protocol TX pages"
+    (mem_reserve_pages_add) and connects the network subtree when the first memalloc
+    socket appears (the RX reserve "only added once"); adjust_memalloc_reserve adds the
+    root's pages to min_free_kbytes (setup_watermarks)."""
     policy = ReservePolicyZ()
     cfg = policy.config
     assert (cfg.tx_pages, cfg.rx_pages, cfg.block_pages) == (32, 128, 16)
+    assert cfg.tx_accounting == "posted"
     rig = make_rig(policy)
     assert policy.root.pages == policy.root.limit == cfg.block_pages
     assert policy.extra_min_pages() == cfg.block_pages
@@ -490,7 +494,10 @@ async def test_reserve_tree_propagates_to_root_and_raises_min(make_rig: MakeRig)
     swap, _ = rig.socket("nbd0", SWAP)
     total = cfg.tx_pages + cfg.rx_pages + cfg.block_pages
     assert swap.memalloc and swap.allocation == GFP_NOIO | GFP.MEMALLOC
-    assert isinstance(swap.tx_reserve, MemReserve) and swap.tx_reserve.pages == cfg.tx_pages
+    # "@tx_reserve_pages is an upper-bound of memory used for TX hence we need not account
+    # the pages like we do for RX pages": the pages are in the tree, no node is charged.
+    assert swap.tx_reserve is None
+    assert policy.tx_pages.pages == policy.tx_pages.limit == cfg.tx_pages
     assert policy.tx.pages == policy.tx.limit == cfg.tx_pages
     assert policy.rx.pages == policy.rx.limit == cfg.rx_pages
     assert policy.network.pages == cfg.tx_pages + cfg.rx_pages
@@ -499,19 +506,21 @@ async def test_reserve_tree_propagates_to_root_and_raises_min(make_rig: MakeRig)
     expected = calculate_watermarks([NR_PAGES], MIN_FREE_KBYTES, 10, total)[0]
     assert rig.wmarks == expected and rig.wmarks.min == BASE_MIN + total
 
-    rig.socket("nbd1", SWAP)  # a second socket adds its TX reserve, not the RX one again
+    rig.socket("nbd1", SWAP)  # a second socket adds its TX pages, not the RX reserve again
+    assert policy.tx_pages.pages == 2 * cfg.tx_pages
     assert policy.root.pages == total + cfg.tx_pages
     assert rig.wmarks.min == BASE_MIN + total + cfg.tx_pages
 
 
-async def test_reserve_charge_succeeds_up_to_limit_then_nonsleeping_fails(
+async def test_reserve_charge_succeeds_below_limit_then_nonsleeping_fails(
     make_rig: MakeRig,
 ) -> None:
-    """§1 __mem_reserve_charge / kmalloc_reserve step 3: charge while under the limit; at
-    the limit "return NULL when !__GFP_WAIT"."""
+    """§1 __mem_reserve_charge: "if (charge < 0 || res->usage + charge < res->limit)" —
+    strictly below the limit, so a node of limit 4 takes 3 charges; at the limit
+    kmalloc_reserve "return NULL when !__GFP_WAIT"."""
     policy = ReservePolicyZ()
     make_rig(policy)
-    node = MemReserve("test", pages=3, limit=3)
+    node = MemReserve("test", pages=4, limit=4)
     for _ in range(3):
         assert await policy.charge_emergency(GFP_ATOMIC, node)
     assert node.usage == node.peak == 3 and node.charge_failed == 0
@@ -520,6 +529,8 @@ async def test_reserve_charge_succeeds_up_to_limit_then_nonsleeping_fails(
     policy.uncharge_emergency(node)
     assert node.usage == 2
     assert await policy.charge_emergency(GFP_ATOMIC, node)
+    # A node of limit 1 can never be charged (one object's worth of bytes fails "<").
+    assert not await policy.charge_emergency(GFP_ATOMIC, MemReserve("one", pages=1, limit=1))
     # Plain PF_MEMALLOC work (no reserve given) is not bean counted.
     assert await policy.charge_emergency(GFP_ATOMIC, None)
 
@@ -532,7 +543,7 @@ async def test_reserve_sleeping_charge_waits_for_an_uncharge(
     (``wake_up_all``)."""
     policy = ReservePolicyZ()
     rig = make_rig(policy)
-    node = MemReserve("test TX", pages=1, limit=1, waker="acks")
+    node = MemReserve("test TX", pages=2, limit=2, waker="acks")
     assert await policy.charge_emergency(GFP_NOIO, node)
     results: list[tuple[bool, float]] = []
     t0 = trio.current_time()
@@ -554,17 +565,66 @@ async def test_reserve_sleeping_charge_waits_for_an_uncharge(
     assert node.usage == 1
 
 
-async def test_reserve_bean_counting_only_for_emergency_allocations(
+async def test_reserve_tx_as_posted_goes_below_min_uncharged_and_never_waits(
     make_rig: MakeRig, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """§1: "the bean counting is only done once we hit the reserves, the normal mode of
-    operation is not penalised" — an allocation served at or above min does not charge;
-    one below min (ALLOC_NO_WATERMARKS) charges its node, and kfree_reserve uncharges."""
-    policy = ReservePolicyZ(ReserveConfig(tx_pages=4, rx_pages=8, block_pages=2))
+    """sk_set_memalloc: ``sk_allocation |= __GFP_MEMALLOC``, and TX skbs are not
+    SKB_ALLOC_RX, so ``__alloc_skb`` never calls rx_emergency_get for them: a swap socket's
+    TX below min comes from the reserve without a charge — past tx_pages, and past min,
+    with no node to wait on."""
+    policy = ReservePolicyZ(ReserveConfig(tx_pages=2, rx_pages=8, block_pages=2))
+    rig = make_rig(policy)
+    swap, _ = rig.socket("nbd0", SWAP)
+    memory = rig.memory
+    rig.hold_until(rig.atomic_floor() - 4)  # even GFP_ATOMIC would need the reserve
+    pages = [await memory.alloc_page(swap.allocation, reserve=swap.tx_reserve) for _ in range(6)]
+    assert all(p is not None and p.pfmemalloc and p.reserve is None for p in pages)
+    assert memory.stat.alloc_emergency == 6 and policy.reserve_in_use() == 0
+    assert policy.tx_pages.usage == 0 and policy.tx_pages.charge_failed == 0
+    assert all(row["charge_failed"] == 0 for row in policy.root.rows())
+
+
+async def test_reserve_rx_is_bean_counted_on_the_skb_reserve_and_fails_at_its_limit(
+    make_rig: MakeRig,
+) -> None:
+    """rx_emergency_get = mem_reserve_kmalloc_charge(&net_skb_reserve, ...): an RX skb that
+    needs the reserve (GFP_ATOMIC failed) charges the SKB data reserve; at its limit the
+    softirq cannot wait, the allocation fails (the packet is dropped); freeing an emergency
+    skb (rx_emergency_put) uncharges."""
+    policy = ReservePolicyZ(ReserveConfig(tx_pages=2, rx_pages=3, block_pages=2))
+    rig = make_rig(policy)
+    rig.socket("nbd0", SWAP)
+    assert rig.stack is not None
+    memory, skb = rig.memory, policy.skb
+    gfp = rig.stack.rx_gfp() & ~GFP.DIRECT_RECLAIM
+    assert gfp == GFP_ATOMIC | GFP.MEMALLOC and rig.stack.rx_reserve() is skb
+    rig.hold_until(rig.atomic_floor())  # GFP_ATOMIC fails: only the reserve can serve
+    pages = [await memory.alloc_page(gfp, reserve=skb) for _ in range(2)]
+    assert all(p is not None and p.pfmemalloc and p.reserve is skb for p in pages)
+    assert skb.usage == 2 and policy.reserve_in_use() == 2
+    assert await memory.alloc_page(gfp, reserve=skb) is None  # "usage + charge < limit"
+    assert skb.charge_failed == 1 and memory.stat.alloc_fail == 1
+    first = pages[0]
+    assert first is not None
+    memory.free_page(first)
+    assert skb.usage == 1 and skb.peak == 2
+
+
+async def test_reserve_bean_counted_tx_charges_only_emergency_allocations(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The bean-counted TX variant (ours): "the bean counting is only done once we hit the
+    reserves, the normal mode of operation is not penalised" — an allocation served at or
+    above min does not charge; one below min (ALLOC_NO_WATERMARKS) charges the socket's
+    node, and kfree_reserve uncharges."""
+    policy = ReservePolicyZ(
+        ReserveConfig(tx_pages=4, rx_pages=8, block_pages=2, tx_accounting=BEAN_COUNTED)
+    )
     rig = make_rig(policy)
     swap, _ = rig.socket("nbd0", SWAP)
     node = swap.tx_reserve
     assert isinstance(node, MemReserve) and node.limit == 4
+    assert policy.tx_pages.pages == 0 and policy.tx.pages == 4
     memory = rig.memory
 
     rig.hold_until(rig.wmarks.min + 2)  # below low: the slow path, served at min
@@ -582,13 +642,16 @@ async def test_reserve_bean_counting_only_for_emergency_allocations(
     assert node.usage == 0
 
 
-async def test_reserve_tx_at_limit_fails_for_atomic_and_waits_for_noio(
+async def test_reserve_bean_counted_tx_at_limit_fails_for_atomic_and_waits_for_noio(
     make_rig: MakeRig, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """§1 through the allocator: emergency allocations stop at the node's limit; a
-    non-sleeping one fails (charge_failed counted), a sleeping one waits until a charged
-    page is freed (kfree_reserve: free, then uncharge and wake)."""
-    policy = ReservePolicyZ(ReserveConfig(tx_pages=2, rx_pages=8, block_pages=2))
+    """The bean-counted TX variant (ours) through the allocator: emergency allocations
+    stop at the node's limit; a non-sleeping one fails (charge_failed counted), a sleeping
+    one waits until a charged page is freed (kfree_reserve: free, then uncharge and
+    wake)."""
+    policy = ReservePolicyZ(
+        ReserveConfig(tx_pages=3, rx_pages=8, block_pages=2, tx_accounting=BEAN_COUNTED)
+    )
     rig = make_rig(policy)
     swap, _ = rig.socket("nbd0", SWAP)
     node = swap.tx_reserve
@@ -619,86 +682,117 @@ async def test_reserve_tx_at_limit_fails_for_atomic_and_waits_for_noio(
 
 
 async def test_reserve_rows_give_the_reserve_info_table(make_rig: MakeRig) -> None:
-    """§1 /proc/reserve_info: the tree depth-first, each node's pages, limit and usage."""
+    """§1 /proc/reserve_info: the tree depth-first, each node's pages, limit and usage —
+    as posted, TX is one "protocol TX pages" node that is never charged."""
     policy = ReservePolicyZ()
     rig = make_rig(policy)
-    swap, _ = rig.socket("nbd0", SWAP)
-    node = swap.tx_reserve
-    assert isinstance(node, MemReserve)
+    rig.socket("nbd0", SWAP)
+    skb = policy.skb
     for _ in range(3):  # bean counting through the policy, as the allocator does
-        assert await policy.charge_emergency(GFP_ATOMIC, node)
-    policy.uncharge_emergency(node)
+        assert await policy.charge_emergency(GFP_ATOMIC, skb)
+    policy.uncharge_emergency(skb)
     rows = policy.root.rows()
     assert [r["reserve"] for r in rows] == [
         "total reserve",
         "  block reserve",
         "  network reserve",
         "    network TX reserve",
-        "      nbd0 TX",
+        "      protocol TX pages",
         "    network RX reserve",
         "      SKB data reserve",
     ]
     by_name = {r["reserve"].strip(): r for r in rows}
     assert by_name["total reserve"]["pages"] == 32 + 128 + 16
-    assert by_name["nbd0 TX"] == {
-        "reserve": "      nbd0 TX",
+    assert by_name["protocol TX pages"] == {
+        "reserve": "      protocol TX pages",
         "pages": 32,
         "limit": 32,
+        "usage": 0,
+        "peak": 0,
+        "charge_failed": 0,
+    }
+    assert by_name["SKB data reserve"] == {
+        "reserve": "      SKB data reserve",
+        "pages": 128,
+        "limit": 128,
         "usage": 2,
         "peak": 3,
         "charge_failed": 0,
     }
-    assert by_name["SKB data reserve"]["limit"] == 128
     report = policy.report()
     assert report["reserve_info"] == rows and report["reserve_peak"] == 3
     assert policy.reserve_in_use() == 2
-    # A closed socket's reserve leaves the tree but not the table: its peak is history.
+
+
+async def test_reserve_bean_counted_rows_keep_a_closed_sockets_node(make_rig: MakeRig) -> None:
+    """The bean-counted variant's table: a node per socket under the TX reserve; a closed
+    socket's node leaves the tree but not the table (its peak is history)."""
+    policy = ReservePolicyZ(ReserveConfig(tx_accounting=BEAN_COUNTED))
+    rig = make_rig(policy)
+    swap, _ = rig.socket("nbd0", SWAP)
+    node = swap.tx_reserve
+    assert isinstance(node, MemReserve)
+    for _ in range(3):
+        assert await policy.charge_emergency(GFP_ATOMIC, node)
+    policy.uncharge_emergency(node)
+    names = [r["reserve"].strip() for r in policy.root.rows()]
+    assert names[3:6] == ["network TX reserve", "protocol TX pages", "nbd0 TX"]
+    by_name = {r["reserve"].strip(): r for r in policy.root.rows()}
+    assert (by_name["nbd0 TX"]["limit"], by_name["nbd0 TX"]["usage"]) == (32, 2)
     policy.socket_closed(swap)
     rows = policy.report()["reserve_info"]
     assert rows[-1]["reserve"] == "nbd0 TX (closed)" and rows[-1]["peak"] == 3
     assert policy.report()["reserve_peak"] == 3
 
 
-def reserve_state(rig: Rig, policy: ReservePolicyZ, sock: str) -> tuple[Watermarks, list[Any]]:
-    """The zone's watermarks and the live ``/proc/reserve_info`` rows, ``sock``'s node
-    under a name of its place rather than its socket's."""
-    rows = [
-        {**r, "reserve": r["reserve"].replace(sock, "<swap socket>")} for r in policy.root.rows()
-    ]
-    return rig.wmarks, rows
-
-
-async def test_reserve_close_gives_back_the_sockets_reserve_and_min(
+async def test_reserve_close_gives_back_the_sockets_tx_pages_and_min(
     make_rig: MakeRig, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Closing a memalloc socket undoes what opening it did: its TX node leaves the tree,
-    the root and every ancestor lose its pages and limit, and the watermarks are recomputed
-    without them (min falls back); the socket a reconnect opens then puts back exactly the
-    tree and min the first one had, so that reconnects neither leak nor lose reserve."""
+    """Closing a memalloc socket undoes what opening it did (sk_adjust_memalloc with
+    -tx_reserve_pages): the TX pages leave the root and every ancestor, and the watermarks
+    are recomputed without them (min falls back); the socket a reconnect opens then puts
+    back exactly the tree and min the first one had, so that reconnects neither leak nor
+    lose reserve."""
     policy = ReservePolicyZ()
     cfg = policy.config
     rig = make_rig(policy)
     rx_and_block = cfg.rx_pages + cfg.block_pages
     swap, _ = rig.socket("nbd0", SWAP)
-    node = swap.tx_reserve
-    assert isinstance(node, MemReserve)
-    open_state = reserve_state(rig, policy, "nbd0")
+    open_state = (rig.wmarks, policy.root.rows())
     assert rig.wmarks.min == BASE_MIN + cfg.tx_pages + rx_and_block
 
     await swap.aclose()
-    assert node not in policy.tx.children and node.parent is None
-    assert policy.tx.pages == policy.tx.limit == 0
-    # The RX reserve stays connected once added ("only added once"), the TX one is gone.
+    assert policy.tx.pages == policy.tx.limit == policy.tx_pages.pages == 0
+    # The RX reserve stays connected once added ("only added once"), the TX pages are gone.
     assert policy.root.pages == policy.root.limit == rx_and_block
     assert policy.extra_min_pages() == rx_and_block
     expected = calculate_watermarks([NR_PAGES], MIN_FREE_KBYTES, 10, rx_and_block)[0]
     assert rig.wmarks == expected and rig.wmarks.min == BASE_MIN + rx_and_block
 
     again, _ = rig.socket("nbd1", SWAP)  # the swap device reconnects
-    assert isinstance(again.tx_reserve, MemReserve) and again.tx_reserve is not node
-    assert reserve_state(rig, policy, "nbd1") == open_state
+    assert again.tx_reserve is None
+    assert (rig.wmarks, policy.root.rows()) == open_state
     await again.aclose()
     assert rig.wmarks == expected and policy.root.pages == rx_and_block
+
+
+async def test_reserve_bean_counted_close_gives_back_the_sockets_node(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The bean-counted variant: the socket's own TX node leaves the tree on close, and a
+    reconnect's socket gets a new one with the same pages and min."""
+    policy = ReservePolicyZ(ReserveConfig(tx_accounting=BEAN_COUNTED))
+    rig = make_rig(policy)
+    swap, _ = rig.socket("nbd0", SWAP)
+    node = swap.tx_reserve
+    assert isinstance(node, MemReserve)
+    wmarks = rig.wmarks
+    await swap.aclose()
+    assert node not in policy.tx.children and node.parent is None
+    assert policy.tx.pages == policy.tx.limit == 0
+    again, _ = rig.socket("nbd1", SWAP)
+    assert isinstance(again.tx_reserve, MemReserve) and again.tx_reserve is not node
+    assert rig.wmarks == wmarks and policy.tx.pages == policy.config.tx_pages
 
 
 # -- recursive (Lameter) ------------------------------------------------------------------

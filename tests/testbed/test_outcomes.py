@@ -123,8 +123,55 @@ async def test_the_no_pressure_control_completes_without_swapping(
     assert summary["vmstat"]["pswpout"] == 0 and summary["duration"] > 4
 
 
-async def test_reserve_sized_far_too_small_deadlocks(autojump_clock: trio.abc.Clock) -> None:
+def reserve_row(summary: dict[str, Any], name: str) -> dict[str, Any]:
+    rows = summary["policy_report"]["reserve_info"]
+    [row] = [r for r in rows if r["reserve"].strip() == name]
+    return row
+
+
+async def test_reserve_sized_far_too_small_deadlocks_on_its_rx_reserve(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Zijlstra's reserve as posted, sized far too small (2 TX pages, a 1-page SKB data
+    reserve): TX is bounded, not bean-counted, so nobody waits on a reserve; what bites is
+    RX.  No emergency skb can be charged ("usage + charge < limit" with a limit of one), so
+    once reclaim's TX has taken memory under GFP_ATOMIC's floor the swap socket's replies
+    and ACKs are dropped at the NIC and reclaim waits on itself."""
     summary = await run("reserve", **{"reserve.tx_pages": 2, "reserve.rx_pages": 1})
+    assert summary["outcome"] == "deadlock"
+    assert "rx_buffer(sock nbd0)" in summary["deadlock"]["cycle"]
+    skb = reserve_row(summary, "SKB data reserve")
+    assert skb["limit"] == 1 and skb["peak"] == 0 and skb["charge_failed"] > 0
+    waits = " ".join(summary["deadlock"]["waiting"].values())
+    assert "reserve(" not in waits
+    assert reserve_row(summary, "protocol TX pages")["charge_failed"] == 0
+
+
+@pytest.mark.parametrize(("rx_pages", "outcome"), [(1, "deadlock"), (8, "completed")])
+async def test_reserve_the_rx_reserve_alone_decides(
+    autojump_clock: trio.abc.Clock, rx_pages: int, outcome: str
+) -> None:
+    """With no TX pages in the tree (only the SKB data reserve and the block reserve raise
+    min), a 1-page RX reserve deadlocks on the swap socket's RX and an 8-page one
+    completes: the RX bean counting is what carries reclaim's replies over the floor."""
+    summary = await run("reserve", **{"reserve.tx_pages": 0, "reserve.rx_pages": rx_pages})
+    assert summary["outcome"] == outcome, summary["reason"]
+    skb = reserve_row(summary, "SKB data reserve")
+    if outcome == "deadlock":
+        assert "rx_buffer(sock nbd0)" in summary["deadlock"]["cycle"]
+        assert skb["peak"] == 0 and skb["charge_failed"] > 0
+    else:
+        assert completed_clean(summary)
+
+
+async def test_reserve_bean_counted_tx_variant_with_a_tiny_tx_reserve_deadlocks(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Our bean-counted TX variant (not the series'): with a 2-page TX node a 64 KiB skb
+    can never be charged and the sender waits on the reserve for ever."""
+    summary = await run(
+        "reserve", **{"reserve.tx_accounting": "bean-counted", "reserve.tx_pages": 2}
+    )
     assert summary["outcome"] == "deadlock"
     waits = " ".join(summary["deadlock"]["waiting"].values())
     assert "reserve(" in waits  # someone waits on a reserve charge that never comes
