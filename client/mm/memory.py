@@ -28,6 +28,7 @@ from client.mm.pagecache import CachedFile, FileContentFn, PageCache
 from client.mm.policy import NullPolicy, ReservePolicy
 from client.mm.process import Process, as_current
 from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
+from client.mm.slab import SlabCache, SlabCaches
 from client.mm.swap import SWAP_RA_HITS_MAX, SwapArea, vma_readahead_window
 from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
 from client.mm.waits import WaitFor, WaitRegistry
@@ -169,6 +170,8 @@ class Memory:
         )
         self.allocator.reclaimer = self.reclaimer
         self.allocator.out_of_memory = self.out_of_memory
+        #: The slab caches of a booted kernel (``memory.slab["skbuff_head_cache"]``).
+        self.slab = SlabCaches(self.allocator, self.stat)
         self.min_free_kbytes = (
             default_min_free_kbytes(config.nr_pages * PAGE_SIZE // 1024)
             if config.min_free_kbytes is None
@@ -295,6 +298,11 @@ class Memory:
     def free_page(self, page: Page) -> None:
         """See ``Allocator.free_page``."""
         self.allocator.free_page(page)
+
+    def kmem_cache(self, name: str) -> SlabCache:
+        """The slab cache ``name`` (``skbuff_head_cache``, ``kmalloc-1k``, ...); see
+        ``client.mm.slab.SlabCaches``."""
+        return self.slab[name]
 
     # -- processes and anonymous memory ------------------------------------------------------
 
