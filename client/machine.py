@@ -93,6 +93,7 @@ def memory_config(m: MachineConfig) -> MemoryConfig:
         max_io_pages=m.max_io_pages,
         swap_queue_depth=m.swap_queue_depth,
         bio_pool_size=m.bio_pool_size,
+        bio_cache=m.bio_cache,
         swappiness=m.swappiness,
         disk_read_latency=m.disk_read_latency,
         readahead_pages=m.readahead_pages,

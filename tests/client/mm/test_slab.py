@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
+import trio.testing
 
 from client.mm import (
     GFP,
     GFP_ATOMIC,
     GFP_KERNEL,
     GFP_NOIO,
+    GFP_NOWAIT,
     PF,
     AllocFailed,
     Memory,
@@ -309,3 +312,75 @@ async def test_slabinfo_and_vmstat_count_slab_pages(m: Machine) -> None:
     )
     assert info[FS_BIO_SLAB].num_slabs == 0 and len(info) == len(list(memory.slab))
     assert memory.vmstat()["nr_slab_unreclaimable"] == 2 == memory.slab.nr_pages
+
+
+# -- the bio mempool over the bio slab -----------------------------------------------------------
+
+
+def test_the_bio_mempool_reserves_two_slab_objects_in_one_page(make_machine: MakeMachine) -> None:
+    machine = make_machine(1024, swap_pages=256, bio_cache="kernel")
+    memory = machine.memory
+    assert memory.block is not None
+    pool = memory.block.bio_pool
+    bio_slab = memory.slab[FS_BIO_SLAB]
+    assert pool.curr_nr == pool.min_nr == 2  # BIO_POOL_SIZE
+    assert bio_slab.active_objs == 2 and bio_slab.nr_slabs == 1
+    assert memory.stat.nr_slab_unreclaimable == 1 and memory.nr_free_pages == 1023
+
+
+async def test_the_bio_mempool_takes_slab_objects_then_its_reserve_then_waits(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    machine = make_machine(PAGES, swap_pages=256, min_free_kbytes=3200, bio_cache="kernel")
+    memory = machine.memory
+    assert memory.block is not None
+    pool, bio_slab = memory.block.bio_pool, memory.slab[FS_BIO_SLAB]
+    await drain(memory, GFP_NOWAIT)  # down to min: the mempool's backing allocator fails there
+    assert memory.nr_free_pages == MIN
+    # mempool_alloc step 1: the backing allocator, kmem_cache_alloc(bio-200, gfp_temp):
+    # the slab that holds the two reserved elements has 14 free objects, no page needed
+    bios = [await pool.alloc(GFP_NOIO) for _ in range(14)]
+    assert pool.curr_nr == 2 and bio_slab.nr_slabs == 1 and memory.nr_free_pages == MIN
+    # the slab is full and a new slab needs a page below low without __GFP_DIRECT_RECLAIM,
+    # with __GFP_NOMEMALLOC: step 2, the reserved elements
+    bios += [await pool.alloc(GFP_NOIO) for _ in range(2)]
+    assert pool.curr_nr == 0 and bio_slab.nr_slabs == 1 and bio_slab.active_objs == 16
+    # step 4: a caller that may not sleep gets nothing (GFP_NOWAIT has no __GFP_IO to drop:
+    # no step 3)
+    assert await pool.alloc(GFP_NOWAIT) is None
+    assert all(b is not None and not b.pfmemalloc for b in bios)
+    got: list[SlabObject | None] = []
+
+    async def writer() -> None:
+        got.append(await pool.alloc(GFP_NOIO))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, name="kswapd0")
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.nr_waiting == 1
+        done = bios.pop()
+        assert done is not None
+        pool.free(done)  # mempool_free: below min_nr, refill the pool and wake the waiter
+    assert got == [done] and pool.curr_nr == 0
+    for bio in bios:
+        assert bio is not None
+        pool.free(bio)  # two refill the pool, the rest go back to the slab
+    assert pool.curr_nr == 2 and bio_slab.active_objs == 3  # two reserved, one held
+
+
+async def test_page_sized_bios_cost_a_page_each_as_before(make_machine: MakeMachine) -> None:
+    """The default ``bio_cache`` "page": one bio per slab page, the page allocated with the bio
+    and freed with it (min_partial 0), as the bio mempool over whole pages did."""
+    machine = make_machine(1024, swap_pages=256)
+    memory = machine.memory
+    assert memory.block is not None
+    pool = memory.block.bio_pool
+    bio_slab = memory.slab["bio-4096"]
+    assert (bio_slab.size, bio_slab.objects, bio_slab.min_partial) == (4096, 1, 0)
+    assert pool.curr_nr == 2 and bio_slab.nr_slabs == 2 and memory.nr_free_pages == 1022
+    bio = await pool.alloc(GFP_NOIO)  # step 1: the backing allocator gives a new page
+    assert bio is not None and bio.cache is bio_slab and pool.curr_nr == 2
+    assert memory.nr_free_pages == 1021 and memory.stat.nr_slab_unreclaimable == 3
+    pool.free(bio)  # the pool is full: back to the slab, whose page is freed at once
+    assert memory.nr_free_pages == 1022 and memory.stat.nr_slab_unreclaimable == 2
+    assert memory.slab[FS_BIO_SLAB].nr_slabs == 0  # the kernel's bio cache is unused
