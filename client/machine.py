@@ -51,6 +51,7 @@ class VmSample:
     zones: list[dict[str, int | str]]  # name, free, min, low, high
     nr_writeback: int
     nr_file_pages: int  # clean page cache (reclaimable without I/O)
+    nr_slab_unreclaimable: int  # pages held by slab caches (bios, skb heads, kmalloc)
     nr_emergency: int  # pages served below min still in use (reserve usage)
     reserve_used: int  # the reserve policy's charged pages (0 for other policies)
     pswpout: int
@@ -510,6 +511,7 @@ class ClientMachine:
             ],
             nr_writeback=stat.nr_writeback,
             nr_file_pages=m.pagecache.nr_pages,
+            nr_slab_unreclaimable=stat.nr_slab_unreclaimable,
             nr_emergency=stat.nr_emergency,
             reserve_used=self.policy.reserve_in_use(),
             pswpout=stat.pswpout,
@@ -581,6 +583,7 @@ class ClientMachine:
                 ],
             },
             "vmstat": self.memory.vmstat(),
+            "slabinfo": [attrs.asdict(info) for info in self.memory.slab.slabinfo()],
             "psi": attrs.asdict(psi),
             "integrity": attrs.asdict(self.integrity),
             "workloads": [attrs.asdict(h.result) for h in self.hogs],
