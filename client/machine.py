@@ -51,6 +51,7 @@ class VmSample:
     zones: list[dict[str, int | str]]  # name, free, min, low, high
     nr_writeback: int
     nr_file_pages: int  # clean page cache (reclaimable without I/O)
+    nr_slab_unreclaimable: int  # pages held by slab caches (bios, skb heads, kmalloc)
     nr_emergency: int  # pages served below min still in use (reserve usage)
     reserve_used: int  # the reserve policy's charged pages (0 for other policies)
     pswpout: int
@@ -93,6 +94,7 @@ def memory_config(m: MachineConfig) -> MemoryConfig:
         max_io_pages=m.max_io_pages,
         swap_queue_depth=m.swap_queue_depth,
         bio_pool_size=m.bio_pool_size,
+        bio_cache=m.bio_cache,
         swappiness=m.swappiness,
         disk_read_latency=m.disk_read_latency,
         readahead_pages=m.readahead_pages,
@@ -524,6 +526,7 @@ class ClientMachine:
             ],
             nr_writeback=stat.nr_writeback,
             nr_file_pages=m.pagecache.nr_pages,
+            nr_slab_unreclaimable=stat.nr_slab_unreclaimable,
             nr_emergency=stat.nr_emergency,
             reserve_used=self.policy.reserve_in_use(),
             pswpout=stat.pswpout,
@@ -595,6 +598,7 @@ class ClientMachine:
                 ],
             },
             "vmstat": self.memory.vmstat(),
+            "slabinfo": [attrs.asdict(info) for info in self.memory.slab.slabinfo()],
             "psi": attrs.asdict(psi),
             "integrity": attrs.asdict(self.integrity),
             "workloads": [attrs.asdict(h.result) for h in self.hogs],

@@ -322,6 +322,7 @@ class MachineConfig:
     max_io_pages: int = 32
     swap_queue_depth: int = 32
     bio_pool_size: int = 2
+    bio_cache: str = "page"  # a page per bio, or "kernel": 6.1's bio-200 slab objects
     swappiness: int = 60  # vm.swappiness
     disk_read_latency: float = 0.0001  # seconds per readahead window from the local disk
     readahead_pages: int = 32
@@ -338,6 +339,11 @@ class MachineConfig:
         if not 0 <= self.page_cluster <= 10:
             raise ConfigError(
                 f"machine.page_cluster {self.page_cluster}: must be 0..10 (0: no swap readahead)"
+            )
+        if self.bio_cache not in ("page", "kernel"):
+            raise ConfigError(
+                f"machine.bio_cache {self.bio_cache!r}: must be 'page' (a page per bio) or "
+                "'kernel' (objects of the bio-200 slab)"
             )
         if self.swap_readahead not in ("cluster", "vma"):
             raise ConfigError(

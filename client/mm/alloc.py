@@ -341,10 +341,10 @@ class Allocator:
     def free_page(self, page: Page) -> None:
         """``__free_pages``: back to its zone's free list; uncharge an emergency page after.
 
-        The page must be off the LRU, out of the swap cache, unmapped and not under
-        writeback (``free_pages_check`` would report a bad page).
+        The page must be off the LRU, out of the swap cache, unmapped, not under writeback
+        and not a slab (``free_pages_check`` would report a bad page).
         """
-        if page.lru or page.swapcache or page.writeback or page.mapping is not None:
+        if page.lru or page.swapcache or page.writeback or page.slab or page.mapping is not None:
             raise RuntimeError(f"freeing a page still in use: {page!r}")
         pfmemalloc, reserve = page.pfmemalloc, page.reserve
         page.reset()

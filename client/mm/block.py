@@ -1,4 +1,5 @@
-"""The block layer between reclaim and the swap device: bios from a mempool, a bounded queue.
+"""The block layer between reclaim and the swap device: bios from a mempool over a slab
+cache, a bounded queue.
 
 The device is abstract (``SwapDevice``): the real one is the NBD client, tests use
 ``client.mm.testing.MemorySwapDevice``. Every request runs in a task of the block layer's
@@ -28,6 +29,7 @@ import trio
 from client.mm.gfp import GFP, PF, as_task, current_task_flags
 from client.mm.mempool import Mempool
 from client.mm.page import Frames, Page
+from client.mm.slab import SlabObject
 from client.mm.waits import WaitFor, WaitRegistry
 
 _NO_FLAGS = PF(0)
@@ -62,7 +64,9 @@ class Bio:
     write: bool
     slot: int
     pages: list[Page]
-    mem: Page = attrs.field(repr=False)  # the memory this bio costs, from the bio mempool
+    # The memory this bio costs: a bio-200 slab object from the bio mempool (block/bio.c
+    # bio_alloc_bioset: mempool_alloc(&bs->bio_pool, gfp) over bs->bio_slab).
+    mem: SlabObject = attrs.field(repr=False)
     end_io: Callable[[Bio], None] = attrs.field(repr=False)
     error: SwapIOError | None = None
     #: ``current->flags`` of the task that called ``submit`` (see the module docstring).
@@ -96,7 +100,7 @@ class BlockQueue:
         self,
         device: SwapDevice,
         frames: Frames,
-        bio_pool: Mempool[Page],
+        bio_pool: Mempool[SlabObject],
         *,
         queue_depth: int,
         waits: WaitRegistry,

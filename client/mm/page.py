@@ -42,6 +42,7 @@ class Page:
     readahead: bool = False  # PG_readahead: read by swap readahead, no fault found it yet
     pfmemalloc: bool = False
     lru: bool = False
+    slab: bool = False  # PG_slab: the page holds a slab (client/mm/slab.py)
     reserve: object | None = None
     file: CachedFile | None = None  # page cache page of this file (not PageSwapBacked)
 
@@ -52,12 +53,13 @@ class Page:
         self.private = 0
         self.referenced = self.active = self.dirty = self.writeback = False
         self.reclaim = self.swapcache = self.readahead = self.pfmemalloc = self.lru = False
+        self.slab = False
         self.reserve = None
         self.file = None
 
     def __repr__(self) -> str:
         names = ("referenced", "active", "dirty", "writeback", "reclaim", "swapcache",
-                 "readahead", "pfmemalloc", "lru")  # fmt: skip
+                 "readahead", "pfmemalloc", "lru", "slab")  # fmt: skip
         flags = ",".join(n for n in names if getattr(self, n))
         owner = "" if self.mapping is None else f" owner={self.mapping.pid}:{self.index}"
         if self.file is not None:

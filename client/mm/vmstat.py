@@ -20,6 +20,7 @@ class VmStat:
     # gauges
     nr_anon_pages: int = 0
     nr_writeback: int = 0
+    nr_slab_unreclaimable: int = 0  # pages held by slab caches (/proc/vmstat prints pages)
     nr_emergency: int = 0  # not in the kernel: pfmemalloc pages (served below min) in use
     # events
     pgalloc: int = 0  # the kernel splits it per zone: pgalloc_normal, ...

@@ -60,7 +60,9 @@ async def test_one_process_touching_4x_ram_twice_verifies_every_page(
         memory.exit_process(process)
         await trio.sleep(1)
     assert memory.swap is not None and memory.swap.map.nr_free == memory.swap.map.nr_slots
-    assert memory.nr_free_pages + len(memory.lru) == 1024 - memory.config.bio_pool_size
+    # every other frame is a slab page: the bio mempool's reserved bios
+    assert memory.stat.nr_slab_unreclaimable == memory.config.bio_pool_size  # a page per bio
+    assert memory.nr_free_pages + len(memory.lru) == 1024 - memory.stat.nr_slab_unreclaimable
 
 
 async def test_corrupted_swap_slot_is_an_integrity_error(
@@ -183,7 +185,7 @@ async def test_exit_frees_pages_and_slots(
         assert sc.nr_reclaimed >= in_writeback and len(memory.lru) == 0
     assert memory.swap.map.nr_free == memory.swap.map.nr_slots
     assert memory.stat.nr_anon_pages == 0 and process.pid not in memory.processes
-    assert memory.nr_free_pages == 1024 - memory.config.bio_pool_size
+    assert memory.nr_free_pages == 1024 - memory.stat.nr_slab_unreclaimable
 
 
 async def test_running_propagates_exceptions_unwrapped() -> None:
@@ -217,7 +219,7 @@ def test_vmstat_names() -> None:
         "nr_free_pages", "nr_writeback", "nr_anon_pages", "nr_swapcached", "nr_active_anon",
         "nr_inactive_anon", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd",
         "pgsteal_direct", "pswpout", "pswpin", "allocstall", "oom_kill",
-        "pgscan_direct_throttle", "pgalloc", "pgfree", "alloc_fail",
+        "pgscan_direct_throttle", "pgalloc", "pgfree", "alloc_fail", "nr_slab_unreclaimable",
     ):  # fmt: skip
         assert name in stats
     assert stats["nr_free_pages"] == 256

@@ -149,9 +149,8 @@ async def read(memory: Memory, process: Process, vpage: int) -> None:
 
 
 def _accounted(memory: Memory) -> int:
-    """Every frame is free, on the LRU, or a reserved element of the bio mempool."""
-    assert memory.block is not None
-    return memory.nr_free_pages + len(memory.lru) + memory.block.bio_pool.curr_nr
+    """Every frame is free, on the LRU, or a slab page (the bio mempool's and bios')."""
+    return memory.nr_free_pages + len(memory.lru) + memory.stat.nr_slab_unreclaimable
 
 
 async def test_a_fault_cancelled_between_two_runs_leaves_nothing_behind(
