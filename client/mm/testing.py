@@ -1,4 +1,5 @@
-"""Test helpers: an in-memory swap device with latency and failure injection, page patterns.
+"""Test helpers: an in-memory swap device with latency and failure injection, page patterns,
+draining the free lists.
 
 Kept in the package (like ``trio.testing``) so that tests of other layers and benchmarks
 can run the model without a server.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -15,6 +17,19 @@ import trio
 from client.mm.block import SwapIOError
 from client.mm.page import PAGE_SIZE
 from client.mm.process import Process
+
+if TYPE_CHECKING:
+    from client.mm.gfp import GFP
+    from client.mm.memory import Memory
+    from client.mm.page import Page
+
+
+async def drain(memory: Memory, gfp: GFP) -> list[Page]:
+    """Allocate with ``gfp`` until it fails; the pages taken."""
+    pages = []
+    while (page := await memory.alloc_page(gfp)) is not None:
+        pages.append(page)
+    return pages
 
 
 @attrs.define(eq=False)

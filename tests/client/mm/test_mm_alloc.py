@@ -31,7 +31,7 @@ from client.mm import (
     serving_softirq,
     task_flags,
 )
-from client.mm.testing import pattern_content
+from client.mm.testing import drain, pattern_content
 
 if TYPE_CHECKING:
     from conftest import Machine, MakeMachine
@@ -47,14 +47,6 @@ def m(make_machine: MakeMachine) -> Machine:
     wm = machine.memory.zones[0].watermarks
     assert (wm.min, wm.low, wm.high) == (MIN, LOW, HIGH)
     return machine
-
-
-async def drain(memory: Memory, gfp: GFP) -> list[Page]:
-    """Allocate with ``gfp`` until it fails; the pages taken."""
-    pages = []
-    while (page := await memory.alloc_page(gfp)) is not None:
-        pages.append(page)
-    return pages
 
 
 def test_fast_path_stops_at_low(m: Machine) -> None:

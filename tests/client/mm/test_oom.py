@@ -15,7 +15,6 @@ from client.mm import (
     GFP_KERNEL,
     GFP_NOWAIT,
     OOM_REAPER_DELAY,
-    Memory,
     OomKill,
     OomReaped,
     OomVictimExited,
@@ -24,9 +23,8 @@ from client.mm import (
     ProcessKilled,
     WaitFor,
 )
-from client.mm.gfp import GFP
 from client.mm.process import as_current
-from client.mm.testing import pattern_content
+from client.mm.testing import drain, pattern_content
 
 if TYPE_CHECKING:
     from conftest import Machine, MakeMachine
@@ -42,14 +40,6 @@ def m(make_machine: MakeMachine) -> Machine:
     wm = machine.memory.zones[0].watermarks
     assert (wm.min, wm.low) == (MIN, LOW)
     return machine
-
-
-async def drain(memory: Memory, gfp: GFP) -> list[Page]:
-    """Allocate with ``gfp`` until it fails; the pages taken."""
-    pages = []
-    while (page := await memory.alloc_page(gfp)) is not None:
-        pages.append(page)
-    return pages
 
 
 async def test_a_victim_allocates_below_min_down_to_half_of_min(
