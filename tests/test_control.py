@@ -527,7 +527,7 @@ async def test_the_watchdog_still_sees_a_deadlock_under_control(
     with trio.fail_after(60):  # virtual: a machine that does not deadlock waits for "stop"
         await h.ended.wait()
     assert h.summary is not None and h.summary["outcome"] == "deadlock"
-    assert "rx_buffer(sock nbd0)" in h.summary["deadlock"]["cycle"]
+    assert "rx_buffer(eth0 ring)" in h.summary["deadlock"]["cycle"]
 
 
 async def test_the_machine_survives_garbage_on_the_control_socket(
