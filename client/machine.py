@@ -645,6 +645,7 @@ class ClientMachine:
         sockets: list[ModelledSocket] = [*self.net.sockets.values(), *self.net.closed]
         return {
             **self.net.totals(),
+            "tcp": self.net.tcp.snapshot(),
             "nic": self.net.device.snapshot(),
             "sockets": [s.snapshot() for s in sockets],
         }

@@ -12,11 +12,20 @@ truesize of 1280.
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from client.mm import PAGE_SIZE, Memory, MemoryConfig
+import pytest
+import trio
+import trio.testing
+from trio.testing import wait_all_tasks_blocked
+
+from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PAGE_SIZE, PF, Memory, MemoryConfig
+from client.mm import current_task_flags as task_flags_now
 from client.mm.policy import NullPolicy
+from client.mm.slab import SKBUFF_FCLONE_CACHE, SKBUFF_HEAD_CACHE, SlabCache, SlabObject
 from client.net.skbuff import MAX_TCP_HEADER, alloc_skb_truesize
+from client.net.socket import AckDelayed
+from client.net.stack import NOISE, SWAP
 from client.net.tcp import (
     SK_MEM_RECV,
     SK_MEMORY_PCPU_RESERVE,
@@ -24,13 +33,14 @@ from client.net.tcp import (
     SOCK_MIN_SNDBUF,
     TCP_ATO_MIN,
     VM_WAIT,
+    TcpMemoryPressure,
     TcpProto,
     TcpSock,
     TcpSysctls,
     boot_free_buffer_pages,
 )
-
-MSS = 1448  # data per segment: a 1500-byte MTU less IP, TCP and timestamps
+from client.policy import PfmemallocPolicy
+from tests.client.netrig import MSS, MakeNet, Net, wait_of
 
 #: tcp_init's sysctls for the 64 MiB machine of configs/swap-over-nbd.toml.
 SYSCTLS_64M = TcpSysctls.for_free_buffer_pages(16000)
@@ -315,3 +325,337 @@ def test_drs_grows_rcvbuf_with_what_the_reader_copied_per_rtt() -> None:
     no_rtt.copied_seq = 29200
     no_rtt.rcv_space_adjust(1.0, rtt=0.0)  # "tp->rcv_rtt_est.rtt_us == 0": no estimate
     assert no_rtt.rcvbuf == 131072
+
+
+# -- the socket -------------------------------------------------------------------------------
+
+
+def record_cache(cache: SlabCache) -> list[dict[str, Any]]:
+    """Wrap ``cache.alloc`` to record each request's gfp and task flags."""
+    calls: list[dict[str, Any]] = []
+    real = cache.alloc
+
+    async def alloc(gfp: GFP = GFP_NOIO, *, reserve: object | None = None) -> SlabObject | None:
+        call: dict[str, Any] = {"gfp": gfp, "flags": task_flags_now()}
+        calls.append(call)
+        call["obj"] = obj = await real(gfp, reserve=reserve)
+        return obj
+
+    cache.alloc = alloc  # type: ignore[method-assign]
+    return calls
+
+
+async def test_wmem_queued_counts_truesize_and_sndbuf_grows_as_acks_arrive(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A 64 KiB skb queues 1280 + 65536 = 66816 bytes of truesize; a writer of 1 MiB fills
+    the autotuned 87040 and waits ("sndbuf"); the ACKs of its 46-segment skbs grow cwnd,
+    and sndbuf with it, to tcp_wmem[2]."""
+    net = make_net(tcp=SYSCTLS_64M)
+    await net.opened()
+    sock, peer = net.socket("nbd0", SWAP, latency=0.01)
+    assert sock.sndbuf == 87040
+    await sock.send_all(bytes(65536))
+    assert sock.tcp.wmem_queued == TX_HEAD + 65536
+    assert sock.tcp.snd_cwnd == 10 and sock.tcp.packets_out == 46
+
+    async def drain() -> None:
+        while await peer.receive_some():
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        writer_done = trio.Event()
+
+        async def writer() -> None:
+            await sock.send_all(bytes(1 << 20))
+            writer_done.set()
+
+        nursery.start_soon(writer, name="writer")
+        await wait_all_tasks_blocked()
+        assert wait_of(net.memory, "writer") == "sndbuf"
+        await writer_done.wait()
+        nursery.cancel_scope.cancel()
+    assert sock.sndbuf == 512000 and sock.tcp.stats.sndbuf_expanded >= 2
+    assert sock.tcp.snd_cwnd > 100
+
+
+async def test_a_failed_tx_allocation_moderates_sndbuf_and_enters_memory_pressure(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """sk_page_frag_refill: "sk_enter_memory_pressure(sk); sk_stream_moderate_sndbuf(sk);"
+    -- a page for the next skb's data cannot be had: sndbuf falls from 87040 to half of the
+    68096 queued (one full skb and the new, empty one), 34048, which the queue exceeds, so
+    the writer waits for ACKs.  The ACK frees 66816: TCP leaves pressure (below tcp_mem[0])
+    and the writer, still SOCK_NOSPACE, gets sndbuf expanded for cwnd 56, 487424."""
+    net = make_net(tcp=SYSCTLS_64M)
+    await net.opened()
+    sock, _peer = net.socket("nbd0", SWAP, latency=1.0)
+    await sock.send_all(bytes(65536))  # its last frag page is full
+    net.memory.allocator.fail_page_alloc = lambda _gfp: True
+    done: list[float] = []
+
+    async def writer() -> None:
+        await sock.send_all(bytes(PAGE_SIZE))
+        done.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, name="writer")
+        await wait_all_tasks_blocked()
+        assert sock.sndbuf == 34048 and sock.tcp.wmem_queued == 2 * TX_HEAD + 65536
+        assert sock.tcp.stats.sndbuf_moderated == 1
+        assert net.stack.tcp.memory_pressure
+        assert wait_of(net.memory, "writer") == "sndbuf"
+        net.memory.allocator.fail_page_alloc = None
+    assert done == [pytest.approx(1.0)]
+    assert not net.stack.tcp.memory_pressure
+    assert [f.entered for f in net.facts if isinstance(f, TcpMemoryPressure)] == [True, False]
+    assert sock.sndbuf == 2 * 56 * PER_MSS == 487424
+
+
+async def test_a_locked_sndbuf_is_not_moderated_the_writer_waits_vm_wait(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """SO_SNDBUF: moderation leaves it; the queue (68096) is under it, so the failure was
+    memory's, and sk_stream_wait_memory sleeps vm_wait (named "tx_buffer") before each
+    retry: four tries by 3.5 vm_waits."""
+    net = make_net(tcp=SYSCTLS_64M)
+    await net.opened()
+    sock, _peer = net.socket("nbd0", SWAP, latency=10.0, sndbuf=128 << 10)
+    await sock.send_all(bytes(65536))
+    net.memory.allocator.fail_page_alloc = lambda _gfp: True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sock.send_all, bytes(PAGE_SIZE), name="writer")
+        await wait_all_tasks_blocked()
+        assert wait_of(net.memory, "writer") == "tx_buffer"
+        await trio.sleep(3.5 * VM_WAIT)
+        assert sock.stats.tx_alloc_wait == 4 and sock.sndbuf == 128 << 10
+        net.memory.allocator.fail_page_alloc = None
+    assert sock.tcp.wmem_queued == 2 * TX_HEAD + 65536 + PAGE_SIZE
+
+
+async def test_a_fresh_socket_whose_first_skb_fails_sleeps_vm_wait(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The first skb's head needs a new slab page; it fails: sndbuf moderated to
+    SOCK_MIN_SNDBUF (nothing is queued), and the empty queue is under it, so the writer
+    sleeps one vm_wait and tries again (nothing else wakes it: no ACK is coming)."""
+    net = make_net(tcp=SYSCTLS_64M)
+    await net.opened()
+    sock, peer = net.socket("nbd0", SWAP)
+    net.memory.allocator.fail_page_alloc = lambda _gfp: True
+    t0 = trio.current_time()
+    done: list[float] = []
+
+    async def writer() -> None:
+        await sock.send_all(b"x" * 100)
+        done.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, name="writer")
+        await wait_all_tasks_blocked()
+        assert wait_of(net.memory, "writer") == "tx_buffer"
+        assert sock.sndbuf == SOCK_MIN_SNDBUF and net.stack.tcp.memory_pressure
+        await trio.sleep(VM_WAIT / 2)
+        net.memory.allocator.fail_page_alloc = None
+    assert done == [pytest.approx(t0 + VM_WAIT)]
+    assert await peer.receive_some() == b"x" * 100
+
+
+async def test_skb_heads_come_from_their_caches_with_the_right_gfp(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """TX: alloc_skb_fclone from skbuff_fclone_cache with sk_allocation, in the sender.  RX
+    (a netdev_alloc_skb driver): build_skb's head with GFP_ATOMIC at each refill, whatever
+    gfp the data had (__GFP_MEMALLOC here).  Our ACKs: alloc_skb from skbuff_head_cache
+    with sk_gfp_mask(sk, GFP_ATOMIC | __GFP_NOWARN), __GFP_MEMALLOC added on a
+    SOCK_MEMALLOC socket, in softirq."""
+    net = make_net(PfmemallocPolicy())
+    await net.opened()
+    fclones = record_cache(net.memory.slab[SKBUFF_FCLONE_CACHE])
+    heads = record_cache(net.memory.slab[SKBUFF_HEAD_CACHE])
+    swap, swap_peer = net.socket("nbd0", SWAP)
+    noise, noise_peer = net.socket("noise0", NOISE)
+    assert swap.allocation == GFP_NOIO | GFP.MEMALLOC
+    await swap.send_all(bytes(100))
+    assert [c["gfp"] for c in fclones] == [GFP_NOIO | GFP.MEMALLOC]
+    assert not fclones[0]["flags"] & PF.SOFTIRQ
+    await swap_peer.send_all(bytes(16 * MSS))  # then a refill of 16 buffers
+    await noise_peer.send_all(bytes(2 * MSS))
+    await wait_all_tasks_blocked()
+    # A connection's first data starts quickack mode: each packet is ACKed from softirq.
+    assert swap.stats.acks_sent == 16 and noise.stats.acks_sent == 2
+    assert all(c["flags"] & PF.SOFTIRQ for c in heads)
+    gfps = [c["gfp"] for c in heads]
+    ack_swap, ack_noise = GFP_ATOMIC | GFP.NOWARN | GFP.MEMALLOC, GFP_ATOMIC | GFP.NOWARN
+    assert gfps.count(ack_swap) == 16 and gfps.count(ack_noise) == 2
+    assert gfps.count(GFP_ATOMIC) == 16  # the refill's build_skb heads
+
+
+async def test_quickacks_then_every_second_segment_then_the_delayed_ack_timer(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """tcp_event_data_recv: the first data arms TCP_MAX_QUICKACKS quick ACKs, and every
+    segment that grows rcv_ssthresh (tcp_grow_window: "icsk_ack.quick |= 1") one more, so
+    a new connection ACKs each segment.  Once rcv_ssthresh has reached the window clamp
+    (half of the 256 KiB rcvbuf), a reader taking each segment as it comes sends the ACK
+    itself for every second one (tcp_cleanup_rbuf: more than one full frame unacked),
+    and a lone segment waits for the delayed-ACK timer, TCP_ATO_MIN (40 ms)."""
+    net = make_net()
+    await net.opened()
+    sock, peer = net.socket("noise0", NOISE, rcvbuf=256 << 10)
+    tcp = sock.tcp
+    assert tcp.rcv_wnd == 0xFFFF and tcp.window_clamp == 128 << 10
+    n = 0
+    while n == 0 or tcp.quick:
+        n += 1
+        await peer.send_all(bytes(MSS))
+        assert await sock.receive_some() == bytes(MSS)
+        assert sock.stats.acks_sent == n  # each segment ACKed at once
+    # rcv_ssthresh grows 2920 a segment from 65535 until it meets the free space with one
+    # segment held, (256K - 2304) / 2 = 129920: 22 growths; "quick |= 1" on an even count
+    # adds one more: 39 quick ACKs in all.
+    assert n == 39 and tcp.rcv_ssthresh == 129920
+    acks = sock.stats.acks_sent
+    for _ in range(2):
+        for _ in range(2):
+            await peer.send_all(bytes(MSS))
+            await sock.receive_some()
+        assert sock.stats.acks_sent == acks + 1 and tcp.rcv_wup == tcp.rcv_nxt
+        acks += 1
+    t0 = trio.current_time()
+    await peer.send_all(bytes(MSS))
+    await sock.receive_some()
+    assert sock.stats.acks_sent == acks and tcp.rcv_nxt - tcp.rcv_wup == MSS
+    await trio.sleep(TCP_ATO_MIN - 0.001)
+    assert sock.stats.acks_sent == acks
+    await trio.sleep(0.002)
+    assert sock.stats.acks_sent == acks + 1 and tcp.rcv_wup == tcp.rcv_nxt
+    assert trio.current_time() == pytest.approx(t0 + TCP_ATO_MIN + 0.001)
+    # A data segment we send carries the ACK: none is sent of its own.
+    await peer.send_all(bytes(MSS))
+    await sock.receive_some()
+    await sock.send_all(bytes(10))
+    await trio.sleep(1)
+    assert sock.stats.acks_sent == acks + 1 and tcp.rcv_wup == tcp.rcv_nxt
+
+
+async def test_an_ack_that_cannot_be_allocated_stalls_the_peers_window(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """At the GFP_ATOMIC floor no slab can grow: every ACK fails ("delay = TCP_DELACK_MAX <<
+    icsk->icsk_ack.retry", 200 ms doubling, the timer reset each time).  The peer sends the
+    window it was offered at the start -- tcp_select_initial_window: half of the 128 KiB
+    rcvbuf rounded down to whole segments, 45 x 1448 = 65160 -- and stops, though it has
+    more.  Once memory is back, the reader's tcp_cleanup_rbuf sends the ACK the timer is
+    still far from, and the peer goes on into the window it offers."""
+    net = make_net(ring_size=64)
+    await net.opened()
+    sock, peer = net.socket("noise0", NOISE)
+    window = sock.tcp.rcv_wnd
+    assert window == 45 * MSS
+    net.hold_until(net.atomic_floor)
+    await peer.send_all(bytes(100 * MSS))
+    await trio.sleep(5)
+    assert sock.stats.rx_bytes == window and sock.tcp.rcv_wup == 0
+    assert sock.stats.acks_sent == 0 and sock.stats.ack_failed >= 4
+    delays = [f.delay for f in net.facts if isinstance(f, AckDelayed)]
+    assert delays == [min(0.2 * 2**i, 120.0) for i in range(len(delays))]
+    assert delays[-1] == 120.0  # every segment tried (quickack mode): the back-off is full
+    net.release()
+    await trio.sleep(1)
+    assert sock.stats.rx_bytes == window  # the timer is seconds away still
+    assert sock._delack_at > trio.current_time()
+    assert await sock.receive_some(MSS) == bytes(MSS)
+    assert sock.stats.acks_sent == 1 and sock.tcp.rcv_wup == window
+    await wait_all_tasks_blocked()
+    assert sock.stats.rx_bytes > window
+
+
+async def test_a_pfmemalloc_skb_is_queued_over_tcp_mem2_on_a_memalloc_socket(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With tcp_memory_allocated above tcp_mem[2], tcp_data_queue takes the first skb of an
+    empty queue (forced) and drops the rest (TCPRcvQDrop) -- except that
+    sk_rmem_schedule lets a pfmemalloc skb through: the swap socket keeps receiving from
+    the reserves while an ordinary buffer on the same socket is dropped."""
+    net = make_net(PfmemallocPolicy())
+    await net.opened()
+    swap, swap_peer = net.socket("nbd0", SWAP)
+    await _fill_ring_from_the_reserves(net, swap, swap_peer)
+    net.stack.tcp.memory_allocated = 10 * net.stack.tcp.sysctls.tcp_mem[2]
+    await swap_peer.send_all(bytes(3 * MSS))
+    await wait_all_tasks_blocked()
+    assert swap.rx_pages == 3 and swap.stats.rcvq_drop == 0
+    assert swap.tcp.stats.rmem_pfmemalloc == 2  # the first was forced into the empty queue
+
+    net.release()
+    for _ in range(net.device.settings.ring_size):  # the reserve buffers go; ordinary ones
+        await swap_peer.send_all(bytes(MSS))
+        await wait_all_tasks_blocked()
+        if not any(b.pfmemalloc for b in net.device.ring):
+            break
+        await swap.receive_some(MSS)
+    assert not any(b.pfmemalloc for b in net.device.ring) and swap.rx_pages >= 1
+    dropped = swap.stats.rcvq_drop
+    await swap_peer.send_all(bytes(MSS))
+    await wait_all_tasks_blocked()
+    assert swap.stats.rcvq_drop == dropped + 1
+    assert net.drops("nbd0", "proto_mem")[-1].what == "data"
+    assert net.stack.totals()["TCPRcvQDrop"] == swap.stats.rcvq_drop
+
+
+async def _fill_ring_from_the_reserves(net: Net, sock: Any, peer: trio.abc.Stream) -> None:
+    """Below the GFP_ATOMIC floor a memalloc socket's traffic refills the ring from the
+    reserves (see test_net.py's _reserve_buffers); it reads as it goes."""
+    await peer.send_all(bytes(32 * MSS))
+    received = 0
+    while received < 32 * MSS:
+        received += len(await sock.receive_some())
+    for _ in range(64):
+        net.hold_until(net.atomic_floor - 4)
+        await peer.send_all(bytes(MSS))
+        await sock.receive_some()
+    await wait_all_tasks_blocked()
+    assert all(b.pfmemalloc for b in net.device.ring)
+
+
+async def test_a_failed_rx_head_drops_the_packet_and_counts_it(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """virtio_net builds the skb in the poll: build_skb's GFP_ATOMIC head needs a new page
+    for an empty skbuff_head_cache, which one page below the floor cannot give, so the
+    packet is dropped (rx_dropped, in rx_alloc_fail) and the peer retransmits after a
+    back-off.  Each two dropped buffers give a page back: the fifth attempt, 75 ms on
+    (5 + 10 + 20 + 40 ms of back-off), finds free above the floor and is received."""
+    net = make_net(driver="virtio")
+    await net.opened()
+    heads = record_cache(net.memory.slab[SKBUFF_HEAD_CACHE])
+    sock, peer = net.socket("noise0", NOISE)
+    net.hold_until(net.atomic_floor - 1)
+    t0 = trio.current_time()
+    await peer.send_all(b"d" * 100)
+    assert await sock.receive_some() == b"d" * 100
+    assert trio.current_time() == pytest.approx(t0 + 0.075)
+    assert net.device.stats.rx_dropped == 4 and net.device.stats.rx_packets == 5
+    assert net.stack.totals()["rx_alloc_fail"] == 4
+    builds = [c for c in heads if c["gfp"] == GFP_ATOMIC]  # the ACK's has __GFP_NOWARN
+    assert [c["obj"] is None for c in builds] == [True] * 4 + [False]
+    assert all(c["flags"] & PF.SOFTIRQ for c in heads)
+
+
+async def test_drs_grows_an_autotuned_rcvbuf_and_leaves_a_locked_one(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = make_net(tcp=SYSCTLS_64M)
+    await net.opened()
+    tuned, tuned_peer = net.socket("noise0", NOISE, latency=0.01)
+    locked, locked_peer = net.socket("noise1", NOISE, latency=0.01, rcvbuf=131072)
+    for sock, peer in ((tuned, tuned_peer), (locked, locked_peer)):
+        await peer.send_all(bytes(1 << 20))
+        received = 0
+        while received < 1 << 20:
+            received += len(await sock.receive_some())
+    assert tuned.rcvbuf > 131072 and tuned.tcp.stats.rcvbuf_grown >= 1
+    assert tuned.rcvbuf <= SYSCTLS_64M.tcp_rmem[2]
+    assert locked.rcvbuf == 131072
