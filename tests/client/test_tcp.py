@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+from client.machine import ClientMachine
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PAGE_SIZE, PF, Memory, MemoryConfig
 from client.mm import current_task_flags as task_flags_now
 from client.mm.policy import NullPolicy
@@ -40,6 +41,7 @@ from client.net.tcp import (
     boot_free_buffer_pages,
 )
 from client.policy import PfmemallocPolicy
+from testbed.config import load_scenario
 from tests.client.netrig import MSS, MakeNet, Net, wait_of
 
 #: tcp_init's sysctls for the 64 MiB machine of configs/swap-over-nbd.toml.
@@ -110,6 +112,16 @@ def test_sysctls_are_computed_at_boot_before_a_policy_raises_min() -> None:
     raised = Memory.from_config(MemoryConfig(total_bytes=64 << 20), policy=_ReservesMin())
     assert raised.zones[0].watermarks.high > plain.zones[0].watermarks.high
     assert TcpSysctls.for_memory(raised) == TcpSysctls.for_memory(plain) == SYSCTLS_64M
+
+
+async def _never_connect() -> trio.abc.Stream:
+    raise AssertionError("not used")
+
+
+def test_the_net_table_replaces_the_boot_values_it_names() -> None:
+    scenario = load_scenario(None, {"net.tcp_mem": [10, 20, 30], "net.tcp_rmem": [1, 2, "3M"]})
+    sysctls = ClientMachine(scenario, _never_connect).tcp_sysctls()
+    assert sysctls == TcpSysctls((10, 20, 30), SYSCTLS_64M.tcp_wmem, (1, 2, 3 << 20))
 
 
 # -- one socket's buffers: pure -------------------------------------------------------------
