@@ -18,7 +18,14 @@ Three layers, each where the kernel has it:
   window as ACKs come, ``sk_stream_moderate_sndbuf`` shrinks it when memory fails, and DRS,
   ``tcp_rcv_space_adjust``, grows rcvbuf with what the reader copies), ``sk_wmem_queued``,
   ``sk_rmem_alloc`` and ``sk_forward_alloc``, and the ``__sk_mem_raise_allocated`` rules
-  that let a charge through or refuse it.
+  that let a charge through or refuse it; the congestion window in slow start (the model's
+  link loses nothing; cwnd sizes sndbuf but does not gate transmission); and the receive
+  side's ACK rules: the window each ACK offers (``tcp_select_window``, ``rcv_ssthresh``
+  grown by ``tcp_grow_window``), quickacks, and when an ACK is due.
+
+Not modelled: pingpong (interactive) mode, ato estimation (ato stays TCP_ATO_MIN), window
+scaling's rounding, collapsing and pruning the receive queue, ``tcp_clamp_window``,
+SO_RESERVE_MEM and memcg accounting.
 
 Pure state and arithmetic, no trio: client/net/socket.py calls these where the kernel calls
 them, and the tests check them line by line.
