@@ -209,15 +209,17 @@ class NetDevice:
         return self._tx_link_free + latency
 
     # -- buffers --------------------------------------------------------------------------
-    def release(self, buf: RxBuffer) -> None:
-        """The skb that used ``buf`` is freed: put the page's reference."""
+    def release(self, buf: RxBuffer, *, progress: bool = True) -> None:
+        """The skb that used ``buf`` is freed: put the page's reference.  ``progress`` is
+        False for a buffer that only churned (a dropped packet, a pure ACK): a ring that
+        takes and drops packets while nothing else moves is not progress."""
         frag = buf._frag
         frag.refs -= 1
         if frag.refs == 0 and frag is not self._frag:
-            self._free_frag(frag)
+            self._free_frag(frag, progress=progress)
 
-    def _free_frag(self, frag: _FragPage) -> None:
-        self.memory.free_page(frag.page)
+    def _free_frag(self, frag: _FragPage, *, progress: bool = True) -> None:
+        self.memory.free_page(frag.page, progress=progress)
         self.pages -= 1
 
     async def _new_buffer(self, gfp: GFP, reserve: object | None) -> RxBuffer | None:
@@ -352,13 +354,17 @@ class NetDevice:
                     await self._napi_refill()
 
     def _next_due(self, now: float) -> tuple[ModelledSocket | None, float]:
-        """The socket whose next packet is at the NIC now, or None and when one will be."""
+        """The socket whose packet reached the NIC first, if one has by now (the wire is
+        FIFO: the earliest arrival is received first, whichever socket it is for), or None
+        and when the next one will."""
         earliest = math.inf
+        first: ModelledSocket | None = None
         for sock in self.stack.sockets.values():
             due = sock.next_packet_due()
-            if due <= now:
-                return sock, due
-            earliest = min(earliest, due)
+            if due < earliest:
+                earliest, first = due, sock
+        if earliest <= now:
+            return first, earliest
         return None, earliest
 
     # -- teardown and reporting -----------------------------------------------------------

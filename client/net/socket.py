@@ -65,7 +65,7 @@ class SkbDropped:
 
     event = "skb.dropped"
     sock: str
-    reason: str  # "pfmemalloc" (sk_filter) or "no_memory" (skb allocation failed)
+    reason: str  # "pfmemalloc" (sk_filter)
     what: str  # "data" or "ack"
 
 
@@ -417,7 +417,7 @@ class ModelledSocket(trio.abc.Stream):
         if buf.pfmemalloc and not self.memalloc:
             # sk_filter: "if (skb_pfmemalloc(skb) && !sock_flag(sk, SOCK_MEMALLOC))
             # return -ENOMEM" -- LINUX_MIB_PFMEMALLOCDROP.  The peer retransmits.
-            device.release(buf)
+            device.release(buf, progress=False)
             self.stats.pfmemalloc_drop += 1
             self.stack.observe(SkbDropped(self.name, "pfmemalloc", what_kind))
             self._retry_at = now + self._retry_delay
@@ -427,7 +427,7 @@ class ModelledSocket(trio.abc.Stream):
         if buf.pfmemalloc:
             self.stats.emergency_rx += 1
         if ack:
-            device.release(buf)  # a pure ACK is consumed by the stack at once
+            device.release(buf, progress=False)  # a pure ACK is consumed at once
             self._acknowledge(now)
             return
         self._take_packet(buf)
