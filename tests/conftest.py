@@ -29,9 +29,13 @@ from testbed.config import ExportConfig, ServerConfig
 #: Seconds a socket-touching test may take before it is failed rather than left hanging.
 SOCKET_TEST_DEADLINE = float(os.environ.get("NETSWAP_TEST_DEADLINE", "60"))
 
-#: Virtual seconds a virtual-clock test may take: ten times the longest today (30 s), and
-#: reached in no wall time by a model that stops.  An autojump_clock test must not wait on
-#: real I/O (a TCP socket, a subprocess): the clock would jump to this deadline meanwhile.
+#: Virtual seconds a virtual-clock test may take: ten times the longest today (32 s), and
+#: reached in no wall time by a model that stops.  Not more: a model that stops making
+#: progress while its timers still fire (the watchdog's polls, kswapd, noise) walks through
+#: each of them up to the deadline, some 40 ms of wall time per virtual second for a 16 MiB
+#: machine, so an hour would take minutes to fail, past pytest-timeout.  An autojump_clock
+#: test must not wait on real I/O (a TCP socket, a subprocess): the clock would jump to
+#: this deadline meanwhile.
 VIRTUAL_TEST_DEADLINE = 300.0
 
 _VIRTUAL_CLOCKS = frozenset({"autojump_clock", "mock_clock"})
