@@ -9,7 +9,8 @@ get ``SOCKET_TEST_DEADLINE`` wall seconds, virtual-clock tests (``autojump_clock
 reaches that deadline at once.  pytest-timeout (``timeout`` in pyproject.toml) is the
 backstop for what no trio deadline covers: sync tests, fixtures, a loop that never yields.
 Interop peers (nbdkit, nbdinfo, nbdcopy, qemu-img) are looked up with ``require_tool``: a
-missing one skips the test locally and FAILS it when ``CI`` is set.
+missing one skips the test locally and FAILS it when ``CI`` is set.  Usage errors of the
+command line run in this process through ``cli``: a subprocess each would cost a second.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import functools
 import inspect
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+import structlog
 import trio
 
 from server import Export, NBDServer
 from testbed.config import ExportConfig, ServerConfig
+from tests.processes import Cli
 
 #: Seconds a socket-touching test may take before it is failed rather than left hanging.
 SOCKET_TEST_DEADLINE = float(os.environ.get("NETSWAP_TEST_DEADLINE", "60"))
@@ -55,6 +59,27 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{message}; CI must run the interop tests")
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    """``cli(*args)``: ``netswap ARGS`` in this process, as ``main`` returns it to the
+    console script (exit status, stdout, stderr); structlog's configuration (a command may
+    set it up before failing) is put back after the test."""
+    from testbed.cli import main  # the CLI's imports only for the tests that use it
+
+    saved = structlog.get_config()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["netswap", *args], code, out, err)
+
+    try:
+        yield run
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest.fixture
