@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,7 +20,6 @@ from typing import Any, NoReturn
 import attrs
 import structlog
 import trio
-import trio.testing
 
 from testbed import log as logsetup
 from testbed.config import (
@@ -33,6 +31,7 @@ from testbed.config import (
     load_server_config,
     parse_export_spec,
     parse_hostport,
+    parse_override_value,
 )
 from testbed.report import format_table
 
@@ -370,11 +369,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[key.strip()] = value
+        out[key.strip()] = parse_override_value(raw)
     return out
 
 
@@ -699,13 +694,10 @@ def _scenario_from(args: argparse.Namespace) -> ScenarioConfig:
 
 
 def _run_one(scenario: ScenarioConfig, policy: str | None, clock: str) -> dict[str, Any]:
-    from testbed.scenario import run_scenario
+    from testbed.scenario import run_scenario, run_virtual
 
     if clock == "virtual":
-        return trio.run(
-            lambda: run_scenario(scenario, policy=policy, transport="memory"),
-            clock=trio.testing.MockClock(autojump_threshold=0),
-        )
+        return run_virtual(scenario, policy)
     return trio.run(lambda: run_scenario(scenario, policy=policy, transport="tcp"))
 
 
