@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub, add_logging=_add_logging, add_overrides=_add_overrides, parser_class=_Parser
     )
 
+    from testbed.sweep.cli import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub, parser_class=_Parser, jobs_type=_jobs)
+
     rep = sub.add_parser(
         "report",
         help="tell a run's story from its log",
@@ -1066,9 +1070,11 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from testbed.sweep.cli import with_default_command
+
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(with_default_command(sys.argv[1:] if argv is None else argv))
         code: int = args.func(args)
         return code
     except (UsageError, ConfigError) as exc:
