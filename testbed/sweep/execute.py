@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import socket
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import structlog
 
 from testbed import log as logsetup
 from testbed.config import ScenarioConfig
@@ -69,7 +69,9 @@ def execute(job: Job) -> RunResult:
             first = _leaves(exc)[0]  # the error itself, not the nursery's group around it
             error = f"{type(first).__name__}: {first}"
             trace = traceback.format_exc()
-            out.write(f'{{"event": "sweep.run_raised", "error": {json.dumps(error)}}}\n')
+            structlog.get_logger().error(
+                "sweep.run_raised", policy=job.policy, error=error, traceback=trace
+            )
         wall = time.perf_counter() - started
         return RunResult(
             key=job.key,

@@ -250,8 +250,9 @@ def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(
     assert (raised["outcome"], raised["result"]) == ("raised", "raised")
     assert raised["error"].startswith("ValueError: ") and "no room for swap" in raised["error"]
     assert "Traceback" in raised["traceback"] and raised["pswpout"] is None
-    last = gzip.decompress((out / raised["log"]).read_bytes()).splitlines()[-1]
-    assert json.loads(last) == {"event": "sweep.run_raised", "error": raised["error"]}
+    last = json.loads(gzip.decompress((out / raised["log"]).read_bytes()).splitlines()[-1])
+    assert (last["event"], last["level"]) == ("sweep.run_raised", "error")
+    assert (last["error"], last["traceback"]) == (raised["error"], raised["traceback"])
 
 
 # -- show, plot, export -----------------------------------------------------------------------
