@@ -160,11 +160,9 @@ class SweepStore:
             (root / LOGS).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--out {root}: {exc.strerror or exc}") from None
-        path = root / DB_NAME
-        new = not path.exists()
-        db = _connect(path, read_only=False)
+        db = _connect(root / DB_NAME, read_only=False)
         try:
-            if new or not _has_table(db, "sweep"):
+            if not _has_table(db, "sweep"):
                 _create(db, definition)
             info = _info(db)
             why = definition.mismatch(info)

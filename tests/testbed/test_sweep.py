@@ -253,6 +253,19 @@ def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(
     last = json.loads(gzip.decompress((out / raised["log"]).read_bytes()).splitlines()[-1])
     assert (last["event"], last["level"]) == ("sweep.run_raised", "error")
     assert (last["error"], last["traceback"]) == (raised["error"], raised["traceback"])
+    # Skipped like any run done, unless --retry-errors: then it runs (and raises) again.
+    again = cli(
+        capsys, "sweep", SCENARIO, *SMALL, "--set", "swap.sndbuf=16K",
+        "--grid", "swap.size=4096,64M", "--policies", "none", "--out", str(out),
+        "--jobs", "1", "--retry-errors",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "2 runs, 1 already done, 1 run now: raised 1" in again.stdout
+    assert "ran again 1 runs that had raised" in again.stderr
+    assert {r["swap.size"]: r["outcome"] for r in rows(out)} == {
+        "4096": "raised",
+        "64M": "completed",
+    }
 
 
 # -- show, plot, export -----------------------------------------------------------------------
