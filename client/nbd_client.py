@@ -335,14 +335,18 @@ class NBDClient:
         return len(self._slots)
 
     async def close(self) -> None:
-        """Send DISC (if still connected) and close the stream."""
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError
-            ):
-                await self._send(self._machine.send(Request(0, Cmd.DISC)))
-        await self._stream.aclose()
+        """Send DISC (if still connected) and close the stream.  The stream is closed even
+        when the DISC cannot be sent in time (the caller's deadline cancels a send stuck
+        behind a full send buffer): a socket left open would keep its buffers forever."""
+        try:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError
+                ):
+                    await self._send(self._machine.send(Request(0, Cmd.DISC)))
+        finally:
+            await self._stream.aclose()  # trio: closed even if cancelled
 
 
 async def _handshake(

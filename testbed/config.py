@@ -717,19 +717,30 @@ class ScenarioConfig:
     kernel: KernelConfig = KernelConfig()
 
 
+def parse_override_value(raw: str) -> Any:
+    """The VALUE of ``--set KEY=VALUE`` (and of each value of ``--grid KEY=V1,V2``): read as
+    TOML when it parses (numbers, booleans, arrays, quoted strings), else taken as a string
+    (``768K``)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
 def load_scenario(
-    path: str | Path | None, overrides: dict[str, Any] | None = None
+    path: str | Path | None, overrides: dict[str, Any] | None = None, *, what: str = "--set"
 ) -> ScenarioConfig:
-    """A scenario from TOML (strict: unknown keys are errors), with dotted-path overrides."""
+    """A scenario from TOML (strict: unknown keys are errors), with dotted-path overrides;
+    ``what`` names the overrides' option in the error of a key that cannot be set."""
     data: dict[str, Any] = load_toml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
+        _set_dotted(data, dotted, value, what=what)
     where = str(path) if path is not None else "scenario"
     scenario: ScenarioConfig = _build(ScenarioConfig, data, where=where)
     return scenario
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, *, what: str = "--set") -> None:
     """Set ``a.b.c`` in nested tables; a numeric part indexes an array of tables
     (``workloads.0.processes``)."""
     keys = dotted.split(".")
@@ -738,14 +749,14 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         last = i == len(keys) - 1
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"--set {dotted}: {key!r} is not an index of that array")
+                raise ConfigError(f"{what} {dotted}: {key!r} is not an index of that array")
             if last:
                 node[int(key)] = value
             else:
                 node = node[int(key)]
             continue
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])!r} is not a table")
+            raise ConfigError(f"{what} {dotted}: {'.'.join(keys[:i])!r} is not a table")
         if last:
             node[key] = value
         else:

@@ -87,6 +87,16 @@ async def run_scenario(
         return await _run(scenario, server, name, transport, log)
 
 
+def run_virtual(scenario: ScenarioConfig, policy: str | None = None) -> dict[str, Any]:
+    """One run on trio's virtual clock, server and client joined in memory: a function of
+    the scenario, the policy and ``run.seed`` (what ``--clock virtual``, ``--jobs`` and
+    ``netswap sweep`` run).  Structlog is used as configured."""
+    return trio.run(
+        lambda: run_scenario(scenario, policy=policy, transport="memory"),
+        clock=trio.testing.MockClock(autojump_threshold=0),
+    )
+
+
 async def _run(
     scenario: ScenarioConfig, server: NBDServer, name: str, transport: Transport, log: Any
 ) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from testbed.control import (
 )
 from testbed.nbd import Errno
 from testbed.scenario import embedded_server, watchdog_supervisor
-from tests.processes import netswap, one_line
+from tests.processes import Cli, one_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -606,9 +606,9 @@ async def _never_connect() -> trio.abc.Stream:
     raise AssertionError("not used")
 
 
-# -- real processes -------------------------------------------------------------------------
-def test_a_remote_control_address_needs_allow_remote_control() -> None:
-    result = netswap("client", "--server", "nbd://127.0.0.1:1/swap", "--control", "192.0.2.1:0")
+# -- the command line -----------------------------------------------------------------------
+def test_a_remote_control_address_needs_allow_remote_control(cli: Cli) -> None:
+    result = cli("client", "--server", "nbd://127.0.0.1:1/swap", "--control", "192.0.2.1:0")
     assert result.returncode == 2
     assert "--allow-remote-control" in one_line(result)
 
@@ -661,17 +661,20 @@ def test_pressure_arguments_become_requests_the_endpoint_accepts(
     parse_command(line)  # and the endpoint takes it
 
 
-def test_pressure_usage_errors_and_unreachable_endpoint() -> None:
-    bad = netswap("pressure", "--control", "127.0.0.1:1", "hog", "--pages", "many")
+def test_pressure_usage_errors_and_unreachable_endpoint(cli: Cli) -> None:
+    bad = cli("pressure", "--control", "127.0.0.1:1", "hog", "--pages", "many")
     assert bad.returncode == 2 and "'many'" in one_line(bad)
-    missing = netswap("pressure", "--control", "127.0.0.1:1", "fault", "alloc")
+    missing = cli("pressure", "--control", "127.0.0.1:1", "fault", "alloc")
     assert missing.returncode == 2 and "--probability" in one_line(missing)
-    no_export = netswap("pressure", "--control", "127.0.0.1:1", "server-fault", "stall")
+    no_export = cli("pressure", "--control", "127.0.0.1:1", "server-fault", "stall")
     assert no_export.returncode == 2 and "--export" in one_line(no_export)
     with unused_port() as port:
-        gone = netswap("pressure", "--control", f"127.0.0.1:{port}", "status")
+        gone = cli("pressure", "--control", f"127.0.0.1:{port}", "status")
     assert gone.returncode == 1
     assert f"cannot reach 127.0.0.1:{port}" in one_line(gone)
+
+
+# -- real processes -------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
