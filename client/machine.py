@@ -29,6 +29,7 @@ from client.mm import PAGE_SIZE, Memory, MemoryConfig, OutOfMemory, Process, Pro
 from client.mm.alloc import CONGESTION_WAIT
 from client.mm.memory import ContentFn
 from client.mm.waits import IDLE
+from client.net.device import NicSettings
 from client.net.noise import consume, flood
 from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
@@ -258,9 +259,8 @@ class InjectedFlood:
             "seconds": self.seconds,
             "socket": self.sock.name,
             "rx_bytes": stats.rx_bytes,
-            "rx_pages": self.sock.rx_pages,
+            "rx_bufs": self.sock.rx_pages,
             "pfmemalloc_drop": stats.pfmemalloc_drop,
-            "rx_alloc_fail": stats.rx_alloc_fail,
         }
 
 
@@ -380,7 +380,22 @@ class ClientMachine:
         timed_out = False
         try:
             async with trio.open_nursery() as nursery:
-                self.net = NetStack(self.memory, self.policy, nursery, observer=self.observer)
+                n = self.scenario.nic
+                # The link's and the softirq's time are the virtual clock's: on the real
+                # clock the host's own loopback and CPU take their time already (and a
+                # timer there costs a millisecond, not a microsecond).
+                virtual = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+                nic = NicSettings(
+                    driver="virtio" if n.driver == "virtio" else "netdev",
+                    ring_size=n.ring_size,
+                    rx_buffer=n.rx_buffer,
+                    bandwidth=n.bandwidth / 8 if virtual else math.inf,
+                    softirq_cost=n.softirq_cost if virtual else 0.0,
+                )
+                self.net = NetStack(
+                    self.memory, self.policy, nursery, observer=self.observer, nic=nic
+                )
+                self.net.up()  # the interface comes up at boot, before any socket
                 self.memory.waits.roles["kswapd"] = ["kswapd0"]
                 await self.device.start(nursery)
                 self.memory.swapon(self.device)
@@ -414,6 +429,8 @@ class ClientMachine:
             self._run_nursery = None
             with trio.CancelScope(shield=True):
                 await self.device.close()
+            if self.net is not None:
+                self.net.close()
         return self.summary(wall_seconds=time.perf_counter() - wall)
 
     def _start_faults(self) -> None:
@@ -626,7 +643,11 @@ class ClientMachine:
         if self.net is None:
             return {}
         sockets: list[ModelledSocket] = [*self.net.sockets.values(), *self.net.closed]
-        return {**self.net.totals(), "sockets": [s.snapshot() for s in sockets]}
+        return {
+            **self.net.totals(),
+            "nic": self.net.device.snapshot(),
+            "sockets": [s.snapshot() for s in sockets],
+        }
 
     # -- control ----------------------------------------------------------------------------
     def require_running(self) -> trio.Nursery:

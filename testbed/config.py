@@ -399,6 +399,41 @@ class SwapConfig:
             raise ConfigError("swap.io_timeout must be > 0")
 
 
+def _bandwidth(value: str | int | float) -> float:
+    """Link bandwidth in bits a second: a number, or with a k/M/G suffix ("1G")."""
+    text = str(value).strip()
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
+    try:
+        bits = float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise ConfigError(f"nic.bandwidth {value!r}: expected bits/s like '1G' or 1e9") from None
+    if not 0 < bits < float("inf"):
+        raise ConfigError(f"nic.bandwidth {value!r}: must be > 0")
+    return bits
+
+
+@attrs.frozen
+class NicConfig:
+    """The client's network device (client/net/device.py): its driver's refill style, its
+    receive ring and its link."""
+
+    driver: str = "netdev"  # "netdev" (netdev_alloc_skb, e1000-like) or "virtio"
+    ring_size: int = 256  # receive descriptors (e1000 E1000_DEFAULT_RXD; qemu virtio-net)
+    rx_buffer: int = 2048  # bytes a receive buffer takes (e1000 E1000_RXBUFFER_2048)
+    bandwidth: float = attrs.field(default=1e9, converter=_bandwidth)  # bits/s each way
+    softirq_cost: float = 1e-6  # seconds of the receive softirq per packet
+
+    def __attrs_post_init__(self) -> None:
+        if self.driver not in ("netdev", "virtio"):
+            raise ConfigError(f"nic.driver {self.driver!r}: expected 'netdev' or 'virtio'")
+        if self.ring_size < 1:
+            raise ConfigError(f"nic.ring_size {self.ring_size}: must be >= 1")
+        if not 64 <= self.rx_buffer <= 4096:
+            raise ConfigError(f"nic.rx_buffer {self.rx_buffer}: must be 64 .. 4096 bytes")
+        if not 0 <= self.softirq_cost < 1:
+            raise ConfigError(f"nic.softirq_cost {self.softirq_cost}: must be >= 0 and < 1")
+
+
 def _of_ram(value: str | int, ram: int) -> int:
     """Bytes of a size that ``_total`` accepted: a byte count, or a multiple of RAM."""
     return int(float(value[:-1]) * ram) if isinstance(value, str) else value
@@ -670,6 +705,7 @@ class ScenarioConfig:
     description: str = ""
     machine: MachineConfig = MachineConfig()
     swap: SwapConfig = SwapConfig()
+    nic: NicConfig = NicConfig()
     workloads: tuple[WorkloadConfig, ...] = (HogConfig(),)
     noise: tuple[NoiseConfig, ...] = ()
     policy: str = attrs.field(default="none", converter=_policy)

@@ -338,8 +338,11 @@ class Allocator:
 
     # -- free --------------------------------------------------------------------------------
 
-    def free_page(self, page: Page) -> None:
+    def free_page(self, page: Page, *, progress: bool = True) -> None:
         """``__free_pages``: back to its zone's free list; uncharge an emergency page after.
+
+        ``progress=False`` for a page that only churned (a dropped packet's buffer, a pure
+        ACK's): the watchdog counts retries and drops as activity, never as progress.
 
         The page must be off the LRU, out of the swap cache, unmapped, not under writeback
         and not a slab (``free_pages_check`` would report a bad page).
@@ -350,7 +353,8 @@ class Allocator:
         page.reset()
         page.zone.give(page)
         self.stat.pgfree += 1
-        self.progress.pages_freed += 1
+        if progress:
+            self.progress.pages_freed += 1
         if self._free_wait:
             self._free_wait.unpark_all()
         if pfmemalloc:

@@ -16,19 +16,20 @@ while more than ``XMIT_QUEUE_MAX`` bytes are queued (the real stream's back-pres
 failed real write breaks the socket for both directions, as an error on a TCP socket does.
 
 **ACKs must be received.**  TCP ACKs are invisible from user space, so the model makes them:
-an skb is due to be acknowledged ``latency`` seconds after it was sent, and that ACK is a
-packet the receive side must take in like any other — it needs an skb allocation at device
-level and passes the socket filter.  No RX memory, no ACK, no freed TX.
+an skb is due to be acknowledged once the link has carried it and ``latency`` has passed
+(``NetDevice.tx_acked``), and that ACK is a packet the device must receive like any other —
+into a posted ring buffer — and that passes the socket filter.  No RX buffer, no ACK, no
+freed TX.
 
-**RX** (a NIC task fills the ring; a softirq task per socket does the rest): bytes that
-arrived wait in the NIC ring (device memory, not modelled) until ``latency`` has passed.  For
-each packet (up to one page) the softirq task allocates an skb page at *device level*,
-before the socket is known: the policy's ``rx_gfp`` (``GFP_ATOMIC``, plus ``__GFP_MEMALLOC``
-while memalloc sockets exist) — it never sleeps.  Only then does it demux: an emergency
-(pfmemalloc) page for a socket without ``SOCK_MEMALLOC`` is dropped at ``sk_filter`` (freed,
-``PFMemallocDrop``).  A failed allocation or a drop leaves the packet in the ring and
-retries after a back-off — the memory effect of a drop and a retransmit.  Data stays
-charged until the consumer reads it; ``rcvbuf`` bounds what a socket may hold.
+**RX** (``client/net/device.py``): bytes the peer sent travel on the wire (not modelled
+memory) until the link has carried them and ``latency`` has passed; at most
+``WINDOW_BYTES`` are in flight (the peer's window).  The device's softirq receives each
+packet (one MSS of data, or an ACK) into a buffer from its ring — posted before anyone knew
+which socket the packet was for — and hands it to the socket: an emergency (pfmemalloc)
+buffer for a socket without ``SOCK_MEMALLOC`` is dropped at ``sk_filter`` (freed,
+``PFMemallocDrop``) and the peer retransmits after a back-off.  Data keeps its buffer until
+the consumer reads it; while ``rcvbuf`` bytes wait, the window is closed and the peer sends
+no more data.
 
 The drop rule is the kernel's and the same under every policy: a policy under which no RX
 page is ever pfmemalloc simply never triggers it.
@@ -44,17 +45,18 @@ import attrs
 import trio
 
 from client.mm import GFP, GFP_NOIO, PAGE_SIZE, Memory, Page
-from client.mm.gfp import serving_softirq
 from client.mm.waits import WaitFor
+from client.net.device import BACKOFF_MAX, BACKOFF_MIN, RxBuffer
 
 if TYPE_CHECKING:
     from client.net.stack import NetStack
 
 SKB_MAX = 64 * 1024  # the largest TX skb (GSO/TSO): "max packet size is 64k"
 XMIT_QUEUE_MAX = 1024 * 1024  # queued for the real stream beyond this: the sender waits
-RING_BYTES = 64 * 1024  # what the NIC holds for one socket before TCP's window closes
-BACKOFF_MIN = 0.005  # retransmission back-off after a drop or a failed skb allocation
-BACKOFF_MAX = 0.2
+WINDOW_BYTES = 64 * 1024  # in flight toward us: what the peer sends before TCP's window closes
+# build_skb: skb->truesize = SKB_TRUESIZE(frag_size) less the shared info already in the frag:
+# the buffer plus SKB_DATA_ALIGN(sizeof(struct sk_buff)) (232 bytes in 6.1, aligned to 256).
+SKB_HEAD_TRUESIZE = 256
 
 
 @attrs.frozen
@@ -63,7 +65,7 @@ class SkbDropped:
 
     event = "skb.dropped"
     sock: str
-    reason: str  # "pfmemalloc" (sk_filter) or "no_memory" (skb allocation failed)
+    reason: str  # "pfmemalloc" (sk_filter)
     what: str  # "data" or "ack"
 
 
@@ -72,9 +74,8 @@ class SocketStats:
     tx_bytes: int = 0
     rx_bytes: int = 0
     tx_pages_peak: int = 0
-    rx_pages_peak: int = 0
+    rx_bufs_peak: int = 0
     acks: int = 0
-    rx_alloc_fail: int = 0  # skb allocations that failed (packet dropped at the NIC)
     pfmemalloc_drop: int = 0  # netstat PFMemallocDrop: emergency skb for a normal socket
     emergency_rx: int = 0  # pfmemalloc skbs this socket accepted (SOCK_MEMALLOC only)
     tx_alloc_wait: int = 0
@@ -115,13 +116,16 @@ class ModelledSocket(trio.abc.Stream):
         self._tx: deque[_TxSkb] = deque()  # sent, awaiting ACK, oldest first
         self._tx_bytes = 0
         self._tx_pages = 0
-        self._rx: deque[tuple[bytearray, Page]] = deque()  # received, not yet consumed
+        self._rx: deque[tuple[bytearray, RxBuffer]] = deque()  # received, not yet consumed
         self._rx_bytes = 0
-        self._rx_pages = 0
-        self._ring: deque[tuple[float, bytearray]] = deque()  # (visible at, bytes): the NIC
-        self._ring_bytes = 0
-        self._softirq = trio.lowlevel.ParkingLot()  # packets or ACKs may be due
-        self._ring_space = trio.lowlevel.ParkingLot()
+        self._rx_bufs = 0
+        # sk_rmem_alloc is _rx_bufs * _truesize: what the held skbs cost, against rcvbuf
+        self._truesize = stack.device.settings.rx_buffer + SKB_HEAD_TRUESIZE
+        self._wire: deque[tuple[float, bytearray]] = deque()  # (at the NIC at, bytes)
+        self._wire_bytes = 0
+        self._wire_space = trio.lowlevel.ParkingLot()
+        self._retry_at = 0.0  # after a drop, the peer retransmits no earlier than this
+        self._retry_delay = BACKOFF_MIN
         self._rx_ready = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()  # TX space (ACKs) and consumer reads
         self._rx_eof = False
@@ -139,25 +143,18 @@ class ModelledSocket(trio.abc.Stream):
         self._xmit_drained = trio.lowlevel.ParkingLot()
         self._tx_error: BaseException | None = None
         self._nic_scope = trio.CancelScope()
-        self._softirq_scope = trio.CancelScope()
         self._xmit_scope = trio.CancelScope()
-        self.rx_task_name = f"{name}.rx"
+        self.rx_task_name = stack.device.napi_task_name  # who receives for this socket
         self.consumer_role = f"{name} consumer"
         # What this socket's tasks wait for (constant: built once, not per wait).
         resource = f"sock {name}"
         self._wait_sndbuf = WaitFor("sndbuf", resource, waker=self.rx_task_name)
         self._wait_tx_buffer = WaitFor("tx_buffer", resource, waker="kswapd")
         self._wait_rx_data = WaitFor("rx_data", resource, waker=self.rx_task_name)
-        self._wait_rcvbuf = WaitFor("rcvbuf", resource, waker=self.consumer_role)
-        self._wait_rx_buffer = WaitFor("rx_buffer", resource, waker="kswapd")
-        self._wait_packet = WaitFor("packet", resource, waker="peer")
-        # rx_gfp() -> the same without __GFP_DIRECT_RECLAIM (IntFlag operators are slow)
-        self._rx_gfp_masked: dict[GFP, GFP] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._nic, name=f"{self.name}.nic")
-        nursery.start_soon(self._softirq_loop, name=self.rx_task_name)
         nursery.start_soon(self._xmit_loop, name=f"{self.name}.xmit")
 
     @property
@@ -166,27 +163,30 @@ class ModelledSocket(trio.abc.Stream):
 
     @property
     def rx_pages(self) -> int:
-        return self._rx_pages
+        """Receive buffers (ring buffers holding data) this socket holds."""
+        return self._rx_bufs
 
     def emergency_rx_held(self) -> int:
-        """RX pages from the reserves this socket holds right now."""
-        return sum(1 for _data, page in self._rx if page.pfmemalloc)
+        """RX buffers from the reserves this socket holds right now."""
+        return sum(1 for _data, buf in self._rx if buf.pfmemalloc)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._nic_scope.cancel()
-        self._softirq_scope.cancel()
         for skb in self._tx:
             for page in skb.pages:
                 self.memory.free_page(page)
         self._tx.clear()
         self._tx_bytes = self._tx_pages = 0
+        device = self.stack.device
         while self._rx:
-            self.memory.free_page(self._rx.popleft()[1])
-        self._rx_bytes = self._rx_pages = 0
-        for lot in (self._rx_ready, self._space, self._softirq, self._ring_space):
+            device.release(self._rx.popleft()[1])
+        self._rx_bytes = self._rx_bufs = 0
+        self._wire.clear()
+        self._wire_bytes = 0
+        for lot in (self._rx_ready, self._space, self._wire_space):
             lot.unpark_all()
         self.stack.socket_closed(self)
         try:
@@ -230,7 +230,7 @@ class ModelledSocket(trio.abc.Stream):
             for page in pages:
                 self.memory.free_page(page)
             raise
-        self._tx.append(_TxSkb(size, pages, trio.current_time() + self.latency))
+        self._tx.append(_TxSkb(size, pages, self.stack.device.tx_acked(size, self.latency)))
         self._tx_bytes += size
         self._tx_pages += len(pages)
         stats = self.stats
@@ -243,7 +243,7 @@ class ModelledSocket(trio.abc.Stream):
             self._xmit_bytes += size
             if not self._xmit_busy:
                 self._xmit_wake.unpark()
-        self._softirq.unpark_all()  # an ACK is now expected
+        self.stack.device.kick()  # an ACK is now expected
         while self._xmit_bytes > XMIT_QUEUE_MAX and self._tx_error is None:
             await self._xmit_drained.park()  # the real stream's back-pressure
         if self._tx_error is not None:
@@ -276,7 +276,7 @@ class ModelledSocket(trio.abc.Stream):
         self._xmit_bytes = 0
         if self._rx_error is None:
             self._rx_error = exc
-        for lot in (self._xmit_drained, self._space, self._softirq, self._rx_ready):
+        for lot in (self._xmit_drained, self._space, self._rx_ready):
             lot.unpark_all()
 
     async def _flush(self) -> None:
@@ -343,109 +343,95 @@ class ModelledSocket(trio.abc.Stream):
         while not rx:
             if self._rx_error is not None:
                 raise trio.BrokenResourceError(str(self._rx_error)) from self._rx_error
-            if self._rx_eof or self._closed:
+            if (self._rx_eof and not self._wire) or self._closed:
                 return b""
             await self._park(self._rx_ready, self._wait_rx_data)
         limit = max_bytes or math.inf
-        data, page = rx[0]
+        device = self.stack.device
+        data, buf = rx[0]
         if len(data) == limit or (len(rx) == 1 and len(data) < limit):
             # Exactly one whole packet: the usual case.
             rx.popleft()
-            self.memory.free_page(page)
-            self._rx_pages -= 1
+            device.release(buf)
+            self._rx_bufs -= 1
             self._rx_bytes -= len(data)
-            self._space.unpark_all()  # room under rcvbuf again
+            device.kick()  # room under rcvbuf again: the window may open
             return bytes(data)
         out = bytearray()
         while rx and len(out) < limit:
-            data, page = rx[0]
+            data, buf = rx[0]
             take = int(min(len(data), limit - len(out)))
             out += data[:take]
             if take == len(data):
                 rx.popleft()
-                self.memory.free_page(page)
-                self._rx_pages -= 1
+                device.release(buf)
+                self._rx_bufs -= 1
             else:
                 del data[:take]
             self._rx_bytes -= take
-        self._space.unpark_all()  # room under rcvbuf again
+        device.kick()  # room under rcvbuf again: the window may open
         return bytes(out)
 
-    # -- RX: the NIC and the softirq ------------------------------------------------------
+    # -- RX: the wire, and packets the device hands over ---------------------------------
     async def _nic(self) -> None:
-        """Bytes arrive from the real stream into the ring (no modelled memory yet)."""
+        """Bytes arrive from the real stream onto the wire toward the NIC (no modelled
+        memory yet): at most ``WINDOW_BYTES`` in flight, each chunk due when the link has
+        carried it and ``latency`` has passed."""
+        device = self.stack.device
         with self._nic_scope:
             try:
                 while True:
-                    while self._ring_bytes >= RING_BYTES:
-                        await self._ring_space.park()
-                    chunk = await self.inner.receive_some(RING_BYTES - self._ring_bytes)
+                    while self._wire_bytes >= WINDOW_BYTES:
+                        await self._wire_space.park()
+                    chunk = await self.inner.receive_some(WINDOW_BYTES - self._wire_bytes)
                     if not chunk:
                         self._rx_eof = True
-                        self._softirq.unpark_all()
+                        if not self._wire:
+                            self._rx_ready.unpark_all()
                         return
-                    self._ring.append((trio.current_time() + self.latency, bytearray(chunk)))
-                    self._ring_bytes += len(chunk)
-                    self._softirq.unpark_all()
+                    due = device.rx_arrival(len(chunk), self.latency)
+                    self._wire.append((due, bytearray(chunk)))
+                    self._wire_bytes += len(chunk)
+                    device.kick()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._rx_error = exc
-                self._softirq.unpark_all()
                 self._rx_ready.unpark_all()
 
-    async def _softirq_loop(self) -> None:
-        """The softirq: ACKs and packets, in softirq context (``serving_softirq``) for its
-        whole life, so that every skb it allocates is a softirq allocation."""
-        delay = BACKOFF_MIN
-        with self._softirq_scope, serving_softirq():
-            while True:
-                now = trio.current_time()
-                ack_due = bool(self._tx) and self._tx[0].due <= now
-                packet = bool(self._ring) and self._ring[0][0] <= now
-                if not ack_due and not packet:
-                    if (self._rx_eof or self._rx_error) and not self._ring:
-                        self._rx_ready.unpark_all()
-                        return
-                    await self._wait_for_packets(now)
-                    continue
-                if packet and not ack_due and self._rx_bytes >= self.rcvbuf:
-                    # sk_rcvbuf: the receive window is closed until the consumer reads.
-                    ack_in = self._tx[0].due - now if self._tx else math.inf
-                    await self._park(self._space, self._wait_rcvbuf, max(ack_in, 0.0))
-                    continue
-                what_kind = "ack" if ack_due else "data"
-                page = await self._alloc_skb()
-                if page is not None and page.pfmemalloc and not self.memalloc:
-                    # sk_filter: "if (skb_pfmemalloc(skb) && !sock_flag(sk, SOCK_MEMALLOC))
-                    # return -ENOMEM" — LINUX_MIB_PFMEMALLOCDROP.
-                    self.memory.free_page(page)
-                    self.stats.pfmemalloc_drop += 1
-                    self.stack.observe(SkbDropped(self.name, "pfmemalloc", what_kind))
-                    page = None
-                elif page is None:
-                    self.stats.rx_alloc_fail += 1
-                    self.stack.observe(SkbDropped(self.name, "no_memory", what_kind))
-                if page is None:
-                    # Dropped: the packet stays in the ring, the peer retransmits.
-                    with self.memory.waits.waiting(self._wait_rx_buffer):
-                        await trio.sleep(delay)
-                    delay = min(delay * 2, BACKOFF_MAX)
-                    continue
-                delay = BACKOFF_MIN
-                if page.pfmemalloc:
-                    self.stats.emergency_rx += 1
-                if ack_due:
-                    self.memory.free_page(page)  # a pure ACK is consumed by the stack at once
-                    self._acknowledge(now)
-                    continue
-                self._take_packet(page)
-                self._acknowledge(now)  # data segments carry ACKs too
+    def next_packet_due(self) -> float:
+        """When this socket's next packet (an ACK, or data while the receive window is
+        open) is at the NIC; ``inf`` if none is coming."""
+        due = math.inf
+        if self._tx:
+            due = self._tx[0].due
+        # tcp_data_queue -> tcp_try_rmem_schedule: "atomic_read(&sk->sk_rmem_alloc) >
+        # sk->sk_rcvbuf" prunes and drops; the peer's window (tcp_select_window) closes first.
+        if self._wire and self._rx_bufs * self._truesize < self.rcvbuf:
+            due = min(due, self._wire[0][0])
+        return max(due, self._retry_at) if due != math.inf else due
 
-    async def _wait_for_packets(self, now: float) -> None:
-        """Sleep until a packet arrives or the next one (or ACK) becomes due."""
-        due = self._tx[0].due if self._tx else math.inf
-        if self._ring and self._ring[0][0] < due:
-            due = self._ring[0][0]
-        await self._park(self._softirq, self._wait_packet, max(0.0, due - now))
+    def receive_packet(self, now: float, buf: RxBuffer) -> None:
+        """The device received this socket's next packet into ``buf`` (softirq)."""
+        device = self.stack.device
+        ack = bool(self._tx) and self._tx[0].due <= now
+        what_kind = "ack" if ack else "data"
+        if buf.pfmemalloc and not self.memalloc:
+            # sk_filter: "if (skb_pfmemalloc(skb) && !sock_flag(sk, SOCK_MEMALLOC))
+            # return -ENOMEM" -- LINUX_MIB_PFMEMALLOCDROP.  The peer retransmits.
+            device.release(buf, progress=False)
+            self.stats.pfmemalloc_drop += 1
+            self.stack.observe(SkbDropped(self.name, "pfmemalloc", what_kind))
+            self._retry_at = now + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, BACKOFF_MAX)
+            return
+        self._retry_delay = BACKOFF_MIN
+        if buf.pfmemalloc:
+            self.stats.emergency_rx += 1
+        if ack:
+            device.release(buf, progress=False)  # a pure ACK is consumed at once
+            self._acknowledge(now)
+            return
+        self._take_packet(buf)
+        self._acknowledge(now)  # data segments carry ACKs too
 
     async def _park(
         self, lot: trio.lowlevel.ParkingLot, what: WaitFor, timeout: float = math.inf
@@ -457,34 +443,25 @@ class ModelledSocket(trio.abc.Stream):
         else:
             await self.memory.waits.park(lot, what, timeout)
 
-    def _take_packet(self, page: Page) -> None:
-        _visible, buf = self._ring[0]
-        n = min(len(buf), PAGE_SIZE)
-        data = buf[:n]
-        if n == len(buf):
-            self._ring.popleft()
+    def _take_packet(self, buf: RxBuffer) -> None:
+        """One MSS of the wire's first chunk goes into ``buf``, queued for the consumer."""
+        _due, chunk = self._wire[0]
+        n = min(len(chunk), self.stack.device.settings.mss)
+        data = chunk[:n]
+        if n == len(chunk):
+            self._wire.popleft()
         else:
-            del buf[:n]
-        self._ring_bytes -= n
-        self._ring_space.unpark_all()
-        self._rx.append((data, page))
+            del chunk[:n]
+        self._wire_bytes -= n
+        self._wire_space.unpark_all()
+        self._rx.append((data, buf))
         self._rx_bytes += n
-        self._rx_pages += 1
+        self._rx_bufs += 1
         stats = self.stats
-        if self._rx_pages > stats.rx_pages_peak:
-            stats.rx_pages_peak = self._rx_pages
+        if self._rx_bufs > stats.rx_bufs_peak:
+            stats.rx_bufs_peak = self._rx_bufs
         stats.rx_bytes += n
         self._rx_ready.unpark_all()
-
-    async def _alloc_skb(self) -> Page | None:
-        """``__netdev_alloc_skb``: device-level gfp, softirq context (the caller's: the
-        softirq task), never sleeps."""
-        stack = self.stack
-        policy_gfp = stack.rx_gfp()
-        gfp = self._rx_gfp_masked.get(policy_gfp)
-        if gfp is None:  # a policy must not make RX sleep
-            gfp = self._rx_gfp_masked[policy_gfp] = policy_gfp & ~GFP.DIRECT_RECLAIM
-        return await self.memory.alloc_page(gfp, reserve=stack.rx_reserve())
 
     def _check_open(self) -> None:
         if self._closed:
@@ -497,7 +474,7 @@ class ModelledSocket(trio.abc.Stream):
             "name": self.name,
             "memalloc": self.memalloc,
             "tx_pages": self._tx_pages,
-            "rx_pages": self._rx_pages,
+            "rx_bufs": self._rx_bufs,
             "emergency_rx_held": self.emergency_rx_held(),
             **attrs.asdict(self.stats),
         }

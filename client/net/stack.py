@@ -1,8 +1,9 @@
-"""The client machine's network stack as memory sees it: its sockets and the policy hooks.
+"""The client machine's network stack as memory sees it: its device, sockets and policy hooks.
 
-The stack asks the machine's policy the questions the kernel answers in code: what gfp the
-device-level RX allocation uses (``__netdev_alloc_skb``), which reserve an emergency RX
-allocation charges, and how a new socket is set up (``sk_set_memalloc`` or not).
+The stack asks the machine's policy the questions the kernel answers in code: what gfp a
+``netdev_alloc_skb`` driver's RX refill uses (``__netdev_alloc_skb``), which reserve an
+emergency RX allocation charges, and how a new socket is set up (``sk_set_memalloc`` or
+not).  One device (``client/net/device.py``) receives for every socket.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from client.mm import GFP, Memory
+from client.net.device import NetDevice, NicSettings
 from client.net.socket import ModelledSocket
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ class NetStack:
         nursery: trio.Nursery,
         *,
         observer: Callable[[object], None] = lambda _f: None,
+        nic: NicSettings | None = None,
     ) -> None:
         self.memory = memory
         self.policy = policy
@@ -55,6 +58,15 @@ class NetStack:
         self.observer = observer
         self.sockets: dict[str, ModelledSocket] = {}
         self.closed: list[ModelledSocket] = []
+        self.device = NetDevice(memory, self, NicSettings() if nic is None else nic)
+        self._up = False
+
+    def up(self) -> None:
+        """Bring the device up (``dev_open``: its driver posts the receive ring); the first
+        socket does it if nobody did before."""
+        if not self._up:
+            self._up = True
+            self.device.start(self.nursery)
 
     def socket(
         self,
@@ -69,6 +81,7 @@ class NetStack:
         """Wrap ``inner``; the policy sets the socket up; its RX task starts at once."""
         if name in self.sockets:
             raise ValueError(f"socket {name!r} exists")
+        self.up()
         sock = ModelledSocket(self, inner, name, sndbuf=sndbuf, rcvbuf=rcvbuf, latency=latency)
         self.policy.socket_created(sock, kind)
         self.sockets[name] = sock
@@ -80,6 +93,7 @@ class NetStack:
             del self.sockets[sock.name]
             self.closed.append(sock)
             self.policy.socket_closed(sock)
+            self.device.kick()
 
     @property
     def memalloc_socks(self) -> int:
@@ -99,6 +113,11 @@ class NetStack:
         every = [*self.sockets.values(), *self.closed]
         return {
             "PFMemallocDrop": sum(s.stats.pfmemalloc_drop for s in every),
-            "rx_alloc_fail": sum(s.stats.rx_alloc_fail for s in every),
+            # packets that found no posted buffer: the ring's refills had failed
+            "rx_alloc_fail": self.device.stats.rx_no_buffer,
             "emergency_rx": sum(s.stats.emergency_rx for s in every),
         }
+
+    def close(self) -> None:
+        """The device goes down (the machine stops): its posted buffers are freed."""
+        self.device.close()

@@ -7,11 +7,15 @@ clock (``autojump_clock``): ``trio.sleep`` moves it, ``wait_all_tasks_blocked`` 
 task run at the current instant.
 
 The small machine: 1024 pages, min_free_kbytes 256 -> min 64, low 80, high 96; GFP_ATOMIC
-reaches 3/8·min = 24 (``free > 24``).
+reaches 3/8·min = 24 (``free > 24``).  Its NIC (``client/net/device.py``) posts a ring of
+32 buffers of 2048 bytes — 16 pages, two buffers a page — when it opens; a packet carries
+at most an MSS (1448 bytes) of data.  The link is infinitely fast and the softirq costs no
+time unless a test says otherwise.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +28,7 @@ from trio.testing import wait_all_tasks_blocked
 from client.mm import (
     GFP,
     GFP_ATOMIC,
+    GFP_KERNEL,
     GFP_NOIO,
     PAGE_SIZE,
     PF,
@@ -34,11 +39,15 @@ from client.mm import (
     current_task_flags,
     memalloc_noreclaim,
 )
-from client.net.socket import ModelledSocket, SkbDropped
+from client.net.device import E1000_RX_BUFFER_WRITE, NicSettings, RefillFailed
+from client.net.socket import SKB_HEAD_TRUESIZE, ModelledSocket, SkbDropped
 from client.net.stack import NOISE, SWAP, NetStack
 from client.policy import NonePolicy, PfmemallocPolicy, Policy
 
 NR_PAGES = 1024
+RING = 32  # buffers
+RING_PAGES = 16
+MSS = 1448
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -86,6 +95,16 @@ class Net:
             if isinstance(f, SkbDropped) and f.sock == sock and f.reason == reason
         ]
 
+    @property
+    def device(self) -> Any:
+        return self.stack.device
+
+    async def opened(self) -> int:
+        """Bring the device up and let it post its ring; the free pages then."""
+        self.stack.up()
+        await wait_all_tasks_blocked()
+        return self.memory.nr_free_pages
+
     def socket(self, name: str, kind: str, **kw: Any) -> tuple[ModelledSocket, trio.abc.Stream]:
         """A modelled socket on one end of an in-memory pair; the other end is the peer."""
         ours, peer = trio.testing.memory_stream_pair()
@@ -101,11 +120,14 @@ MakeNet = Callable[..., Net]
 
 @pytest.fixture
 def make_net(nursery: trio.Nursery) -> MakeNet:
-    def make(policy: Policy | None = None) -> Net:
+    def make(policy: Policy | None = None, **nic: Any) -> Net:
         policy = NonePolicy() if policy is None else policy
         facts: list[object] = []
         memory = Memory.from_config(MemoryConfig(total_bytes=NR_PAGES * PAGE_SIZE), policy=policy)
-        stack = NetStack(memory, policy, nursery, observer=facts.append)
+        settings = {"ring_size": RING, "bandwidth": math.inf, "softirq_cost": 0.0, **nic}
+        stack = NetStack(
+            memory, policy, nursery, observer=facts.append, nic=NicSettings(**settings)
+        )
         return Net(memory, stack, policy, facts)
 
     return make
@@ -150,9 +172,9 @@ async def test_tx_pages_charged_in_senders_context_and_held_until_ack(
     sk_allocation)."""
     net = make_net()
     latency = 0.5
+    free0 = await net.opened()
     sock, peer = net.socket("nbd0", SWAP, latency=latency)
     calls = record_allocations(net.memory)
-    free0 = net.memory.nr_free_pages
     sent_at = trio.current_time()
     with memalloc_noreclaim():  # as nbd's sock_xmit does
         await sock.send_all(b"x" * (2 * PAGE_SIZE + 1))
@@ -169,37 +191,11 @@ async def test_tx_pages_charged_in_senders_context_and_held_until_ack(
     await trio.sleep(0.02)
     assert sock.tx_pages == 0 and sock.stats.acks == 1
     assert net.memory.nr_free_pages == free0
-    # The ACK was received through an RX skb allocated in softirq, exactly L after the send.
-    [ack] = [c for c in calls if c["task"] is not me]
-    assert ack["flags"] & PF.SOFTIRQ and ack["gfp"] == GFP_ATOMIC
-    assert ack["time"] == pytest.approx(sent_at + latency)
-
-
-async def test_ack_needs_an_rx_skb_and_is_dropped_below_the_atomic_floor(
-    make_net: MakeNet, autojump_clock: trio.testing.MockClock
-) -> None:
-    """kernel-mm §0: the reply to a swap write must be *received*; below 3/8·min a
-    GFP_ATOMIC RX skb fails (§3 __zone_watermark_ok), so the ACK is lost and the TX pages
-    stay allocated; the retransmitted ACK gets through once memory is freed."""
-    net = make_net()
-    latency = 0.1
-    sock, _peer = net.socket("nbd0", SWAP, latency=latency)
-    free0 = net.memory.nr_free_pages
-    await sock.send_all(bytes(2 * PAGE_SIZE))
-    assert sock.tx_pages == 2
-    net.hold_until(net.atomic_floor)
-
-    await trio.sleep(latency + 1.0)
-    assert sock.stats.rx_alloc_fail >= 2  # dropped and retried
-    assert sock.tx_pages == 2 and sock.stats.acks == 0
-    assert net.memory.nr_free_pages == net.atomic_floor
-    assert net.drops("nbd0", "no_memory")[0].what == "ack"
-    assert not net.drops("nbd0", "pfmemalloc")
-
-    net.release()
-    await trio.sleep(0.25)  # the back-off is at most 0.2 s
-    assert sock.tx_pages == 0 and sock.stats.acks == 1
-    assert net.memory.nr_free_pages == free0
+    # The ACK was received into a buffer posted at open, exactly L after the send: the
+    # receive itself allocated nothing (one buffer used, no refill before 16).
+    assert net.device.stats.rx_packets == 1 and len(net.device.ring) == RING - 1
+    assert not [c for c in calls if c["task"] is not me]
+    assert sock.stats.acks == 1 and trio.current_time() >= sent_at + latency
 
 
 async def test_send_beyond_sndbuf_waits_for_an_ack(
@@ -228,90 +224,172 @@ async def test_send_beyond_sndbuf_waits_for_an_ack(
     assert sock.stats.acks == 1 and sock.tx_pages == 1
 
 
-# -- RX -----------------------------------------------------------------------------------
+# -- the ring -----------------------------------------------------------------------------
 
 
-async def test_rx_data_stays_charged_until_the_consumer_reads_it(
+async def test_ring_posted_at_open_in_page_frags_with_gfp_kernel(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """DESIGN §4.2 RX: "Received data stays charged until its consumer takes it" — one
-    page per packet of up to a page, allocated when the packet is due (``latency``)."""
+    """virtnet_open / e1000_open fill the ring in process context (GFP_KERNEL); the frag
+    allocator carves two 2048-byte buffers from each page (page_frag_alloc)."""
     net = make_net()
+    calls = record_allocations(net.memory)
+    free_before = net.memory.nr_free_pages
+    await net.opened()
+    assert len(net.device.ring) == RING and net.device.pages == RING_PAGES
+    assert net.memory.nr_free_pages == free_before - RING_PAGES
+    assert len(calls) == RING_PAGES
+    assert all(c["gfp"] == GFP_KERNEL and not c["flags"] & PF.SOFTIRQ for c in calls)
+
+
+async def test_packets_use_posted_buffers_held_until_read(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """DESIGN §4.2 RX: a packet (one MSS) is received into a buffer posted before it came —
+    receiving allocates nothing — and the buffer stays with the socket until its consumer
+    reads; a page goes back when both its buffers are freed."""
+    net = make_net()
+    free0 = await net.opened()
     sock, peer = net.socket("noise0", NOISE, latency=0.2)
-    free0 = net.memory.nr_free_pages
-    await peer.send_all(b"a" * PAGE_SIZE + b"b" * PAGE_SIZE + b"c" * 100)
+    await peer.send_all(b"a" * MSS + b"b" * MSS + b"c" * 100)
     await trio.sleep(0.1)
-    assert sock.rx_pages == 0  # still in the NIC ring: not yet due
+    assert sock.rx_pages == 0  # still on the wire: not yet due
     await trio.sleep(0.2)
-    assert sock.rx_pages == 3 and net.memory.nr_free_pages == free0 - 3
+    assert sock.rx_pages == 3 and len(net.device.ring) == RING - 3
+    assert net.memory.nr_free_pages == free0  # the ring's pages, already allocated
     await trio.sleep(5)
-    assert sock.rx_pages == 3  # nobody read: still charged
+    assert sock.rx_pages == 3  # nobody read: still held
 
-    assert await sock.receive_some(PAGE_SIZE) == b"a" * PAGE_SIZE
-    assert sock.rx_pages == 2 and net.memory.nr_free_pages == free0 - 2
-    assert await sock.receive_some() == b"b" * PAGE_SIZE + b"c" * 100
-    assert sock.rx_pages == 0 and net.memory.nr_free_pages == free0
+    assert await sock.receive_some(MSS) == b"a" * MSS
+    assert net.memory.nr_free_pages == free0  # the page's other buffer is still held
+    assert await sock.receive_some(MSS) == b"b" * MSS
+    assert net.memory.nr_free_pages == free0 + 1  # both buffers of the first page freed
+    assert await sock.receive_some() == b"c" * 100
+    assert sock.rx_pages == 0 and net.memory.nr_free_pages == free0 + 1
 
 
-async def test_rcvbuf_stops_the_softirq_until_the_consumer_reads(
+@pytest.mark.parametrize(
+    ("policy", "gfp"),
+    [(NonePolicy, GFP_ATOMIC), (PfmemallocPolicy, GFP_ATOMIC | GFP.MEMALLOC)],
+)
+async def test_netdev_refill_after_16_buffers_with_the_policys_gfp_in_softirq(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock, policy: type[Policy], gfp: GFP
+) -> None:
+    """e1000_clean_rx_irq refills once E1000_RX_BUFFER_WRITE (16) buffers were cleaned, in
+    softirq; __netdev_alloc_skb adds __GFP_MEMALLOC while a memalloc socket exists (3.6)."""
+    net = make_net(policy())
+    await net.opened()
+    _sock, peer = net.socket("nbd0", SWAP)
+    calls = record_allocations(net.memory)
+    await peer.send_all(bytes(15 * MSS))
+    await wait_all_tasks_blocked()
+    assert len(net.device.ring) == RING - 15 and not calls
+    await peer.send_all(bytes(MSS))
+    await wait_all_tasks_blocked()
+    assert len(net.device.ring) == RING
+    assert len(calls) == E1000_RX_BUFFER_WRITE // 2  # 16 buffers, 8 pages
+    assert all(c["gfp"] == gfp and c["flags"] & PF.SOFTIRQ for c in calls)
+
+
+async def test_rcvbuf_counts_truesize_and_closes_the_window(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """sk_rcvbuf: the softirq takes no more once a socket holds rcvbuf bytes (named wait
-    "rcvbuf", woken by the consumer); the rest waits in the NIC ring, uncharged."""
+    """tcp_try_rmem_schedule: sk_rmem_alloc (each skb's truesize: its 2048-byte buffer and
+    256 of sk_buff) against sk_rcvbuf; past it the window is closed and the peer's bytes
+    wait on the wire, using no buffer, until the consumer reads."""
     net = make_net()
-    sock, peer = net.socket("noise0", NOISE, rcvbuf=2 * PAGE_SIZE)
-    free0 = net.memory.nr_free_pages
-    await peer.send_all(bytes(5 * PAGE_SIZE))
+    await net.opened()
+    truesize = 2048 + SKB_HEAD_TRUESIZE
+    sock, peer = net.socket("noise0", NOISE, rcvbuf=2 * truesize + 1)
+    await peer.send_all(bytes(5 * MSS))
     await trio.sleep(1)
-    assert sock.rx_pages == 2 and net.memory.nr_free_pages == free0 - 2
-    assert wait_of(net.memory, sock.rx_task_name) == "rcvbuf"
+    assert sock.rx_pages == 3  # 0, 1 and 2 skbs held are below rcvbuf: a third fits
+    assert len(net.device.ring) == RING - 3
+    assert wait_of(net.memory, net.device.napi_task_name) == "packet"
 
-    assert len(await sock.receive_some(PAGE_SIZE)) == PAGE_SIZE
+    assert len(await sock.receive_some(MSS)) == MSS
     await wait_all_tasks_blocked()
-    assert sock.rx_pages == 2  # took exactly one more page, then stopped again
-    assert sock.stats.rx_bytes == 3 * PAGE_SIZE
-    assert wait_of(net.memory, sock.rx_task_name) == "rcvbuf"
+    assert sock.rx_pages == 3  # took exactly one more packet, then the window closed
+    assert sock.stats.rx_bytes == 4 * MSS
+
+
+async def test_ack_not_received_while_the_ring_is_empty_and_refill_fails(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """kernel-mm §0: the reply to a swap write must be *received*.  Under ``none`` the
+    refill is plain GFP_ATOMIC, which stops at 3/8·min (§3): once a flood has taken every
+    posted buffer the ACK finds none, the TX pages stay allocated; when memory comes back
+    the next poll refills and the ACK gets through."""
+    net = make_net()
+    await net.opened()
+    swap, _ = net.socket("nbd0", SWAP, latency=0.5)
+    noise, noise_peer = net.socket("noise0", NOISE, rcvbuf=1 << 20)
+    await swap.send_all(bytes(2 * PAGE_SIZE))
+    net.hold_until(net.atomic_floor)
+    await noise_peer.send_all(bytes(RING * MSS))  # nobody reads: every buffer is taken
+    await trio.sleep(1.0)
+    assert noise.rx_pages == RING and not net.device.ring
+    assert swap.tx_pages == 2 and swap.stats.acks == 0
+    assert net.stack.totals()["rx_alloc_fail"] >= 2  # the ACK found no buffer, again
+    assert [f.context for f in net.facts if isinstance(f, RefillFailed)][:2] == ["napi"] * 2
+    assert wait_of(net.memory, net.device.napi_task_name) == "rx_buffer"
+
+    net.release()
+    await trio.sleep(0.25)  # the back-off is at most 0.2 s
+    assert swap.tx_pages == 0 and swap.stats.acks == 1
 
 
 # -- sk_filter ----------------------------------------------------------------------------
 
 
-async def test_pfmemalloc_rx_page_dropped_for_normal_socket_accepted_for_memalloc(
+async def _reserve_buffers(net: Net, sock: ModelledSocket, peer: trio.abc.Stream) -> None:
+    """Below the atomic floor, let a memalloc socket use up the ring twice over, so that
+    every posted buffer is one refilled from the reserves."""
+    net.hold_until(net.atomic_floor - 4)
+    await peer.send_all(bytes(RING * MSS))
+    received = 0
+    while received < RING * MSS:
+        received += len(await sock.receive_some())
+    await wait_all_tasks_blocked()
+    assert len(net.device.ring) == RING
+    assert all(b.pfmemalloc for b in net.device.ring)
+
+
+async def test_pfmemalloc_buffer_dropped_for_normal_socket_accepted_for_memalloc(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """kernel-mm §2 Drop decision: with a memalloc socket present every RX skb is
-    __GFP_MEMALLOC and below min comes from the reserve (pfmemalloc);
+    """kernel-mm §2 Drop decision: with a memalloc socket present the refill is
+    __GFP_MEMALLOC and below min its pages come from the reserve (pfmemalloc);
     ``sk_filter_trim_cap``: "if (skb_pfmemalloc(skb) && !sock_flag(sk, SOCK_MEMALLOC))
     return -ENOMEM" (PFMemallocDrop).  §6: non-memalloc sockets never hold emergency
     buffers."""
     net = make_net(PfmemallocPolicy())
+    await net.opened()
     swap, swap_peer = net.socket("nbd0", SWAP)
     noise, noise_peer = net.socket("noise0", NOISE)
-    assert net.stack.rx_gfp() & GFP.MEMALLOC
-    below = net.atomic_floor - 4
-    net.hold_until(below)
+    await _reserve_buffers(net, swap, swap_peer)
+    emergency = swap.stats.emergency_rx
 
     await noise_peer.send_all(b"n" * 100)
     await wait_all_tasks_blocked()
     assert noise.stats.pfmemalloc_drop == 1
     assert noise.rx_pages == 0 and noise.emergency_rx_held() == 0
-    assert noise.stats.emergency_rx == 0
-    assert net.memory.nr_free_pages == below  # the page went back at once
-    assert noise._ring_bytes == 100  # the bytes stay in the ring (retransmitted later)
+    assert noise._wire_bytes == 100  # the bytes stay on the wire (retransmitted later)
     assert net.drops("noise0", "pfmemalloc")[0].what == "data"
     await trio.sleep(1.0)  # several retransmissions, each dropped again
     assert noise.stats.pfmemalloc_drop > 1 and noise.emergency_rx_held() == 0
-    assert noise.rx_pages == 0 and net.memory.nr_free_pages == below
 
     await swap_peer.send_all(b"s" * 100)
     await wait_all_tasks_blocked()
-    assert swap.stats.emergency_rx == 1 and swap.stats.pfmemalloc_drop == 0
+    assert swap.stats.emergency_rx == emergency + 1 and swap.stats.pfmemalloc_drop == 0
     assert swap.rx_pages == 1 and swap.emergency_rx_held() == 1
-    assert net.memory.nr_free_pages == below - 1
     assert await swap.receive_some() == b"s" * 100
-    assert net.memory.nr_free_pages == below
 
     net.release()
+    for _ in range(RING):  # use up the reserve buffers; the refill is ordinary again
+        await swap_peer.send_all(bytes(MSS))
+        await wait_all_tasks_blocked()
+        await swap.receive_some()
     assert await noise.receive_some() == b"n" * 100  # delivered once memory is back
     assert noise.stats.emergency_rx == 0 and noise.emergency_rx_held() == 0
 
@@ -319,88 +397,129 @@ async def test_pfmemalloc_rx_page_dropped_for_normal_socket_accepted_for_memallo
 async def test_pfmemalloc_ack_for_normal_socket_is_dropped(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """sk_filter applies to every segment, pure ACKs included: below the atomic floor an
-    ordinary socket's ACK arrives in a pfmemalloc skb and is dropped, so its TX stays
-    allocated, while the memalloc socket's ACK is accepted and frees its TX."""
+    """sk_filter applies to every segment, pure ACKs included: an ordinary socket's ACK in
+    a pfmemalloc buffer is dropped, so its TX stays allocated, while the memalloc socket's
+    ACK is accepted and frees its TX."""
     net = make_net(PfmemallocPolicy())
-    swap, _ = net.socket("nbd0", SWAP, latency=0.1)
-    noise, _ = net.socket("noise0", NOISE, latency=0.1)
+    await net.opened()
+    swap, _ = net.socket("nbd0", SWAP, latency=1.0)
+    noise, _ = net.socket("noise0", NOISE, latency=1.0)
     await swap.send_all(bytes(PAGE_SIZE))
     await noise.send_all(bytes(PAGE_SIZE))
-    net.hold_until(net.atomic_floor - 4)
-    await trio.sleep(1.0)
-    assert swap.tx_pages == 0 and swap.stats.acks == 1 and swap.stats.emergency_rx == 1
+    await _reserve_buffers(net, *net.socket("nbd1", SWAP))  # before the ACKs are due
+    assert swap.stats.acks == 0
+    await trio.sleep(2.0)
+    assert swap.tx_pages == 0 and swap.stats.acks == 1
     assert noise.tx_pages == 1 and noise.stats.acks == 0
     assert noise.stats.pfmemalloc_drop >= 1
     assert net.drops("noise0", "pfmemalloc")[0].what == "ack"
 
 
-async def test_none_policy_rx_is_never_pfmemalloc_and_fails_below_atomic_floor(
+async def test_none_policy_buffers_are_never_pfmemalloc(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
     """socket.py: "a policy under which no RX page is ever pfmemalloc simply never
-    triggers [the drop rule]".  Under ``none`` RX is plain GFP_ATOMIC (no __GFP_MEMALLOC,
-    softirq without PF_MEMALLOC: §2 __gfp_pfmemalloc_flags gives 0), so below 3/8·min it
-    fails instead (§3)."""
+    triggers [the drop rule]".  Under ``none`` the refill is plain GFP_ATOMIC (no
+    __GFP_MEMALLOC, softirq without PF_MEMALLOC: §2 __gfp_pfmemalloc_flags gives 0), so
+    below 3/8·min it fails instead (§3), whoever opened the socket (kernel/softirq.c
+    __do_softirq: "Mask out PF_MEMALLOC as the current task context is borrowed")."""
     net = make_net(NonePolicy())
-    swap, swap_peer = net.socket("nbd0", SWAP)
-    noise, noise_peer = net.socket("noise0", NOISE)
+    await net.opened()
+    with memalloc_noreclaim():  # e.g. a reconnect started from a swap write's request task
+        swap, swap_peer = net.socket("nbd0", SWAP)
     net.hold_until(net.atomic_floor)
-    await swap_peer.send_all(b"s" * 100)
-    await noise_peer.send_all(b"n" * 100)
+    await swap_peer.send_all(bytes((RING + 4) * MSS))
     await trio.sleep(1.0)
-    for sock in (swap, noise):
-        assert sock.stats.rx_alloc_fail >= 2
-        assert sock.stats.pfmemalloc_drop == 0 and sock.stats.emergency_rx == 0
-        assert sock.rx_pages == 0
-    assert net.memory.nr_free_pages == net.atomic_floor
+    assert swap.rx_pages == RING and not net.device.ring
     assert net.memory.stat.alloc_emergency == 0
-
-    net.hold_until(net.atomic_floor + 2)  # room for exactly two GFP_ATOMIC pages
-    await trio.sleep(0.25)
-    for sock in (swap, noise):
-        assert sock.rx_pages == 1 and sock.emergency_rx_held() == 0
-    assert net.memory.nr_free_pages == net.atomic_floor
-    assert net.stack.totals()["PFMemallocDrop"] == 0
+    assert swap.emergency_rx_held() == 0 and net.stack.totals()["PFMemallocDrop"] == 0
+    assert net.stack.totals()["rx_alloc_fail"] >= 1
 
 
-async def test_socket_created_by_pf_memalloc_task_gets_plain_softirq_rx(
+# -- virtio_net ---------------------------------------------------------------------------
+
+
+async def test_virtio_refill_ignores_memalloc_sockets_and_queues_refill_work(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """The softirq borrows no task's PF_MEMALLOC (kernel/softirq.c __do_softirq: "Mask out
-    PF_MEMALLOC as the current task context is borrowed for the softirq"): RX under
-    ``none`` stays GFP_ATOMIC whoever opened the socket."""
-    net = make_net(NonePolicy())
-    with memalloc_noreclaim():  # e.g. a reconnect started from a swap write's request task
-        sock, peer = net.socket("nbd1", SWAP)
-    net.hold_until(net.atomic_floor - 4)
-    await peer.send_all(b"s" * 100)
-    await trio.sleep(1.0)
+    """virtnet_receive: try_fill_recv(vi, rq, GFP_ATOMIC) once more than half the ring is
+    free, the gfp passed to skb_page_frag_refill unchanged — no __GFP_MEMALLOC whatever
+    sockets exist; when it fails, refill_work disables NAPI and refills with GFP_KERNEL
+    from a kernel worker, entering the allocator's slow path like any process."""
+    net = make_net(PfmemallocPolicy(), driver="virtio")
+    await net.opened()
+    swap, swap_peer = net.socket("nbd0", SWAP)
+    calls = record_allocations(net.memory)
+    net.hold_until(net.atomic_floor)
+    await swap_peer.send_all(bytes((RING // 2 + 1) * MSS))
+    await wait_all_tasks_blocked()
+    napi = [c for c in calls if c["flags"] & PF.SOFTIRQ]
+    assert napi and all(c["gfp"] == GFP_ATOMIC and c["page"] is None for c in napi)
     assert net.memory.stat.alloc_emergency == 0
-    assert sock.stats.pfmemalloc_drop == 0
-    assert sock.stats.rx_alloc_fail >= 1
+    work = [c for c in calls if not c["flags"] & PF.SOFTIRQ]
+    assert work and work[0]["gfp"] == GFP_KERNEL and work[0]["flags"] & PF.KTHREAD
+    failed = [f.context for f in net.facts if isinstance(f, RefillFailed)]
+    assert failed == ["napi", "refill_work"]
+    # Nothing to reclaim here, so the worker's allocation failed: "if (still_empty)
+    # schedule_delayed_work(&vi->refill, HZ/2)" -- it tries again every half second.
+    assert wait_of(net.memory, net.device.refill_task_name) == "refill_retry"
+    await trio.sleep(1.2)
+    assert net.device.stats.refill_work == 3
+
+    net.release()
+    await trio.sleep(1.0)
+    assert len(net.device.ring) == RING
+    await swap_peer.send_all(bytes(MSS))
+    await wait_all_tasks_blocked()
+    assert swap.rx_pages == RING // 2 + 2
+
+
+# -- time ---------------------------------------------------------------------------------
+
+
+async def test_link_bandwidth_and_softirq_cost_take_virtual_time(
+    make_net: MakeNet, autojump_clock: trio.testing.MockClock
+) -> None:
+    """No buffer fills in zero time: the link carries ``bandwidth`` bytes a second after
+    the latency, and each packet costs the softirq ``softirq_cost``."""
+    net = make_net(bandwidth=MSS * 10, softirq_cost=0.01)
+    await net.opened()
+    sock, peer = net.socket("noise0", NOISE, latency=0.5)
+    t0 = trio.current_time()
+    await peer.send_all(bytes(10 * MSS))
+    await sock.receive_some()
+    assert trio.current_time() - t0 >= 1.0  # the link took 1 s for 10 MSS
+    while sock.stats.rx_bytes < 10 * MSS:
+        await sock.receive_some()
+    assert trio.current_time() - t0 >= 0.5 + 1.0  # the latency on top
+    acked = net.device.tx_acked(PAGE_SIZE, 0.5)
+    assert acked == pytest.approx(trio.current_time() + PAGE_SIZE / (MSS * 10) + 0.5)
 
 
 # -- close --------------------------------------------------------------------------------
 
 
-async def test_aclose_frees_every_tx_and_rx_page(
+async def test_aclose_frees_every_tx_page_and_rx_buffer(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Closing a socket frees its unacknowledged TX skbs and its unread RX data: network
-    memory is "used", never "consumed" (kernel-mm §1, §6)."""
+    """Closing a socket frees its unacknowledged TX skbs and its unread RX buffers: network
+    memory is "used", never "consumed" (kernel-mm §1, §6); closing the device frees the
+    ring."""
     net = make_net()
+    free0 = await net.opened()
     sock, peer = net.socket("noise0", NOISE, latency=5.0)
-    free0 = net.memory.nr_free_pages
-    await peer.send_all(bytes(3 * PAGE_SIZE))
+    await peer.send_all(bytes(4 * MSS))
     await trio.sleep(4.9)
     await sock.send_all(bytes(2 * PAGE_SIZE))  # its ACK is due at ~9.9
     await trio.sleep(0.2)  # the RX data became due at 5.0; nobody reads it
-    assert sock.tx_pages == 2 and sock.rx_pages == 3
-    assert net.memory.nr_free_pages == free0 - 5
+    assert sock.tx_pages == 2 and sock.rx_pages == 4
+    assert net.memory.nr_free_pages == free0 - 2
     await sock.aclose()
     assert sock.tx_pages == 0 and sock.rx_pages == 0
-    assert net.memory.nr_free_pages == free0
+    assert net.memory.nr_free_pages == free0 + 2  # two pages' buffers all freed
     assert "noise0" not in net.stack.sockets and net.stack.closed == [sock]
     await trio.sleep(10)  # nothing runs on after the close
-    assert net.memory.nr_free_pages == free0
+    assert net.memory.nr_free_pages == free0 + 2
+    net.stack.close()
+    assert net.device.pages == 0
+    assert net.memory.nr_free_pages == free0 + RING_PAGES
