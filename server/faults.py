@@ -38,8 +38,8 @@ import attrs
 import structlog
 import trio
 
+from nbdproto import Errno
 from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig, FaultErrorConfig
-from testbed.nbd import Errno
 
 log = structlog.get_logger()
 

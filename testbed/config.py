@@ -16,7 +16,7 @@ import attrs
 import cattrs
 from cattrs.v import transform_error
 
-from testbed.nbd.constants import Cmd, Errno
+from nbdproto.constants import Cmd, Errno
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 10809

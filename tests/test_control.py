@@ -24,6 +24,7 @@ import trio.testing
 from client.faults import FaultFired
 from client.machine import ClientMachine
 from client.nbd_client import NBDClient, NBDError
+from nbdproto import Errno
 from testbed.config import AllocFaultConfig, load_scenario
 from testbed.control import (
     MAX_LINE,
@@ -42,7 +43,6 @@ from testbed.control import (
     parse_command,
     serve_control,
 )
-from testbed.nbd import Errno
 from testbed.scenario import embedded_server, watchdog_supervisor
 from tests.processes import Cli, one_line
 

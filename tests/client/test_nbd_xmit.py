@@ -10,8 +10,8 @@ import trio
 
 from client.mm import GFP_NOIO, PAGE_SIZE, PF, Memory, MemoryConfig, current_task_flags, task_flags
 from client.nbd_client import NBD_ERAS, NBDClient, nbd_xmit_context
+from nbdproto import ClientConnection
 from testbed import config
-from testbed.nbd import ClientConnection
 
 KSWAPD = PF.MEMALLOC | PF.SWAPWRITE | PF.KSWAPD | PF.KTHREAD  # kswapd's own flags
 

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from client.nbd_client import Disconnected, NBDClient
+from nbdproto import Cmd, CmdFlags, Errno
 from server import Export, Faults, FileStore, NBDServer
 from testbed.config import (
     ConfigError,
@@ -24,7 +25,6 @@ from testbed.config import (
     ServerConfig,
     load_server_config,
 )
-from testbed.nbd import Cmd, CmdFlags, Errno
 
 from .test_serve import Raw, connect
 

@@ -12,9 +12,7 @@ import trio
 import trio.testing
 
 from client.nbd_client import NBDClient, NBDError
-from server import NBDServer
-from testbed.config import ExportConfig
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -31,7 +29,9 @@ from testbed.nbd import (
     opt_go,
     opt_meta,
 )
-from testbed.nbd.constants import ClientFlags
+from nbdproto.constants import ClientFlags
+from server import NBDServer
+from testbed.config import ExportConfig
 
 REQ = constants.REQUEST
 MAGIC = constants.REQUEST_MAGIC
