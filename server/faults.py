@@ -39,7 +39,8 @@ import structlog
 import trio
 
 from nbdproto import Errno
-from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig, FaultErrorConfig
+
+from .config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig, FaultErrorConfig
 
 log = structlog.get_logger()
 

@@ -44,8 +44,8 @@ from nbdproto import (
     TransmissionFlags,
     TransmissionStarted,
 )
-from testbed.config import ExportConfig, ServerConfig, is_loopback
 
+from .config import ExportConfig, ServerConfig, is_loopback
 from .faults import Faults
 from .stores import FileStore, MemoryStore, Store, StoreError
 

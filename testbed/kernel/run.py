@@ -28,8 +28,9 @@ import attrs
 import structlog
 import trio
 
+from nbdproto.config import ConfigError
 from nbdproto.constants import CLIENT_FLAGS, GREETING, IHAVEOPT, NBDMAGIC, ClientFlags, Opt
-from testbed.config import ConfigError, ScenarioConfig
+from testbed.config import ScenarioConfig
 from testbed.kernel.guest import INIT_SCRIPT, GuestSettings
 from testbed.kernel.image import (
     GuestImage,

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+from client.config import ReserveConfig
 from client.mm import (
     GFP,
     GFP_ATOMIC,
@@ -47,7 +48,6 @@ from client.policy import (
     RecursivePolicy,
     ReservePolicyZ,
 )
-from testbed.config import ReserveConfig
 
 NR_PAGES = 1024
 MIN_FREE_KBYTES = 256  # the kernel's default for 4 MiB: int_sqrt(4096 * 16)

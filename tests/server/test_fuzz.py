@@ -62,7 +62,7 @@ from nbdproto import (
 )
 from nbdproto.constants import ClientFlags, ReplyFlags
 from server import Export, NBDServer
-from testbed.config import ExportConfig, FaultConfig, ServerConfig
+from server.config import ExportConfig, FaultConfig, ServerConfig
 from tests.nbd.helpers import MemoryExecutor, make_exports, pieces
 
 LONG = os.environ.get("NETSWAP_LONG") == "1"

@@ -39,8 +39,8 @@ from nbdproto import (
 )
 from nbdproto.constants import ClientFlags
 from server import Export, NBDServer, serve
+from server.config import ExportConfig, ServerConfig
 from server.serve import RECEIVE_SIZE
-from testbed.config import ExportConfig, ServerConfig
 from tests.interop.test_cli_process import server_command, wait_for_listening
 
 from .test_serve import Raw, connect
