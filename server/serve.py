@@ -26,8 +26,7 @@ import attrs
 import structlog
 import trio
 
-from testbed.config import ExportConfig, ServerConfig, is_loopback
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     Aborted,
     Cmd,
@@ -46,6 +45,7 @@ from testbed.nbd import (
     TransmissionStarted,
 )
 
+from .config import ExportConfig, ServerConfig, is_loopback
 from .faults import Faults
 from .stores import FileStore, MemoryStore, Store, StoreError
 

@@ -17,7 +17,7 @@ import platform
 import sys
 from typing import Protocol
 
-from testbed.nbd.constants import StateFlags
+from nbdproto.constants import StateFlags
 
 PAGE = 4096
 _HOLE = int(StateFlags.HOLE | StateFlags.ZERO)

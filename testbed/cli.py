@@ -21,16 +21,15 @@ import attrs
 import structlog
 import trio
 
+from nbdproto.config import ConfigError
+from server.config import is_loopback, parse_hostport
 from testbed import log as logsetup
 from testbed.config import (
     POLICY_NAMES,
-    ConfigError,
     ScenarioConfig,
-    is_loopback,
     load_scenario,
     load_server_config,
     parse_export_spec,
-    parse_hostport,
     parse_override_value,
 )
 from testbed.report import format_table
@@ -505,7 +504,7 @@ def _add_jobs(p: argparse.ArgumentParser) -> None:
 
 # -- netswap pressure -----------------------------------------------------------------------
 def _add_pressure(sub: Any) -> None:
-    from testbed.config import GFP_FILTER_NAMES
+    from client.config import GFP_FILTER_NAMES
 
     pr = sub.add_parser(
         "pressure",
@@ -555,7 +554,7 @@ def _add_pressure(sub: Any) -> None:
 def _add_server_fault(what: Any) -> None:
     """``pressure server-fault KIND``: a fault of the server, through the control endpoint
     of ``netswap server --control``."""
-    from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS
+    from server.config import FAULT_COMMANDS, FAULT_ERRNOS
 
     sf = what.add_parser(
         "server-fault",

@@ -17,7 +17,8 @@ import trio.testing
 
 from client.machine import ClientMachine
 from server import Export, NBDServer
-from testbed.config import ExportConfig, ScenarioConfig, ServerConfig
+from server.config import ExportConfig, ServerConfig
+from testbed.config import ScenarioConfig
 from testbed.determinism import seeded_scheduling
 from testbed.log import fact_observer
 from testbed.watchdog import Watchdog

@@ -27,7 +27,7 @@ import structlog
 import trio
 
 from server import Export, NBDServer
-from testbed.config import ExportConfig, ServerConfig
+from server.config import ExportConfig, ServerConfig
 from tests.processes import Cli
 
 #: Seconds a socket-touching test may take before it is failed rather than left hanging.

@@ -21,10 +21,12 @@ import pytest
 import trio
 import trio.testing
 
+from client.config import AllocFaultConfig
 from client.faults import FaultFired
 from client.machine import ClientMachine
 from client.nbd_client import NBDClient, NBDError
-from testbed.config import AllocFaultConfig, load_scenario
+from nbdproto import Errno
+from testbed.config import load_scenario
 from testbed.control import (
     MAX_LINE,
     CommandError,
@@ -42,7 +44,6 @@ from testbed.control import (
     parse_command,
     serve_control,
 )
-from testbed.nbd import Errno
 from testbed.scenario import embedded_server, watchdog_supervisor
 from tests.processes import Cli, one_line
 
@@ -863,7 +864,7 @@ async def test_a_servers_status_counts_a_live_connections_requests(
 
     from client.nbd_client import NBDClient
     from server import Export, NBDServer
-    from testbed.config import ExportConfig, ServerConfig
+    from server.config import ExportConfig, ServerConfig
     from testbed.control import ServerControlEndpoint
 
     cfg = ServerConfig(listen="127.0.0.1:0", exports=(ExportConfig(name="swap", size=1 << 20),))
@@ -883,7 +884,7 @@ async def test_a_servers_status_counts_a_live_connections_requests(
 
 async def test_a_servers_endpoint_sets_and_clears_its_faults() -> None:
     from server import Export, NBDServer
-    from testbed.config import ExportConfig, ServerConfig
+    from server.config import ExportConfig, ServerConfig
     from testbed.control import ServerControlEndpoint
 
     cfg = ServerConfig(listen="127.0.0.1:0", exports=(ExportConfig(name="disk", size=1 << 20),))

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from testbed.config import POLICY_NAMES, ConfigError
+from nbdproto.config import ConfigError
+from testbed.config import POLICY_NAMES
 
 #: The subcommands of ``netswap sweep``; anything else after ``sweep`` is a scenario FILE.
 COMMANDS = ("run", "show", "plot", "export")

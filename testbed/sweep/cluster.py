@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
-from testbed.config import ConfigError
+from nbdproto.config import ConfigError
 from testbed.sweep.execute import Job, RunResult, code_version, execute
 
 #: Seconds to wait for the scheduler to answer, and for a first worker.

@@ -91,15 +91,16 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def code_version() -> str:
-    """A hash of the code a run executes (the Python sources of the client, the server and
-    the testbed, as this process imports them): two processes with the same hash run the
-    same model, so their runs of the same seed agree."""
+    """A hash of the code a run executes (the Python sources of the protocol, the client,
+    the server and the testbed, as this process imports them): two processes with the same
+    hash run the same model, so their runs of the same seed agree."""
     import client
+    import nbdproto
     import server
     import testbed
 
     digest = hashlib.sha256()
-    for package in (client, server, testbed):
+    for package in (nbdproto, client, server, testbed):
         root = Path(package.__file__ or "").parent
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode() + b"\0")

@@ -26,13 +26,8 @@ from typing import Any
 
 import attrs
 
-from testbed.config import (
-    POLICY_NAMES,
-    ConfigError,
-    ScenarioConfig,
-    load_scenario,
-    parse_override_value,
-)
+from nbdproto.config import ConfigError
+from testbed.config import POLICY_NAMES, ScenarioConfig, load_scenario, parse_override_value
 
 #: Keys a grid may not sweep, and the option that does it instead.
 RESERVED_KEYS = {"policy": "--policies", "run.seed": "--seeds"}

@@ -22,7 +22,8 @@ from typing import Any
 
 import attrs
 
-from testbed.config import POLICY_NAMES, ConfigError
+from nbdproto.config import ConfigError
+from testbed.config import POLICY_NAMES
 from testbed.sweep.grid import Axis
 from testbed.sweep.store import SweepStore, sql_name
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import attrs
 
-from testbed.config import ConfigError
+from nbdproto.config import ConfigError
 from testbed.sweep.execute import RunResult
 from testbed.sweep.grid import Axis, RunSpec, SweepDefinition
 

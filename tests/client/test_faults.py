@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from client.config import GFP_FILTER_NAMES, AllocFaultConfig, ReserveConfig
 from client.faults import GFP_FILTERS, ClientFaults, FailPageAlloc, FaultFired, FaultsCleared
 from client.machine import ClientMachine
 from client.mm import (
@@ -36,13 +37,8 @@ from client.mm.testing import MemorySwapDevice
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
 from client.policy import ReservePolicyZ
-from testbed.config import (
-    GFP_FILTER_NAMES,
-    AllocFaultConfig,
-    ConfigError,
-    ReserveConfig,
-    load_scenario,
-)
+from nbdproto.config import ConfigError
+from testbed.config import load_scenario
 from testbed.scenario import embedded_server, watchdog_supervisor
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

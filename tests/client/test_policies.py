@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+from client.config import ReserveConfig
 from client.mm import (
     GFP,
     GFP_ATOMIC,
@@ -49,7 +50,6 @@ from client.policy import (
     RecursivePolicy,
     ReservePolicyZ,
 )
-from testbed.config import ReserveConfig
 
 NR_PAGES = 1024
 RING = 32  # receive buffers the rig's NIC posts (16 pages)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import ConfigError, load_scenario
+from nbdproto.config import ConfigError
+from testbed.config import load_scenario
 from testbed.kernel.guest import INIT_SCRIPT
 from testbed.kernel.image import missing_host_tools
 from testbed.kernel.plan import guest_settings, memory_mib

@@ -21,10 +21,7 @@ import trio
 import trio.testing
 
 from client.nbd_client import Disconnected, NBDClient, NBDError
-from server import Export, NBDServer, serve
-from server.serve import RECEIVE_SIZE
-from testbed.config import ExportConfig, ServerConfig
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -40,7 +37,10 @@ from testbed.nbd import (
     constants,
     opt_go,
 )
-from testbed.nbd.constants import ClientFlags
+from nbdproto.constants import ClientFlags
+from server import Export, NBDServer, serve
+from server.config import ExportConfig, ServerConfig
+from server.serve import RECEIVE_SIZE
 from tests.interop.test_cli_process import server_command, wait_for_listening
 
 from .test_serve import Raw, connect

@@ -12,9 +12,7 @@ import trio
 import trio.testing
 
 from client.nbd_client import NBDClient, NBDError
-from server import NBDServer
-from testbed.config import ExportConfig
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -31,7 +29,9 @@ from testbed.nbd import (
     opt_go,
     opt_meta,
 )
-from testbed.nbd.constants import ClientFlags
+from nbdproto.constants import ClientFlags
+from server import NBDServer
+from server.config import ExportConfig
 
 REQ = constants.REQUEST
 MAGIC = constants.REQUEST_MAGIC
@@ -468,7 +468,7 @@ async def test_read_only_export_advertises_no_writing_features(nbd_server: NBDSe
 
 async def test_cancelled_server_still_closes_and_flushes_its_stores(tmp_path: Any) -> None:
     from server import Export
-    from testbed.config import ServerConfig
+    from server.config import ServerConfig
 
     config = ServerConfig(
         listen="127.0.0.1:0",

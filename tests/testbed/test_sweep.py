@@ -25,8 +25,8 @@ from typing import Any
 import duckdb
 import pytest
 
+from nbdproto.config import ConfigError
 from testbed.cli import main, parse_seeds
-from testbed.config import ConfigError
 from testbed.sweep.execute import RunResult
 from testbed.sweep.grid import RunSpec, parse_grid, plan_sweep, split_values
 from testbed.sweep.maps import plot_sweep, tally

@@ -53,7 +53,7 @@ class Hello:
 @attrs.frozen
 class OptionRequest:
     """An option as the client sends it: number and raw data.  Build with the ``opt_*``
-    helpers in :mod:`testbed.nbd.client` for the known ones."""
+    helpers in :mod:`nbdproto.client` for the known ones."""
 
     option: int
     data: bytes = b""
