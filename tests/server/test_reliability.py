@@ -22,7 +22,7 @@ import trio.testing
 
 from client.nbd_client import Disconnected, NBDClient, NBDError
 from server import Export, NBDServer, serve
-from server.serve import RECEIVE_SIZE
+from server.wire import RECEIVE_SIZE
 from testbed.config import ExportConfig, ServerConfig
 from testbed.nbd import (
     NEED_DATA,
