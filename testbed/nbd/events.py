@@ -1,9 +1,10 @@
 """Events: small frozen records for what crosses the wire, in both directions.
 
-A server machine *emits* ``Hello``, ``OptionHandled``, ``TransmissionStarted``, ``Request``,
-``RequestRejected``, ``Disconnect``, ``ConnectionClosed``; a server *sends* replies through
-``ServerConnection.reply``.  A client machine *sends* ``Hello``, ``Opt*`` and ``Request`` and
-*emits* ``Greeting``, option-reply events, ``TransmissionStarted`` and ``Reply``.
+A ``ServerConnection`` *emits* ``Hello``, ``OptionHandled``, ``TransmissionStarted``,
+``Request``, ``RequestRejected``, ``Disconnect``, ``ConnectionClosed``; a server *sends*
+replies through ``ServerConnection.reply``.  A ``ClientConnection`` *sends* ``Hello``,
+``Opt*`` and ``Request`` and *emits* ``Greeting``, option-reply events,
+``TransmissionStarted`` and ``Reply``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .constants import Cmd, CmdFlags, Errno, HandshakeFlags, Opt, Rep, Transmiss
 
 
 class _NeedData:
-    """Sentinel: the machine needs more bytes before it can emit another event."""
+    """Sentinel: the connection needs more bytes before it can emit another event."""
 
     _instance: _NeedData | None = None
 
@@ -152,7 +153,7 @@ class Request:
 
 @attrs.frozen
 class RequestRejected:
-    """Server side: the machine answered a request with an error without emitting it."""
+    """Server side: the connection answered a request with an error without emitting it."""
 
     cookie: int
     command: int

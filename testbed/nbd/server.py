@@ -1,6 +1,6 @@
 """The server role of NBD, sans I/O: bytes in, events out; replies in, bytes out.
 
-The machine answers the whole handshake itself from an export catalogue (a mapping of name
+The connection answers the whole handshake itself from an export catalogue (a mapping of name
 to :class:`ExportInfo`), because every answer there follows from the catalogue and the spec.
 It reports what it did as ``OptionHandled`` events.  In transmission it validates each
 request against the export (range, read-only, flags, payload limit) and either emits a
