@@ -18,11 +18,12 @@ from typing import Protocol
 import trio
 
 RECEIVE_SIZE = 256 * 1024
-SPIN_SECONDS = 50e-6
-SPIN_BACKOFF_MAX = 64
-#: Spin this long before yielding the CPU between looks (a peer on another CPU answers
-#: within it; one on ours needs the CPU to answer at all).
-SPIN_BEFORE_YIELD = 15e-6
+#: A lone connection waits for its next request in poll(2) for up to this long before it
+#: sleeps in trio's scheduler (see SocketWire._wait_alone).
+ALONE_WAIT_MS = 1
+#: After a wait in poll(2) that timed out, this many waits (doubling each time) go straight
+#: to trio's scheduler: an idle client costs one such wait, not one per request.
+ALONE_BACKOFF_MAX = 64
 
 
 class Wire(Protocol):
@@ -64,9 +65,9 @@ class SocketWire:
     #: receives it was a tenth of a request's time at queue depth 1.  By the clock instead,
     #: other tasks still run within a millisecond.
     CHECKPOINT_SECONDS = 1e-3
-    #: Socket wires open in this process.  Spinning helps a lone client at queue depth 1;
-    #: with several connections it only delays the others (the 64-connection load test
-    #: ran 25% faster without it), so only a lone wire spins.
+    #: Socket wires open in this process.  Waiting outside trio helps a lone client at
+    #: queue depth 1; with several connections it would only delay the others, so only a
+    #: lone wire does it.
     live = 0
 
     def __init__(self, stream: trio.SocketStream) -> None:
@@ -75,11 +76,11 @@ class SocketWire:
         self._sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self._buf = bytearray(RECEIVE_SIZE)
         self._view = memoryview(self._buf)
-        self._poll = select.poll()  # for _spin: a third of select.select's cost per look
+        self._poll = select.poll()  # for _wait_alone
         self._poll.register(self._sock.fileno(), select.POLLIN)
         self._yielded = time.perf_counter()
-        self._backoff = 0  # waits to sleep through without spinning after the next miss
-        self._skip = 0  # waits left to sleep through before spinning again
+        self._backoff = 0  # waits to leave to trio after the next timed-out poll
+        self._skip = 0  # waits left to leave to trio before polling again
         self._closed = False
         SocketWire.live += 1
 
@@ -88,7 +89,7 @@ class SocketWire:
             try:
                 n = self._sock.recv_into(self._buf)
             except BlockingIOError:
-                if self._spin():
+                if self._wait_alone():
                     continue
                 await trio.lowlevel.wait_readable(self._sock)
                 self._yielded = time.perf_counter()
@@ -101,35 +102,32 @@ class SocketWire:
                 self._yielded = now
             return self._view[:n]
 
-    def _spin(self) -> bool:
-        """Poll for up to SPIN_SECONDS before sleeping: a client at queue depth 1 sends its
-        next request within microseconds of our reply, and sleeping in epoll costs a
-        wake-up plus a scheduler pass each time (the SO_BUSY_POLL trade).
+    def _wait_alone(self) -> bool:
+        """Wait for the next request in poll(2), outside trio, for up to ALONE_WAIT_MS; True
+        when it came.
 
-        Only while the peer keeps answering that fast.  Each miss doubles the number of
-        waits that sleep straight away before the next try (up to SPIN_BACKOFF_MAX); a hit
-        resets it.  Between looks the spinner yields the CPU: when the peer runs on the
-        same CPU (two cores, other work on them), a pure busy loop only kept it from
-        sending the request we were waiting for (~7.6k requests/s instead of ~30k)."""
+        A client at queue depth 1 sends its next request microseconds after our reply.
+        Waiting for it in trio (``wait_readable``: epoll, a scheduler pass, the task
+        rescheduled) costs Python work on every request; here the kernel wakes this thread
+        straight out of poll.  Nothing else in this process runs meanwhile, so only a lone
+        connection does it, and never for longer than a checkpoint interval: other tasks
+        (the acceptor, timers, the control endpoint) wait at most that, as they already do
+        while data keeps arriving.  This replaces a busy poll (up to 50 us, yielding the
+        CPU after 15 us): when other processes kept both CPUs busy, spinning only burnt
+        the time slice the client needed to send the request.
+
+        A poll that times out means the client has gone quiet: the next waits, doubling
+        up to ALONE_BACKOFF_MAX, go straight to trio; a request that comes in time resets
+        that."""
         if SocketWire.live > 1:
             return False
         if self._skip:
             self._skip -= 1
             return False
-        clock = time.perf_counter
-        now = clock()
-        deadline = now + SPIN_SECONDS
-        courtesy = now + SPIN_BEFORE_YIELD
-        poll = self._poll.poll
-        yield_ = os.sched_yield
-        while now < deadline:
-            if poll(0):
-                self._backoff = 0
-                return True
-            if now > courtesy:
-                yield_()
-            now = clock()
-        self._backoff = min(max(1, 2 * self._backoff), SPIN_BACKOFF_MAX)
+        if self._poll.poll(ALONE_WAIT_MS):
+            self._backoff = 0
+            return True
+        self._backoff = min(max(1, 2 * self._backoff), ALONE_BACKOFF_MAX)
         self._skip = self._backoff
         return False
 
