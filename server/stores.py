@@ -25,6 +25,10 @@ _HOLE = int(StateFlags.HOLE | StateFlags.ZERO)
 MAX_STATUS_SCAN = 1 << 30
 
 
+#: What a write takes: bytes, or a view of a receive buffer (a borrowed WRITE payload).
+Buffer = bytes | bytearray | memoryview
+
+
 class StoreError(Exception):
     """A store-level failure; ``errno`` is the host errno (EIO, ENOSPC, ...)."""
 
@@ -40,7 +44,7 @@ class Store(Protocol):
     needs_flush: bool
 
     def pread(self, offset: int, length: int) -> bytes: ...
-    def pwrite(self, offset: int, data: bytes) -> None: ...
+    def pwrite(self, offset: int, data: Buffer) -> None: ...
     def trim(self, offset: int, length: int) -> None: ...
     def zero(self, offset: int, length: int, *, may_trim: bool) -> None: ...
     def flush(self) -> None: ...
@@ -82,7 +86,7 @@ class MemoryStore:
     def pread(self, offset: int, length: int) -> bytes:
         return self._map[offset : offset + length]
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
         self._map[offset:end] = data
         first = offset // PAGE
@@ -258,7 +262,7 @@ class FileStore:
             data += bytes(length - len(data))
         return data
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self._fd, view, offset)

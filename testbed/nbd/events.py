@@ -143,12 +143,15 @@ class TransmissionStarted:
 # -- transmission ---------------------------------------------------------------------------
 @attrs.frozen
 class Request:
+    """A request.  ``data`` is a WRITE's payload: bytes, or on a server that borrows payloads
+    (``ServerConnection(borrow_payloads=True)``) a read-only view of its receive buffer."""
+
     cookie: int
     command: Cmd | int
     offset: int = 0
     length: int = 0
     flags: CmdFlags | int = 0
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Mapping
 
 from . import constants as c
-from ._base import Machine, _copy
+from ._base import Machine
 from ._state import Phase, Role, Trigger
 from .constants import Cmd, CmdFlags, Errno, Info, Opt, Rep, TransmissionFlags
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -104,7 +104,12 @@ class ServerConnection(Machine):
         default_export: str | None = None,
         max_payload: int = c.DEFAULT_MAX_PAYLOAD,
         structured_replies: bool = True,
+        borrow_payloads: bool = False,
     ) -> None:
+        """``borrow_payloads``: a WRITE's ``Request.data`` is a read-only view of the receive
+        buffer instead of a copy, valid until the next ``get_buffer`` or ``receive_data``
+        (after which its bytes may change).  For a server that stores each payload before
+        it receives more: one copy less per byte written."""
         super().__init__(Phase.AWAIT_FLAGS)
         if max_payload < 4096:
             raise ValueError("max_payload must be at least 4096 bytes")
@@ -112,6 +117,7 @@ class ServerConnection(Machine):
         self._default = default_export if default_export is not None else next(iter(exports), "")
         self.max_payload = max_payload
         self._allow_structured = structured_replies
+        self._borrow = borrow_payloads
         self._out: list[bytes] = []
         self._fixed = True
         self._no_zeroes = False
@@ -168,14 +174,12 @@ class ServerConnection(Machine):
 
     def _closed_event(self) -> Event | _NeedData:
         if self._eof:
-            self._buf.clear()
-            self._pos = 0
+            self._discard_buffered()
             self._move(Trigger.EOF, remote=True)
             return ConnectionClosed()
         if self._phase is Phase.CLOSED:
             # After DISC/ABORT anything more is ignored; nothing is buffered.
-            self._buf.clear()
-            self._pos = 0
+            self._discard_buffered()
         return NEED_DATA
 
     def _next_flags(self) -> Event | _NeedData:
@@ -370,7 +374,7 @@ class ServerConnection(Machine):
     def _next_request(self) -> Event | _NeedData:
         buf = self._buf
         pos = self._pos
-        if len(buf) - pos < _REQ_SIZE:
+        if self._end - pos < _REQ_SIZE:
             if not self._eof:
                 return NEED_DATA  # after each batch of requests: spare the call
             return self._closed_event()
@@ -390,11 +394,14 @@ class ServerConnection(Machine):
                     f"payload {length} exceeds maximum {self.max_payload}",
                 )
             end = start + length
-            if len(buf) < end:
+            if self._end < end:
                 if self._eof:
                     return self._closed_event()
                 return NEED_DATA
-            data: bytes | None = _copy(buf, start, end)
+            if self._borrow:
+                data: bytes | memoryview | None = self._rview[start:end]
+            else:
+                data = self._view[start:end].tobytes()
             self._pos = end
         else:
             data = None
