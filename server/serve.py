@@ -178,7 +178,9 @@ class NBDServer:
             except (AttributeError, OSError):
                 peer = type(stream).__name__
         peer_s = peer
-        conn = ServerConnection(self._catalog, max_payload=self.config.max_payload)
+        conn = ServerConnection(
+            self._catalog, max_payload=self.config.max_payload, borrow_payloads=True
+        )
         self._live[cid] = conn
         self._all_closed = trio.Event() if len(self._live) == 1 else self._all_closed
         self.stats.connections += 1

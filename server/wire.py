@@ -17,7 +17,10 @@ from typing import Protocol
 
 import trio
 
+#: The most one receive takes: the loop receives into the protocol object's buffer, starting
+#: with FIRST_RECEIVE_SIZE and doubling up to this while receives come back full.
 RECEIVE_SIZE = 256 * 1024
+FIRST_RECEIVE_SIZE = 64 * 1024
 #: A lone connection waits for its next request in poll(2) for up to this long before it
 #: sleeps in trio's scheduler (see SocketWire._wait_alone).
 ALONE_WAIT_MS = 1
@@ -29,7 +32,10 @@ ALONE_BACKOFF_MAX = 64
 class Wire(Protocol):
     """What the transmission loop needs of a connection's byte stream."""
 
-    async def receive(self) -> bytes | bytearray | memoryview: ...
+    async def receive_into(self, view: memoryview) -> int:
+        """Receive at most ``len(view)`` bytes into ``view``; how many (0: end of stream)."""
+        ...
+
     async def send(self, data: bytes) -> None: ...
     def close(self) -> None: ...
 
@@ -40,8 +46,11 @@ class StreamWire:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
 
-    async def receive(self) -> bytes | bytearray | memoryview:
-        return await self._stream.receive_some(RECEIVE_SIZE)
+    async def receive_into(self, view: memoryview) -> int:
+        data = await self._stream.receive_some(len(view))
+        n = len(data)
+        view[:n] = data
+        return n
 
     async def send(self, data: bytes) -> None:
         await self._stream.send_all(data)
@@ -74,8 +83,6 @@ class SocketWire:
         # A duplicate descriptor of the same socket (same O_NONBLOCK file description),
         # so that we use only public socket and trio.lowlevel APIs.
         self._sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
-        self._buf = bytearray(RECEIVE_SIZE)
-        self._view = memoryview(self._buf)
         self._poll = select.poll()  # for _wait_alone
         self._poll.register(self._sock.fileno(), select.POLLIN)
         self._yielded = time.perf_counter()
@@ -84,10 +91,10 @@ class SocketWire:
         self._closed = False
         SocketWire.live += 1
 
-    async def receive(self) -> bytes | bytearray | memoryview:
+    async def receive_into(self, view: memoryview) -> int:
         while True:
             try:
-                n = self._sock.recv_into(self._buf)
+                n = self._sock.recv_into(view)
             except BlockingIOError:
                 if self._wait_alone():
                     continue
@@ -100,7 +107,7 @@ class SocketWire:
             if now - self._yielded >= self.CHECKPOINT_SECONDS:
                 await trio.lowlevel.checkpoint()
                 self._yielded = now
-            return self._view[:n]
+            return n
 
     def _wait_alone(self) -> bool:
         """Wait for the next request in poll(2), outside trio, for up to ALONE_WAIT_MS; True
@@ -118,7 +125,8 @@ class SocketWire:
 
         A poll that times out means the client has gone quiet: the next waits, doubling
         up to ALONE_BACKOFF_MAX, go straight to trio; a request that comes in time resets
-        that."""
+        that.  (A client in this same thread, as in ``netswap run --clock real``, can never
+        answer in time: it loses one millisecond per ALONE_BACKOFF_MAX + 1 waits.)"""
         if SocketWire.live > 1:
             return False
         if self._skip:
