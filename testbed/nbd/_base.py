@@ -41,6 +41,10 @@ class Machine:
         self._eof = False
         self._skip = 0  # bytes of a refused payload still to drain, never buffered
         self._lent = 0  # size of the view get_buffer lent last (0: none outstanding)
+        #: Where the payload being received goes instead of the buffer (a server's
+        #: payload sink), and how much of it has arrived.
+        self._sink: memoryview | None = None
+        self._sink_filled = 0
 
     @property
     def phase(self) -> Phase:
@@ -53,7 +57,13 @@ class Machine:
 
     def get_buffer(self, size: int) -> memoryview:
         """A writable view of ``size`` bytes at the end of the receive buffer, to receive into;
-        pass the part filled to :meth:`receive_data`.  Valid until the next call of either."""
+        pass the part filled to :meth:`receive_data`.  Valid until the next call of either.
+
+        While a payload is being received into a sink (``ServerConnection.payload_sink``),
+        the view is the rest of that payload instead, whatever its size."""
+        sink = self._sink
+        if sink is not None:
+            return sink[self._sink_filled :]
         self._room(size)
         self._lent = size
         return self._view[self._end : self._end + size]
@@ -94,6 +104,21 @@ class Machine:
         if not n:
             self._eof = True
             return
+        sink = self._sink
+        if sink is not None:
+            room = len(sink) - self._sink_filled
+            if type(data) is memoryview and data.obj is sink.obj:  # received into the sink
+                if n > room:
+                    raise ValueError(f"{n} bytes received into a payload of {room} to go")
+                self._sink_filled += n
+                return
+            take = min(n, room)
+            sink[self._sink_filled : self._sink_filled + take] = memoryview(data)[:take]
+            self._sink_filled += take
+            if take == n:
+                return
+            data = memoryview(data)[take:]
+            n -= take
         lent, self._lent = self._lent, 0
         if lent and type(data) is memoryview and data.obj is self._buf:
             if n > lent:

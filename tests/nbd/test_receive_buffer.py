@@ -1,13 +1,25 @@
 """The receive buffer: bytes received straight into it (``get_buffer``), payloads borrowed
-from it (``borrow_payloads``), and the same events whichever way the bytes come in."""
+from it (``borrow_payloads``) or received into a sink instead (``payload_sink``), and the
+same events whichever way the bytes come in."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
-from testbed.nbd import NEED_DATA, Cmd, Errno, Event, Request, RequestRejected, constants
+from testbed.nbd import (
+    NEED_DATA,
+    Cmd,
+    ConnectionClosed,
+    Errno,
+    Event,
+    LocalProtocolError,
+    Request,
+    RequestRejected,
+    constants,
+)
 
-from .helpers import ConnectionPair, KiB, handshake, make_exports
+from .helpers import ConnectionPair, KiB, MiB, handshake, make_exports
 
 PAYLOADS = [bytes([i]) * (4 * KiB) for i in range(1, 4)]
 REQUESTS = [Request(i, Cmd.WRITE, i * 4 * KiB, 4 * KiB, 0, p) for i, p in enumerate(PAYLOADS)]
@@ -27,6 +39,8 @@ def events_of(pair: ConnectionPair) -> list[Event]:
     out: list[Event] = []
     while (event := pair.server.next_event()) is not NEED_DATA:
         out.append(event)  # type: ignore[arg-type]
+        if isinstance(event, ConnectionClosed):
+            break
     return out
 
 
@@ -121,3 +135,117 @@ def test_a_payload_larger_than_the_buffer_grows_it() -> None:
     for start in range(0, len(data), 64 * KiB):
         receive_into(pair, data[start : start + 64 * KiB])
     assert events_of(pair) == [req]
+
+
+# -- a payload sink: a large payload received straight into the server's store ------------
+BIG = 64 * KiB
+BIG_PAYLOAD = bytes(range(256)) * (BIG // 256)
+BIG_WRITE = Request(5, Cmd.WRITE, 128 * KiB, BIG, 0, BIG_PAYLOAD)
+
+
+class Sink:
+    """A store's bytes, lent for payloads to be received into; records what it was offered."""
+
+    def __init__(self, size: int = MiB, *, take: bool = True) -> None:
+        self.disk = bytearray(size)
+        self.offered: list[tuple[int, int]] = []
+        self.take = take
+
+    def __call__(self, offset: int, length: int) -> memoryview | None:
+        self.offered.append((offset, length))
+        return memoryview(self.disk)[offset : offset + length] if self.take else None
+
+
+def with_sink(sink: Sink, **server_kwargs: object) -> ConnectionPair:
+    return in_transmission(borrow_payloads=True, payload_sink=sink, **server_kwargs)
+
+
+@pytest.mark.parametrize("first", [28, 29, 1000, 28 + BIG - 1])
+def test_a_payload_still_arriving_is_received_into_the_sink(first: int) -> None:
+    sink = Sink()
+    pair = with_sink(sink)
+    data = wire_bytes(pair, [BIG_WRITE])
+    receive_into(pair, data[:first])
+    assert events_of(pair) == []
+    assert sink.offered == [(BIG_WRITE.offset, BIG)]
+    rest = pair.server.get_buffer(4096)  # the rest of the payload, whatever was asked
+    assert len(rest) == len(data) - first
+    rest[:] = data[first:]
+    pair.server.receive_data(rest)
+    (event,) = events_of(pair)
+    assert event == BIG_WRITE
+    assert isinstance(event, Request) and event.data is not None
+    assert event.data.obj is sink.disk  # type: ignore[union-attr]
+    assert sink.disk[BIG_WRITE.offset : BIG_WRITE.offset + BIG] == BIG_PAYLOAD
+    assert pair.server.buffered == 0
+
+
+def test_copied_bytes_fill_the_sink_then_the_buffer() -> None:
+    """Bytes that come with receive_data (not through get_buffer) fill the sink first; what
+    follows the payload is the next request."""
+    sink = Sink()
+    pair = with_sink(sink)
+    data = wire_bytes(pair, [BIG_WRITE, *REQUESTS])
+    events = []
+    for start in range(0, len(data), 10_000):
+        pair.server.receive_data(data[start : start + 10_000])
+        # A borrowed payload is valid until the next receive: keep a copy.
+        events += [attrs.evolve(e, data=bytes(e.data)) for e in events_of(pair)]  # type: ignore[arg-type,misc]
+    assert events == [BIG_WRITE, *REQUESTS]
+    # Every WRITE cut by a receive is offered (how large is worth it is the sink's call).
+    assert sink.offered[0] == (BIG_WRITE.offset, BIG)
+    assert sink.disk[BIG_WRITE.offset : BIG_WRITE.offset + BIG] == BIG_PAYLOAD
+
+
+def test_a_payload_that_has_all_arrived_is_not_offered() -> None:
+    sink = Sink()
+    pair = with_sink(sink)
+    receive_into(pair, wire_bytes(pair, [BIG_WRITE]))
+    (event,) = events_of(pair)
+    assert event == BIG_WRITE and sink.offered == []
+
+
+def test_a_sink_that_declines_leaves_the_payload_to_the_buffer() -> None:
+    sink = Sink(take=False)
+    pair = with_sink(sink)
+    data = wire_bytes(pair, [BIG_WRITE])
+    receive_into(pair, data[:100])
+    assert events_of(pair) == []
+    receive_into(pair, data[100:])
+    (event,) = events_of(pair)
+    assert event == BIG_WRITE and sink.offered == [(BIG_WRITE.offset, BIG)]
+    assert not any(sink.disk)
+
+
+@pytest.mark.parametrize(
+    ("export", "offset", "error"),
+    [("disk", MiB - 4096, Errno.ENOSPC), ("ro", 0, Errno.EPERM)],
+    ids=["past the end", "read-only"],
+)
+def test_a_write_that_will_be_refused_is_never_offered(
+    export: str, offset: int, error: Errno
+) -> None:
+    sink = Sink()
+    pair = ConnectionPair(make_exports(), borrow_payloads=True, payload_sink=sink)
+    handshake(pair, export, structured=True, meta=False)
+    data = pair.client.send(Request(6, Cmd.WRITE, offset, BIG, 0, BIG_PAYLOAD))
+    receive_into(pair, data[:100])
+    receive_into(pair, data[100:])
+    (event,) = events_of(pair)
+    assert isinstance(event, RequestRejected) and event.error == error
+    assert sink.offered == []
+
+
+def test_end_of_stream_in_a_sunk_payload_closes_the_connection() -> None:
+    pair = with_sink(Sink())
+    receive_into(pair, wire_bytes(pair, [BIG_WRITE])[:1000])
+    assert events_of(pair) == []
+    pair.server.receive_data(b"")
+    assert events_of(pair) == [ConnectionClosed()]
+
+
+def test_a_sink_of_the_wrong_size_is_a_local_error() -> None:
+    pair = with_sink(lambda offset, length: memoryview(bytearray(length - 1)))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="payload sink of"):
+        receive_into(pair, wire_bytes(pair, [BIG_WRITE])[:1000])
+        events_of(pair)
