@@ -60,8 +60,10 @@ class MemoryStore:
     Timed on a fresh export, the dict of 4 KiB ``bytes`` pages this replaces spent a
     128 KiB write on 32 allocations, copies and dict stores (~450 us on a 2-core VM; an
     overwrite ~200 us); one copy into the mapping costs ~40 us there, plus the kernel's page
-    faults the first time (~3-6 us per 4 KiB page on that VM, as for nbdkit).  Whole pages that are trimmed or zeroed are given
-    back to the kernel (``MADV_DONTNEED``: they read as zeros again and cost no memory).
+    faults the first time (~3-6 us per 4 KiB page on that VM, as for nbdkit).  A server can
+    also receive a payload straight into the mapping (:meth:`receive_view`).  Whole pages
+    that are trimmed or zeroed are given back to the kernel (``MADV_DONTNEED``: they read as
+    zeros again and cost no memory).
     """
 
     needs_flush = False
@@ -73,6 +75,7 @@ class MemoryStore:
         self.read_only = read_only
         pages = -(-size // PAGE)
         self._map = _anonymous_map(size)
+        self._view = memoryview(self._map)  # for receive_view (the map is never resized)
         #: Per 4 KiB page: 1 once written (data), 0 for a hole (never written, or freed).
         #: Mapped too, so that a large export costs no memory before it is written.
         self._used = _anonymous_map(pages)
@@ -89,6 +92,23 @@ class MemoryStore:
     def pwrite(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
         self._map[offset:end] = data
+        self.written(offset, len(data))
+
+    def receive_view(self, offset: int, length: int) -> memoryview:
+        """A writable view of the export's bytes ``offset:offset+length``, for a payload to
+        be received straight into (``recv_into``: the kernel's copy is the only one); call
+        :meth:`written` once it has been.  While it is being filled, a read of the range
+        sees old and new bytes mixed, as with any write not yet acknowledged."""
+        if self.read_only:
+            raise StoreError(errno.EROFS, "read-only export")
+        if offset < 0 or offset + length > self.size:
+            raise StoreError(errno.ENOSPC, f"{offset}+{length} is past the end ({self.size})")
+        return self._view[offset : offset + length]
+
+    def written(self, offset: int, length: int) -> None:
+        """Count ``offset:offset+length`` as data (pwrite does; after receive_view, the
+        caller does once the bytes are in)."""
+        end = offset + length
         first = offset // PAGE
         last = -(-end // PAGE)
         used = self._used

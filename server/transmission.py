@@ -40,6 +40,11 @@ log = structlog.get_logger()
 #: Queue at most this much READ data before sending it, so that a peer pipelining huge reads
 #: cannot make the server hold more than this (plus one request's worth).
 MAX_QUEUED_OUTPUT = 4 * 1024 * 1024
+#: A WRITE payload of at least this size that is still arriving is received straight into a
+#: memory store: one receive more per request, one copy of the payload less.
+DIRECT_MIN = 64 * 1024
+#: After such a WRITE, the next receive takes this much: the next request's header.
+PEEK_SIZE = 4 * 1024
 
 _FUA = int(CmdFlags.FUA)
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
@@ -96,13 +101,16 @@ async def _serve_requests(
     data_to_send = conn.data_to_send
     pread, pwrite = store.pread, store.pwrite
     READ, WRITE = _READ, _WRITE
+    direct = _Direct(store, faults) if isinstance(store, MemoryStore) else None
+    conn.payload_sink = direct
     size = FIRST_RECEIVE_SIZE
     reason = "eof"
     done = False
     while not done:
         # Straight into the protocol object's buffer; each WRITE's payload is borrowed from
         # there (conn was made with borrow_payloads) and stored before the next receive, so
-        # a payload byte is copied twice, as in nbdkit: from the kernel, into the store.
+        # a payload byte is copied twice, as in nbdkit: from the kernel, into the store.  A
+        # large payload still to come goes straight into a memory store (_Direct): once.
         view = get_buffer(size)
         n = await receive_into(view)
         receive_data(view[:n])
@@ -131,7 +139,13 @@ async def _serve_requests(
                 try:
                     if cmd == WRITE:
                         assert req.data is not None
-                        pwrite(req.offset, req.data)
+                        if direct is not None and req.data is direct.view:
+                            direct.landed(req.offset, req.length)
+                            # Most likely another large WRITE follows: take only its
+                            # header (and a little) into the buffer, the rest direct.
+                            size = PEEK_SIZE
+                        else:
+                            pwrite(req.offset, req.data)
                         if durable and req.flags & _FUA:
                             await trio.to_thread.run_sync(store.flush)
                         reply(req)
@@ -181,6 +195,35 @@ async def _serve_requests(
     if durable and counters.bytes_written:
         await trio.to_thread.run_sync(store.flush)
     return reason
+
+
+class _Direct:
+    """The payload sink of a connection to a memory export: a WRITE of DIRECT_MIN bytes or
+    more whose payload is still arriving is received straight into the store's mapping
+    (``MemoryStore.receive_view``), the kernel's copy being the only one (nbdkit makes two).
+
+    Offered only requests that pass every check.  Not used while faults are armed (a
+    failed WRITE must leave the store as it was), except for a WRITE whose payload was
+    already arriving when they were armed: that one may fail with its bytes stored."""
+
+    def __init__(self, store: MemoryStore, faults: Faults) -> None:
+        self._store = store
+        self._faults = faults
+        #: The view lent last: a Request whose data is this view is already in the store.
+        self.view: memoryview | None = None
+
+    def __call__(self, offset: int, length: int) -> memoryview | None:
+        if length < DIRECT_MIN or self._faults.armed:
+            return None
+        try:
+            self.view = self._store.receive_view(offset, length)
+        except StoreError:
+            return None  # buffered instead, and pwrite answers the error
+        return self.view
+
+    def landed(self, offset: int, length: int) -> None:
+        self.view = None
+        self._store.written(offset, length)
 
 
 async def _other(conn: ServerConnection, store: Store, req: Request, durable: bool) -> None:

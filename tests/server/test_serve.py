@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from client.nbd_client import NBDClient, NBDError
-from server import NBDServer
+from server import MemoryStore, NBDServer
 from testbed.config import ExportConfig
 from testbed.nbd import (
     NEED_DATA,
@@ -194,6 +194,37 @@ async def test_stats_count_a_live_connections_requests_as_they_happen(
         3 * 4096,
         8192,
     )
+
+
+async def test_a_large_write_still_arriving_goes_straight_into_the_memory_store(
+    nbd_server: NBDServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WRITE of 64 KiB or more whose payload is still arriving is received into the memory
+    store's mapping, counted as data, and reads back whole; with faults armed it is
+    buffered instead (a WRITE failed by a fault must leave the store as it was)."""
+    store = nbd_server.exports["disk"].store
+    assert isinstance(store, MemoryStore)
+    offered: list[tuple[int, int]] = []
+    receive_view = store.receive_view
+
+    def spy(offset: int, length: int) -> memoryview:
+        offered.append((offset, length))
+        return receive_view(offset, length)
+
+    monkeypatch.setattr(store, "receive_view", spy)
+    c = await connect(nbd_server, nursery)
+    data = os.urandom(1 << 20)
+    await c.write(0, data)  # the server's first receive takes 64 KiB of it
+    assert offered == [(0, 1 << 20)]
+    assert await c.read(0, len(data)) == data
+    assert store.allocated_bytes == len(data)
+    offered.clear()
+    nbd_server.exports["disk"].faults.delay = 0.001
+    await c.write(1 << 20, data)
+    assert offered == []
+    assert await c.read(1 << 20, len(data)) == data
+    assert store.allocated_bytes == 2 * len(data)
+    await c.close()
 
 
 # -- errors that keep the connection ------------------------------------------------------
