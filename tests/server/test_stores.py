@@ -143,3 +143,23 @@ def test_receive_view_refuses_a_read_only_store_and_ranges_past_the_end() -> Non
     with pytest.raises(StoreError) as excinfo:
         MemoryStore(SIZE).receive_view(SIZE - PAGE, 2 * PAGE)
     assert excinfo.value.errno == errno.ENOSPC
+
+
+def test_pages_populated_ahead_of_a_sequential_writer_stay_holes() -> None:
+    """A sequential writer has the pages ahead of it faulted in by a helper thread: they
+    read as zeros and count as holes, and the writer's data is all there."""
+    size = 16 << 20
+    store = MemoryStore(size)
+    data = os.urandom(128 << 10)
+    written = 4 << 20
+    for offset in range(0, written, len(data)):
+        view = store.receive_view(offset, len(data))  # as the server's payload sink does
+        view[:] = data
+        store.written(offset, len(data))
+    assert store._populator is not None  # the run was followed
+    assert store.allocated_bytes == written
+    assert store.extents(0, size) == [(written, 0), (size - written, HOLE)]
+    assert store.pread(written, 4 << 20) == bytes(4 << 20)
+    assert store.pread(written - len(data), len(data)) == data
+    store.close()
+    assert store._populator is None and store.allocated_bytes == 0
