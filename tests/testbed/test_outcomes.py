@@ -219,6 +219,46 @@ async def test_fairness_the_flood_cannot_eat_the_swap_sockets_reserve(
     assert sum(s["pfmemalloc_drop"] for s in noise) == summary["net"]["PFMemallocDrop"]
 
 
+async def test_virtio_refill_work_deadlocks_in_reclaim_with_napi_disabled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Linux 6.1's hang (reference/kernel-6.1-nbd-swap-hang.txt): a NAPI refill with
+    GFP_ATOMIC fails at its floor, refill_work disables NAPI and refills with GFP_KERNEL,
+    enters direct reclaim and waits for a bio that only a reply NAPI would receive can
+    free; kswapd0 waits for a bio too.  Seeds 0-9 all deadlock this way; seed 0 here."""
+    scenario = load_scenario(SCENARIO.with_name("virtio-refill.toml"))
+    summary = await run_scenario(scenario, transport="memory")
+    assert summary["policy"] == "pfmemalloc"
+    assert summary["outcome"] == "deadlock", summary["reason"]
+    deadlock = summary["deadlock"]
+    assert deadlock["cycle"] == [
+        "eth0.refill",
+        "mempool(bio)",
+        "eth0.rx",
+        "napi_disabled(eth0)",
+        "eth0.refill",
+    ]
+    assert deadlock["waiting"]["kswapd0"] == "mempool(bio)"
+    nic = summary["net"]["nic"]
+    assert nic["driver"] == "virtio"
+    assert nic["refill_work"] >= 1 and nic["refill_failed"] >= 1
+    assert summary["vmstat"]["allocstall"] > 0  # refill_work's GFP_KERNEL reclaimed directly
+    # The NAPI refill failed at GFP_ATOMIC's floor, 3/8 of min: not below it.
+    assert summary["min_free_pages"] == summary["memory"]["zones"][0]["min"] * 3 // 8
+
+
+async def test_virtio_refill_scenario_with_a_netdev_driver_completes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The same machine whose driver refills as netdev_alloc_skb does (__GFP_MEMALLOC while
+    the swap socket exists): no refill_work, and swap-out completes.  The deadlock above is
+    the driver's, not the scenario's."""
+    scenario = load_scenario(SCENARIO.with_name("virtio-refill.toml"), {"nic.driver": "netdev"})
+    summary = await run_scenario(scenario, transport="memory")
+    assert completed_clean(summary), summary["reason"]
+    assert summary["net"]["nic"]["refill_work"] == 0
+
+
 async def test_a_permanently_dead_server_ends_the_run_as_an_error_not_a_hang(
     autojump_clock: trio.abc.Clock,
 ) -> None:
