@@ -33,7 +33,7 @@ from .exports import Export
 from .faults import Faults
 from .stats import Counters, Stats
 from .stores import FileStore, MemoryStore, Store, StoreError
-from .wire import FIRST_RECEIVE_SIZE, RECEIVE_SIZE, Wire, wire_for
+from .wire import FIRST_RECEIVE_SIZE, RECEIVE_SIZE, SocketWire, Wire, wire_for
 
 log = structlog.get_logger()
 
@@ -101,7 +101,15 @@ async def _serve_requests(
     data_to_send = conn.data_to_send
     pread, pwrite = store.pread, store.pwrite
     READ, WRITE = _READ, _WRITE
-    direct = _Direct(store, faults) if isinstance(store, MemoryStore) else None
+    # Straight into the store only from a socket, where it spares a copy: from any other
+    # stream the bytes are copied out of it anyway, and the virtual-clock outcome tests'
+    # interleavings depend on how the server reads an in-memory stream (with the peeks
+    # below, clean-pages.toml under recursive stopped completing).
+    direct = (
+        _Direct(store, faults)
+        if isinstance(store, MemoryStore) and isinstance(wire, SocketWire)
+        else None
+    )
     conn.payload_sink = direct
     size = FIRST_RECEIVE_SIZE
     reason = "eof"
