@@ -74,11 +74,12 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import server_vs_nbdkit as svn  # machine info and CPU accounting, shared
 
+from client.config import HogConfig
 from client.machine import ClientMachine, memory_config
 from client.mm import Memory, MemoryConfig, SwapReadpage, SwapWritepage
 from client.mm.testing import MemorySwapDevice
 from client.workload import AnonHog, Integrity
-from testbed.config import HogConfig, ScenarioConfig, load_scenario
+from testbed.config import ScenarioConfig, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"

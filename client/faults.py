@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 import attrs
 import trio
 
+from client.config import GFP_FILTER_NAMES, AllocFaultConfig
 from client.mm import GFP, PAGE_SIZE, Memory
-from testbed.config import GFP_FILTER_NAMES, AllocFaultConfig
 
 #: Which allocations each ``gfp`` filter name lets a fault fail.
 GFP_FILTERS: dict[str, Callable[[GFP], bool]] = {
@@ -49,7 +49,7 @@ GFP_FILTERS: dict[str, Callable[[GFP], bool]] = {
     # The kernel's default ignore-gfp-highmem=Y: everything but user pages.
     "nohighmem": lambda gfp: not gfp & GFP.HIGHMEM,
 }
-assert tuple(GFP_FILTERS) == GFP_FILTER_NAMES, "testbed.config names the same filters"
+assert tuple(GFP_FILTERS) == GFP_FILTER_NAMES, "client.config names the same filters"
 
 #: The kinds of fault the client counts (the summary lists each, fired or not).
 FAULT_KINDS = ("alloc", "latency", "reset")

@@ -24,6 +24,7 @@ import attrs
 import trio
 import trio.testing
 
+from client.config import AllocFaultConfig, HogConfig, MachineConfig, Scenario
 from client.faults import ClientFaults
 from client.mm import PAGE_SIZE, Memory, MemoryConfig, OutOfMemory, Process, ProcessKilled
 from client.mm.alloc import CONGESTION_WAIT
@@ -37,7 +38,6 @@ from client.net.tcp import TcpSysctls
 from client.policy import Policy, make_policy
 from client.swapdev import Connect, NBDSwapDevice
 from client.workload import AnonHog, FileReader, Integrity
-from testbed.config import AllocFaultConfig, HogConfig, MachineConfig, ScenarioConfig
 
 Observer = Callable[[object], None]
 
@@ -268,7 +268,7 @@ class InjectedFlood:
 class ClientMachine:
     def __init__(
         self,
-        scenario: ScenarioConfig,
+        scenario: Scenario,
         connect: Connect,
         *,
         observer: Observer = _drop,

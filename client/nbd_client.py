@@ -1,4 +1,4 @@
-"""A pipelining NBD client over a trio stream, built on :mod:`testbed.nbd`.
+"""A pipelining NBD client over a trio stream, built on :mod:`nbdproto`.
 
 Many requests may be in flight (up to ``depth``); replies are matched by cookie in whatever
 order the server sends them.  The handshake asks for structured replies and GO, and falls
@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from client.mm.gfp import PF, as_task, task_flags
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -46,7 +46,7 @@ from testbed.nbd import (
     opt_export_name,
     opt_go,
 )
-from testbed.nbd.constants import ClientFlags, HandshakeFlags
+from nbdproto.constants import ClientFlags, HandshakeFlags
 
 RECEIVE_SIZE = 256 * 1024
 
@@ -335,14 +335,18 @@ class NBDClient:
         return len(self._slots)
 
     async def close(self) -> None:
-        """Send DISC (if still connected) and close the stream."""
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError
-            ):
-                await self._send(self._machine.send(Request(0, Cmd.DISC)))
-        await self._stream.aclose()
+        """Send DISC (if still connected) and close the stream.  The stream is closed even
+        when the DISC cannot be sent in time (the caller's deadline cancels a send stuck
+        behind a full send buffer): a socket left open would keep its buffers forever."""
+        try:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError
+                ):
+                    await self._send(self._machine.send(Request(0, Cmd.DISC)))
+        finally:
+            await self._stream.aclose()  # trio: closed even if cancelled
 
 
 async def _handshake(

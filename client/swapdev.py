@@ -30,7 +30,7 @@ import trio
 
 from client.mm.block import SwapIOError
 from client.nbd_client import Disconnected, NBDClient, NBDError, nbd_xmit_context
-from testbed.nbd import Errno, ProtocolError
+from nbdproto import Errno, ProtocolError
 
 PAGE = 4096
 

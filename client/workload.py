@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from client.config import FileReaderConfig, HogConfig
 from client.mm import PAGE_SIZE, Memory, Process
 from client.mm.errors import IntegrityError, OutOfMemory, ProcessKilled, SwapReadError
 from client.mm.pagecache import CachedFile
-from testbed.config import FileReaderConfig, HogConfig
 
 _PATTERN = struct.Struct("<QQQQ")
 

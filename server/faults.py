@@ -38,8 +38,9 @@ import attrs
 import structlog
 import trio
 
-from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig, FaultErrorConfig
-from testbed.nbd import Errno
+from nbdproto import Errno
+
+from .config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig, FaultErrorConfig
 
 log = structlog.get_logger()
 

@@ -14,15 +14,21 @@ import errno
 import mmap
 import os
 import platform
+import queue
 import sys
+import threading
 from typing import Protocol
 
-from testbed.nbd.constants import StateFlags
+from nbdproto.constants import StateFlags
 
 PAGE = 4096
 _HOLE = int(StateFlags.HOLE | StateFlags.ZERO)
 #: A block-status answer may describe less than was asked (proto.md): bound the work per call.
 MAX_STATUS_SCAN = 1 << 30
+
+
+#: What a write takes: bytes, or a view of a receive buffer (a borrowed WRITE payload).
+Buffer = bytes | bytearray | memoryview
 
 
 class StoreError(Exception):
@@ -40,7 +46,7 @@ class Store(Protocol):
     needs_flush: bool
 
     def pread(self, offset: int, length: int) -> bytes: ...
-    def pwrite(self, offset: int, data: bytes) -> None: ...
+    def pwrite(self, offset: int, data: Buffer) -> None: ...
     def trim(self, offset: int, length: int) -> None: ...
     def zero(self, offset: int, length: int, *, may_trim: bool) -> None: ...
     def flush(self) -> None: ...
@@ -56,8 +62,10 @@ class MemoryStore:
     Timed on a fresh export, the dict of 4 KiB ``bytes`` pages this replaces spent a
     128 KiB write on 32 allocations, copies and dict stores (~450 us on a 2-core VM; an
     overwrite ~200 us); one copy into the mapping costs ~40 us there, plus the kernel's page
-    faults the first time (~3-6 us per 4 KiB page on that VM, as for nbdkit).  Whole pages that are trimmed or zeroed are given
-    back to the kernel (``MADV_DONTNEED``: they read as zeros again and cost no memory).
+    faults the first time (~3-6 us per 4 KiB page on that VM, as for nbdkit).  A server can
+    also receive a payload straight into the mapping (:meth:`receive_view`).  Whole pages
+    that are trimmed or zeroed are given back to the kernel (``MADV_DONTNEED``: they read as
+    zeros again and cost no memory).
     """
 
     needs_flush = False
@@ -69,6 +77,10 @@ class MemoryStore:
         self.read_only = read_only
         pages = -(-size // PAGE)
         self._map = _anonymous_map(size)
+        self._view = memoryview(self._map)  # for receive_view (the map is never resized)
+        # A sequential writer: where its run started, where it is, how far is populated.
+        self._run_start = self._run_end = self._populated = 0
+        self._populator: _Populator | None = None
         #: Per 4 KiB page: 1 once written (data), 0 for a hole (never written, or freed).
         #: Mapped too, so that a large export costs no memory before it is written.
         self._used = _anonymous_map(pages)
@@ -82,9 +94,60 @@ class MemoryStore:
     def pread(self, offset: int, length: int) -> bytes:
         return self._map[offset : offset + length]
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
+        self._sequential(offset, end)
         self._map[offset:end] = data
+        self.written(offset, len(data))
+
+    def _sequential(self, offset: int, end: int) -> None:
+        """Follow a sequential writer, and have the pages ahead of it faulted in on another
+        thread (:class:`_Populator`) while this one copies.
+
+        A first write costs the kernel a page fault per 4 KiB page (~3-6 us on a small
+        VM): for a 128 KiB write into a fresh export, far more than the copy.  nbdkit takes
+        those faults on the worker threads of its pool, in parallel with its reads from
+        the socket; this server has one thread.  So, as readahead does for reads: once a
+        writer goes on where it stopped, the run's length ahead of it (at most
+        POPULATE_AHEAD) is populated by a helper thread.  A run that stops leaves at most
+        its own length (<= POPULATE_AHEAD) populated beyond its end, reading as zeros:
+        the export stays sparse to within that.  Side by side with nbdkit, 128 KiB writes
+        at depth 16 into a fresh 1 GiB export, other processes keeping both CPUs busy:
+        1.07 and 1.57 of its rate (medians of two runs of 3 rounds) instead of 0.69 and
+        0.78."""
+        if offset != self._run_end:  # a new run
+            self._run_start = offset
+            self._run_end = self._populated = end
+            return
+        self._run_end = end
+        ahead = min(end - self._run_start, POPULATE_AHEAD)
+        if end + ahead // 2 <= self._populated or _libc_madvise is None:
+            return
+        start = max(self._populated, end)
+        stop = min(self.size, end + ahead)
+        self._populated = stop
+        first, last = start // PAGE, -(-stop // PAGE)
+        if last > first and self._used.find(b"\x00", first, last) >= 0:  # holes to fill
+            if self._populator is None:
+                self._populator = _Populator(self._map)
+            self._populator.populate(start, stop - start)
+
+    def receive_view(self, offset: int, length: int) -> memoryview:
+        """A writable view of the export's bytes ``offset:offset+length``, for a payload to
+        be received straight into (``recv_into``: the kernel's copy is the only one); call
+        :meth:`written` once it has been.  While it is being filled, a read of the range
+        sees old and new bytes mixed, as with any write not yet acknowledged."""
+        if self.read_only:
+            raise StoreError(errno.EROFS, "read-only export")
+        if offset < 0 or offset + length > self.size:
+            raise StoreError(errno.ENOSPC, f"{offset}+{length} is past the end ({self.size})")
+        self._sequential(offset, offset + length)
+        return self._view[offset : offset + length]
+
+    def written(self, offset: int, length: int) -> None:
+        """Count ``offset:offset+length`` as data (pwrite does; after receive_view, the
+        caller does once the bytes are in)."""
+        end = offset + length
         first = offset // PAGE
         last = -(-end // PAGE)
         used = self._used
@@ -168,6 +231,10 @@ class MemoryStore:
     def close(self) -> None:
         # Empty, and its memory given back; the store stays usable (as the dict it
         # replaces did after clear()).
+        if self._populator is not None:
+            self._populator.stop()
+            self._populator = None
+        self._run_start = self._run_end = self._populated = 0
         self._free(0, self._pages)
         if self._pages and _MADV_DONTNEED is not None:
             self._used.madvise(_MADV_DONTNEED, 0, len(self._used))
@@ -201,10 +268,49 @@ def _anonymous_map(size: int) -> mmap.mmap:
         ) from exc
 
 
+#: How far ahead of a sequential writer pages are populated (see MemoryStore._sequential).
+POPULATE_AHEAD = 2 << 20
+#: madvise(2) advice, Linux 5.14: fault in the range writable, as a write would.
+_MADV_POPULATE_WRITE = 23
+
+
+class _Populator:
+    """A thread that faults in ranges of a mapping (``MADV_POPULATE_WRITE``) on request.
+
+    madvise runs through ctypes, which lets go of the GIL during the call, so the faults
+    are taken while the server's thread goes on.  Populating never changes the bytes of a
+    page already there, so racing a write (or a read) of the same range is harmless.
+    Where the kernel lacks the advice, the first call fails and the thread stops."""
+
+    def __init__(self, map_: mmap.mmap) -> None:
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(map_))
+        self._requests: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        #: False once the kernel refused the advice: requests are dropped from then on.
+        self.working = True
+        self._thread = threading.Thread(target=self._run, name="populate", daemon=True)
+        self._thread.start()
+
+    def populate(self, offset: int, length: int) -> None:
+        if self.working:
+            self._requests.put((offset, length))
+
+    def stop(self) -> None:
+        self._requests.put(None)
+
+    def _run(self) -> None:
+        assert _libc_madvise is not None
+        while (request := self._requests.get()) is not None:
+            offset, length = request
+            if _libc_madvise(self._base + offset, length, _MADV_POPULATE_WRITE) != 0:
+                self.working = False  # EINVAL before Linux 5.14: writers fault for themselves
+                return
+
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _libc_fallocate = None
+_libc_madvise = None
 _libc_name = ctypes.util.find_library("c")
 if _libc_name:
     try:
@@ -214,6 +320,13 @@ if _libc_name:
         _libc_fallocate.restype = ctypes.c_int
     except (OSError, AttributeError):
         _libc_fallocate = None
+    if sys.platform == "linux":
+        try:
+            _libc_madvise = _libc.madvise
+            _libc_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _libc_madvise.restype = ctypes.c_int
+        except (NameError, AttributeError):
+            _libc_madvise = None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
@@ -258,7 +371,7 @@ class FileStore:
             data += bytes(length - len(data))
         return data
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self._fd, view, offset)

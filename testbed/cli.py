@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,18 +20,17 @@ from typing import Any, NoReturn
 import attrs
 import structlog
 import trio
-import trio.testing
 
+from nbdproto.config import ConfigError
+from server.config import is_loopback, parse_hostport
 from testbed import log as logsetup
 from testbed.config import (
     POLICY_NAMES,
-    ConfigError,
     ScenarioConfig,
-    is_loopback,
     load_scenario,
     load_server_config,
     parse_export_spec,
-    parse_hostport,
+    parse_override_value,
 )
 from testbed.report import format_table
 
@@ -273,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub, add_logging=_add_logging, add_overrides=_add_overrides, parser_class=_Parser
     )
 
+    from testbed.sweep.cli import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub, parser_class=_Parser, jobs_type=_jobs)
+
     rep = sub.add_parser(
         "report",
         help="tell a run's story from its log",
@@ -370,11 +372,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[key.strip()] = value
+        out[key.strip()] = parse_override_value(raw)
     return out
 
 
@@ -506,7 +504,7 @@ def _add_jobs(p: argparse.ArgumentParser) -> None:
 
 # -- netswap pressure -----------------------------------------------------------------------
 def _add_pressure(sub: Any) -> None:
-    from testbed.config import GFP_FILTER_NAMES
+    from client.config import GFP_FILTER_NAMES
 
     pr = sub.add_parser(
         "pressure",
@@ -556,7 +554,7 @@ def _add_pressure(sub: Any) -> None:
 def _add_server_fault(what: Any) -> None:
     """``pressure server-fault KIND``: a fault of the server, through the control endpoint
     of ``netswap server --control``."""
-    from testbed.config import FAULT_COMMANDS, FAULT_ERRNOS
+    from server.config import FAULT_COMMANDS, FAULT_ERRNOS
 
     sf = what.add_parser(
         "server-fault",
@@ -699,13 +697,10 @@ def _scenario_from(args: argparse.Namespace) -> ScenarioConfig:
 
 
 def _run_one(scenario: ScenarioConfig, policy: str | None, clock: str) -> dict[str, Any]:
-    from testbed.scenario import run_scenario
+    from testbed.scenario import run_scenario, run_virtual
 
     if clock == "virtual":
-        return trio.run(
-            lambda: run_scenario(scenario, policy=policy, transport="memory"),
-            clock=trio.testing.MockClock(autojump_threshold=0),
-        )
+        return run_virtual(scenario, policy)
     return trio.run(lambda: run_scenario(scenario, policy=policy, transport="tcp"))
 
 
@@ -1074,9 +1069,11 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from testbed.sweep.cli import with_default_command
+
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(with_default_command(sys.argv[1:] if argv is None else argv))
         code: int = args.func(args)
         return code
     except (UsageError, ConfigError) as exc:

@@ -49,8 +49,10 @@ import attrs
 import structlog
 import trio
 
+from client.config import GFP_FILTER_NAMES, AllocFaultConfig
 from client.machine import MAX_HOG_PAGES, MAX_HOG_PROCESSES, ClientMachine, MachineStateError
-from testbed.config import GFP_FILTER_NAMES, AllocFaultConfig, ConfigError, is_loopback
+from nbdproto.config import ConfigError
+from server.config import is_loopback
 
 #: The longest request line accepted (bytes, without the newline).
 MAX_LINE = 64 * 1024

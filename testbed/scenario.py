@@ -17,7 +17,8 @@ import trio.testing
 
 from client.machine import ClientMachine
 from server import Export, NBDServer
-from testbed.config import ExportConfig, ScenarioConfig, ServerConfig
+from server.config import ExportConfig, ServerConfig
+from testbed.config import ScenarioConfig
 from testbed.determinism import seeded_scheduling
 from testbed.log import fact_observer
 from testbed.watchdog import Watchdog
@@ -85,6 +86,16 @@ async def run_scenario(
     seeded = seeded_scheduling(scenario.run.seed) if transport == "memory" else nullcontext()
     with seeded:
         return await _run(scenario, server, name, transport, log)
+
+
+def run_virtual(scenario: ScenarioConfig, policy: str | None = None) -> dict[str, Any]:
+    """One run on trio's virtual clock, server and client joined in memory: a function of
+    the scenario, the policy and ``run.seed`` (what ``--clock virtual``, ``--jobs`` and
+    ``netswap sweep`` run).  Structlog is used as configured."""
+    return trio.run(
+        lambda: run_scenario(scenario, policy=policy, transport="memory"),
+        clock=trio.testing.MockClock(autojump_threshold=0),
+    )
 
 
 async def _run(

@@ -9,7 +9,8 @@ get ``SOCKET_TEST_DEADLINE`` wall seconds, virtual-clock tests (``autojump_clock
 reaches that deadline at once.  pytest-timeout (``timeout`` in pyproject.toml) is the
 backstop for what no trio deadline covers: sync tests, fixtures, a loop that never yields.
 Interop peers (nbdkit, nbdinfo, nbdcopy, qemu-img) are looked up with ``require_tool``: a
-missing one skips the test locally and FAILS it when ``CI`` is set.
+missing one skips the test locally and FAILS it when ``CI`` is set.  Usage errors of the
+command line run in this process through ``cli``: a subprocess each would cost a second.
 """
 
 from __future__ import annotations
@@ -18,20 +19,27 @@ import functools
 import inspect
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+import structlog
 import trio
 
 from server import Export, NBDServer
-from testbed.config import ExportConfig, ServerConfig
+from server.config import ExportConfig, ServerConfig
+from tests.processes import Cli
 
 #: Seconds a socket-touching test may take before it is failed rather than left hanging.
 SOCKET_TEST_DEADLINE = float(os.environ.get("NETSWAP_TEST_DEADLINE", "60"))
 
-#: Virtual seconds a virtual-clock test may take: ten times the longest today (30 s), and
-#: reached in no wall time by a model that stops.  An autojump_clock test must not wait on
-#: real I/O (a TCP socket, a subprocess): the clock would jump to this deadline meanwhile.
+#: Virtual seconds a virtual-clock test may take: ten times the longest today (32 s), and
+#: reached in no wall time by a model that stops.  Not more: a model that stops making
+#: progress while its timers still fire (the watchdog's polls, kswapd, noise) walks through
+#: each of them up to the deadline, some 40 ms of wall time per virtual second for a 16 MiB
+#: machine, so an hour would take minutes to fail, past pytest-timeout.  An autojump_clock
+#: test must not wait on real I/O (a TCP socket, a subprocess): the clock would jump to
+#: this deadline meanwhile.
 VIRTUAL_TEST_DEADLINE = 300.0
 
 _VIRTUAL_CLOCKS = frozenset({"autojump_clock", "mock_clock"})
@@ -51,6 +59,27 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{message}; CI must run the interop tests")
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    """``cli(*args)``: ``netswap ARGS`` in this process, as ``main`` returns it to the
+    console script (exit status, stdout, stderr); structlog's configuration (a command may
+    set it up before failing) is put back after the test."""
+    from testbed.cli import main  # the CLI's imports only for the tests that use it
+
+    saved = structlog.get_config()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["netswap", *args], code, out, err)
+
+    try:
+        yield run
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest.fixture

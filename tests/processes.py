@@ -1,10 +1,20 @@
-"""The command line in a subprocess, as a user runs it (for tests/test_cli.py and
-tests/test_control.py)."""
+"""The command line as tests run it: in this process (the ``cli`` fixture of
+tests/conftest.py, for usage errors), or in a subprocess, as a user runs it."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+#: ``cli(*args)``: ``netswap ARGS`` run in this process (the ``cli`` fixture).
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def console_script() -> Path:
+    """The ``netswap`` console script pip installed beside this interpreter."""
+    return Path(sys.executable).with_name("netswap")
 
 
 def netswap(

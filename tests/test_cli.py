@@ -1,9 +1,10 @@
 """The command line as a user meets it: exit codes and one-line errors.
 
-Usage and configuration errors run ``testbed.cli.main`` in-process (``cli``): it is what the
-``netswap`` script calls, and a subprocess per error would cost a second each; one test runs
-an error through a real process, to show that ``main``'s status becomes the exit status.
-The runs (demo, compare, report) stay subprocesses, as a user starts them.
+Usage and configuration errors run ``testbed.cli.main`` in-process (``cli``, tests/conftest.py):
+it is what the ``netswap`` script calls, and a subprocess per error would cost a second each;
+one test runs an error through the installed console script, to show that the script runs
+``main`` and that its status becomes the exit status.  The runs (demo, compare, report) stay
+subprocesses, as a user starts them.
 """
 
 from __future__ import annotations
@@ -12,37 +13,13 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
-from testbed.cli import main
-from tests.processes import netswap, one_line
+from tests.processes import Cli, console_script, netswap, one_line
 
 SMALL = str(Path(__file__).resolve().parents[1] / "configs" / "small.toml")
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    """``cli(*args)``: ``netswap ARGS`` in this process, as ``main`` returns it to the
-    script; structlog's configuration (a command may set it up before failing) is put back
-    after the test."""
-    saved = structlog.get_config()
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        capsys.readouterr()
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["netswap", *args], code, out, err)
-
-    try:
-        yield run
-    finally:
-        structlog.configure(**saved)
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -90,9 +67,19 @@ def test_bad_arguments_exit_2_with_one_line(cli: Cli, args: list[str], needles: 
     assert_usage_error(cli(*args), *needles)
 
 
-def test_a_usage_error_is_exit_status_2_of_the_process() -> None:
-    """The script's own path: ``main``'s status is what the shell sees, stderr one line."""
-    assert_usage_error(netswap("server", "--export", "disk:12Q"), "'12Q'", "not a size")
+def test_the_console_script_exits_2_with_one_line_on_a_usage_error() -> None:
+    """The ``netswap`` script pip installs (``[project.scripts]``) runs ``main``, and
+    ``main``'s status is what the shell sees, stderr one line."""
+    script = console_script()
+    assert script.exists(), f"{script}: install the package (make .venv/.installed-stamp)"
+    result = subprocess.run(
+        [str(script), "server", "--export", "disk:12Q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert_usage_error(result, "'12Q'", "not a size")
 
 
 @pytest.mark.parametrize(

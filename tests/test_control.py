@@ -21,10 +21,12 @@ import pytest
 import trio
 import trio.testing
 
+from client.config import AllocFaultConfig
 from client.faults import FaultFired
 from client.machine import ClientMachine
 from client.nbd_client import NBDClient, NBDError
-from testbed.config import AllocFaultConfig, load_scenario
+from nbdproto import Errno
+from testbed.config import load_scenario
 from testbed.control import (
     MAX_LINE,
     CommandError,
@@ -42,9 +44,8 @@ from testbed.control import (
     parse_command,
     serve_control,
 )
-from testbed.nbd import Errno
 from testbed.scenario import embedded_server, watchdog_supervisor
-from tests.processes import netswap, one_line
+from tests.processes import Cli, one_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -394,7 +395,7 @@ async def test_flood_moves_the_net_counters_then_stops(
     flood = done["pressure"]["floods"][0]
     # 1 MB/s for 1.5 s, read by a consumer of 256 KiB/s: its rcvbuf filled and the rest waited.
     assert 256 * 1024 <= flood["rx_bytes"] <= 1_500_000
-    assert flood["rx_pages"] == 0  # its buffers went back when it ended
+    assert flood["rx_bufs"] == 0  # its buffers went back when it ended
 
 
 async def test_release_stops_a_flood(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
@@ -406,7 +407,7 @@ async def test_release_stops_a_flood(autojump_clock: trio.abc.Clock, nursery: tr
     await trio.testing.wait_all_tasks_blocked()
     status = await h.ask({"cmd": "status"})
     assert status["pressure"]["floods"][0]["state"] == "released"
-    assert status["pressure"]["floods"][0]["rx_pages"] == 0
+    assert status["pressure"]["floods"][0]["rx_bufs"] == 0
 
 
 async def test_faults_through_the_endpoint(
@@ -429,7 +430,7 @@ async def test_faults_through_the_endpoint(
             "probability": 1,
             "times": 5,
             "gfp": "atomic",
-            "task": "nbd",
+            "task": "eth0.rx",  # the NAPI softirq refilling the ring
         }
     )
     assert alloc["ok"] and alloc["times_left"] == 5 and alloc["gfp"] == "atomic"
@@ -606,9 +607,9 @@ async def _never_connect() -> trio.abc.Stream:
     raise AssertionError("not used")
 
 
-# -- real processes -------------------------------------------------------------------------
-def test_a_remote_control_address_needs_allow_remote_control() -> None:
-    result = netswap("client", "--server", "nbd://127.0.0.1:1/swap", "--control", "192.0.2.1:0")
+# -- the command line -----------------------------------------------------------------------
+def test_a_remote_control_address_needs_allow_remote_control(cli: Cli) -> None:
+    result = cli("client", "--server", "nbd://127.0.0.1:1/swap", "--control", "192.0.2.1:0")
     assert result.returncode == 2
     assert "--allow-remote-control" in one_line(result)
 
@@ -661,17 +662,20 @@ def test_pressure_arguments_become_requests_the_endpoint_accepts(
     parse_command(line)  # and the endpoint takes it
 
 
-def test_pressure_usage_errors_and_unreachable_endpoint() -> None:
-    bad = netswap("pressure", "--control", "127.0.0.1:1", "hog", "--pages", "many")
+def test_pressure_usage_errors_and_unreachable_endpoint(cli: Cli) -> None:
+    bad = cli("pressure", "--control", "127.0.0.1:1", "hog", "--pages", "many")
     assert bad.returncode == 2 and "'many'" in one_line(bad)
-    missing = netswap("pressure", "--control", "127.0.0.1:1", "fault", "alloc")
+    missing = cli("pressure", "--control", "127.0.0.1:1", "fault", "alloc")
     assert missing.returncode == 2 and "--probability" in one_line(missing)
-    no_export = netswap("pressure", "--control", "127.0.0.1:1", "server-fault", "stall")
+    no_export = cli("pressure", "--control", "127.0.0.1:1", "server-fault", "stall")
     assert no_export.returncode == 2 and "--export" in one_line(no_export)
     with unused_port() as port:
-        gone = netswap("pressure", "--control", f"127.0.0.1:{port}", "status")
+        gone = cli("pressure", "--control", f"127.0.0.1:{port}", "status")
     assert gone.returncode == 1
     assert f"cannot reach 127.0.0.1:{port}" in one_line(gone)
+
+
+# -- real processes -------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -860,7 +864,7 @@ async def test_a_servers_status_counts_a_live_connections_requests(
 
     from client.nbd_client import NBDClient
     from server import Export, NBDServer
-    from testbed.config import ExportConfig, ServerConfig
+    from server.config import ExportConfig, ServerConfig
     from testbed.control import ServerControlEndpoint
 
     cfg = ServerConfig(listen="127.0.0.1:0", exports=(ExportConfig(name="swap", size=1 << 20),))
@@ -880,7 +884,7 @@ async def test_a_servers_status_counts_a_live_connections_requests(
 
 async def test_a_servers_endpoint_sets_and_clears_its_faults() -> None:
     from server import Export, NBDServer
-    from testbed.config import ExportConfig, ServerConfig
+    from server.config import ExportConfig, ServerConfig
     from testbed.control import ServerControlEndpoint
 
     cfg = ServerConfig(listen="127.0.0.1:0", exports=(ExportConfig(name="disk", size=1 << 20),))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import trio
 
@@ -39,8 +39,6 @@ from client.mm.zone import Zone
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from client.mm.reclaim import Reclaimer
 
 # mm/internal.h: "the number of times the allocator retries reclaim without progress".
 MAX_RECLAIM_RETRIES = 16
@@ -93,6 +91,24 @@ def _plan(gfp: GFP, tflags: PF, oom_victim: bool = False) -> _Plan:
     return plan
 
 
+class Reclaimed(Protocol):
+    """What the allocator reads of one direct reclaim (``struct scan_control``)."""
+
+    @property
+    def nr_reclaimed(self) -> int: ...
+
+
+class Reclaim(Protocol):
+    """The allocator's view of reclaim (mm/vmscan.c), ``Reclaimer`` in client/mm/reclaim.py:
+    reclaim imports the allocator, so the allocator names only what it calls."""
+
+    def wakeup_kswapd(self, zone: Zone) -> None: ...
+
+    async def try_to_free_pages(self, gfp: GFP) -> Reclaimed: ...
+
+    async def wait_for_writeback(self, timeout: float) -> bool: ...
+
+
 class Allocator:
     """The page allocator of one node. Wire ``reclaimer`` and ``out_of_memory`` after
     construction (``Memory.from_config`` does); without them the slow path cannot reclaim."""
@@ -117,7 +133,7 @@ class Allocator:
         self.psi = Psi(trio.current_time) if psi is None else psi
         self.observer = observer
         self.policy: ReservePolicy = NullPolicy() if policy is None else policy
-        self.reclaimer: Reclaimer | None = None
+        self.reclaimer: Reclaim | None = None
         self.out_of_memory: Callable[[GFP], bool] = lambda gfp: False
         #: What a task retrying after the OOM killer made progress waits for (the victim
         #: whose memory it expects); None: any free page.
@@ -338,8 +354,11 @@ class Allocator:
 
     # -- free --------------------------------------------------------------------------------
 
-    def free_page(self, page: Page) -> None:
+    def free_page(self, page: Page, *, progress: bool = True) -> None:
         """``__free_pages``: back to its zone's free list; uncharge an emergency page after.
+
+        ``progress=False`` for a page that only churned (a dropped packet's buffer, a pure
+        ACK's): the watchdog counts retries and drops as activity, never as progress.
 
         The page must be off the LRU, out of the swap cache, unmapped, not under writeback
         and not a slab (``free_pages_check`` would report a bad page).
@@ -350,7 +369,8 @@ class Allocator:
         page.reset()
         page.zone.give(page)
         self.stat.pgfree += 1
-        self.progress.pages_freed += 1
+        if progress:
+            self.progress.pages_freed += 1
         if self._free_wait:
             self._free_wait.unpark_all()
         if pfmemalloc:

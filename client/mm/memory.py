@@ -350,9 +350,9 @@ class Memory:
         """See ``Allocator.alloc_page``."""
         return await self.allocator.alloc_page(gfp, reserve=reserve)
 
-    def free_page(self, page: Page) -> None:
+    def free_page(self, page: Page, *, progress: bool = True) -> None:
         """See ``Allocator.free_page``."""
-        self.allocator.free_page(page)
+        self.allocator.free_page(page, progress=progress)
 
     def kmem_cache(self, name: str) -> SlabCache:
         """The slab cache ``name`` (``skbuff_head_cache``, ``kmalloc-1k``, ...); see

@@ -22,22 +22,31 @@ Rules (mm/filemap.c, mm/readahead.c, mm/swap.c, 4.x):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
 
-from client.mm.gfp import GFP_HIGHUSER_MOVABLE
+from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE
 from client.mm.page import PAGE_SIZE, Page
 
 if TYPE_CHECKING:
-    from client.mm.alloc import Allocator
     from client.mm.lru import Lru
     from client.mm.page import Frames
     from client.mm.vmstat import VmStat
 
 FileContentFn = Callable[["CachedFile", int], bytes]
 """What page ``index`` of a file holds on disk."""
+
+
+class PageAllocator(Protocol):
+    """The page cache's view of the page allocator (``Allocator`` in client/mm/alloc.py):
+    ``__page_cache_alloc`` and its undo.  The allocator imports struct page, which refers
+    back to the page cache, so the page cache names only what it calls."""
+
+    async def alloc_page(self, gfp: GFP) -> Page | None: ...
+
+    def free_page(self, page: Page) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -55,7 +64,7 @@ class PageCache:
 
     def __init__(
         self,
-        allocator: Allocator,
+        allocator: PageAllocator,
         lru: Lru,
         frames: Frames,
         stat: VmStat,

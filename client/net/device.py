@@ -227,9 +227,11 @@ class NetDevice:
         return self._tx_link_free + latency
 
     # -- buffers --------------------------------------------------------------------------
-    def release(self, buf: RxBuffer) -> None:
+    def release(self, buf: RxBuffer, *, progress: bool = True) -> None:
         """The skb that used ``buf`` is freed (``kfree_skb``): its head goes back to
-        ``skbuff_head_cache`` and the page's reference is put."""
+        ``skbuff_head_cache`` and the page's reference is put.  ``progress`` is False for a
+        buffer that only churned (a dropped packet, a pure ACK): a ring that takes and drops
+        packets while nothing else moves is not progress."""
         head = buf.head
         if head is not None:
             buf.head = None
@@ -237,10 +239,10 @@ class NetDevice:
         frag = buf._frag
         frag.refs -= 1
         if frag.refs == 0 and frag is not self._frag:
-            self._free_frag(frag)
+            self._free_frag(frag, progress=progress)
 
-    def _free_frag(self, frag: FragPage) -> None:
-        self.memory.free_page(frag.page)
+    def _free_frag(self, frag: FragPage, *, progress: bool = True) -> None:
+        self.memory.free_page(frag.page, progress=progress)
         self.pages -= 1
 
     async def _new_buffer(self, gfp: GFP, reserve: object | None) -> RxBuffer | None:
@@ -393,7 +395,7 @@ class NetDevice:
                         buf.head = await self._build_skb()
                         if buf.head is None:
                             self.stats.rx_dropped += 1
-                            self.release(buf)
+                            self.release(buf, progress=False)
                             sock.packet_lost(now)
                             await self._napi_refill()
                             continue
@@ -401,13 +403,17 @@ class NetDevice:
                     await self._napi_refill()
 
     def _next_due(self, now: float) -> tuple[ModelledSocket | None, float]:
-        """The socket whose next packet is at the NIC now, or None and when one will be."""
+        """The socket whose packet reached the NIC first, if one has by now (the wire is
+        FIFO: the earliest arrival is received first, whichever socket it is for), or None
+        and when the next one will."""
         earliest = math.inf
+        first: ModelledSocket | None = None
         for sock in self.stack.sockets.values():
             due = sock.next_packet_due()
-            if due <= now:
-                return sock, due
-            earliest = min(earliest, due)
+            if due < earliest:
+                earliest, first = due, sock
+        if earliest <= now:
+            return first, earliest
         return None, earliest
 
     # -- teardown and reporting -----------------------------------------------------------

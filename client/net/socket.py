@@ -706,7 +706,7 @@ class ModelledSocket(trio.abc.Stream):
         if buf.pfmemalloc and not self.memalloc:
             # sk_filter: "if (skb_pfmemalloc(skb) && !sock_flag(sk, SOCK_MEMALLOC))
             # return -ENOMEM" -- LINUX_MIB_PFMEMALLOCDROP.  The peer retransmits.
-            device.release(buf)
+            device.release(buf, progress=False)
             self.stats.pfmemalloc_drop += 1
             self.stack.observe(SkbDropped(self.name, "pfmemalloc", "ack" if ack else "data"))
             self._retransmitted_later(now)
@@ -715,7 +715,7 @@ class ModelledSocket(trio.abc.Stream):
         if buf.pfmemalloc:
             self.stats.emergency_rx += 1
         if ack:
-            device.release(buf)  # a pure ACK is consumed by the stack at once
+            device.release(buf, progress=False)  # a pure ACK is consumed at once
             self._acknowledge(now)
             return
         tcp = self.tcp
@@ -724,7 +724,7 @@ class ModelledSocket(trio.abc.Stream):
         ):
             # tcp_data_queue: "NET_INC_STATS(sock_net(sk), LINUX_MIB_TCPRCVQDROP); ... goto
             # drop;" -- no ACK; the peer retransmits.
-            device.release(buf)
+            device.release(buf, progress=False)
             self.stats.rcvq_drop += 1
             self.stack.observe(SkbDropped(self.name, "proto_mem", "data"))
             self._retransmitted_later(now)

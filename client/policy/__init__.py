@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from client.config import Scenario
 from client.policy.base import Policy
 from client.policy.none import NonePolicy
 from client.policy.pfmemalloc import PfmemallocPolicy
 from client.policy.recursive import RecursivePolicy
 from client.policy.reserve import MemReserve, ReservePolicyZ
-from testbed.config import ScenarioConfig
 
-POLICIES: dict[str, Callable[[ScenarioConfig], Policy]] = {
+POLICIES: dict[str, Callable[[Scenario], Policy]] = {
     "none": lambda _s: NonePolicy(),
     "recursive": lambda _s: RecursivePolicy(),
     "reserve": lambda s: ReservePolicyZ(s.reserve),
@@ -19,7 +19,7 @@ POLICIES: dict[str, Callable[[ScenarioConfig], Policy]] = {
 }
 
 
-def make_policy(name: str, scenario: ScenarioConfig) -> Policy:
+def make_policy(name: str, scenario: Scenario) -> Policy:
     """The policy called ``name``, configured from the scenario."""
     try:
         return POLICIES[name](scenario)

@@ -53,12 +53,12 @@ from typing import Any
 import attrs
 import trio
 
+from client.config import ReserveConfig
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO
 from client.mm.waits import WaitFor
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
 from client.policy.base import Policy, ReserveChargeFailed
-from testbed.config import ReserveConfig
 
 #: ``[reserve] tx_accounting``: Zijlstra's rule, and our variant (see the module docstring).
 TX_POSTED = "posted"

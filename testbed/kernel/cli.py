@@ -11,7 +11,8 @@ from typing import Any
 import structlog
 import trio
 
-from testbed.config import ConfigError, ScenarioConfig, load_scenario
+from nbdproto.config import ConfigError
+from testbed.config import ScenarioConfig, load_scenario
 
 #: The kernel lab's own scenario, run when ``netswap kernel run`` is given no FILE.
 DEFAULT_SCENARIO = Path(__file__).resolve().parents[2] / "configs" / "kernel-calibration.toml"
@@ -113,9 +114,9 @@ def _toml(path: str) -> dict[str, Any]:
 
 
 def cmd_kernel_run(args: argparse.Namespace) -> int:
+    from server.config import parse_hostport
     from testbed import log as logsetup
     from testbed.cli import EXIT_OK, exit_code, parse_nbd_uri, write_summary
-    from testbed.config import parse_hostport
     from testbed.kernel.run import KernelRunError, run_kernel
 
     scenario = kernel_scenario(args)

@@ -20,13 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from testbed.config import (
-    ConfigError,
-    HogConfig,
-    MachineConfig,
-    ScenarioConfig,
-    SwapConfig,
-)
+from client.config import HogConfig, MachineConfig, SwapConfig
+from nbdproto.config import ConfigError
+from testbed.config import ScenarioConfig
 from testbed.kernel.guest import GuestSettings
 
 PAGE = 4096

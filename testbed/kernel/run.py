@@ -28,7 +28,9 @@ import attrs
 import structlog
 import trio
 
-from testbed.config import ConfigError, ScenarioConfig
+from nbdproto.config import ConfigError
+from nbdproto.constants import CLIENT_FLAGS, GREETING, IHAVEOPT, NBDMAGIC, ClientFlags, Opt
+from testbed.config import ScenarioConfig
 from testbed.kernel.guest import INIT_SCRIPT, GuestSettings
 from testbed.kernel.image import (
     GuestImage,
@@ -51,7 +53,6 @@ from testbed.kernel.parse import (
 )
 from testbed.kernel.plan import guest_settings, memory_mib
 from testbed.kernel.qemu import Monitor, QemuGuest, choose_accel
-from testbed.nbd.constants import CLIENT_FLAGS, GREETING, IHAVEOPT, NBDMAGIC, ClientFlags, Opt
 
 #: The counters whose change is progress (the model's watchdog counts pages written,
 #: swapped and verified, never mere activity).

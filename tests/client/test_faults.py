@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from client.config import GFP_FILTER_NAMES, AllocFaultConfig, ReserveConfig
 from client.faults import GFP_FILTERS, ClientFaults, FailPageAlloc, FaultFired, FaultsCleared
 from client.machine import ClientMachine
 from client.mm import (
@@ -33,7 +34,11 @@ from client.mm import (
     MemoryConfig,
 )
 from client.mm.testing import MemorySwapDevice
-from testbed.config import GFP_FILTER_NAMES, AllocFaultConfig, ConfigError, load_scenario
+from client.net.socket import ModelledSocket
+from client.net.stack import SWAP
+from client.policy import ReservePolicyZ
+from nbdproto.config import ConfigError
+from testbed.config import load_scenario
 from testbed.scenario import embedded_server, watchdog_supervisor
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -242,9 +247,11 @@ async def run_machine(
     *,
     during: Callable[[ClientMachine], Any] | None = None,
     facts: list[object] | None = None,
+    prepare: Callable[[ClientMachine], None] | None = None,
 ) -> dict[str, Any]:
     """The small scenario (16 MiB, hogs at 2x RAM, 1 ms to the server) over the in-memory
-    transport, watched by the watchdog; ``during(machine)`` runs beside it once it runs."""
+    transport, watched by the watchdog; ``prepare(machine)`` is called before it runs and
+    ``during(machine)`` runs beside it once it runs."""
     small = {"machine.memory": "16M", "workloads.0.total": "2x", "swap.latency": 0.001}
     scenario = load_scenario(CONFIGS / "small.toml", {**small, **overrides})
     server = embedded_server(scenario)
@@ -257,6 +264,8 @@ async def run_machine(
             return client_end
 
         machine = ClientMachine(scenario, connect, observer=observer)
+        if prepare is not None:
+            prepare(machine)
         if during is not None:
 
             async def beside() -> None:
@@ -328,6 +337,65 @@ async def test_reset_fault_reconnects_and_loses_no_page(autojump_clock: trio.abc
     assert summary["swap_device"]["reconnects"] == 2
     assert summary["swap_device"]["connects"] == 3
     assert summary["vmstat"]["pswpin"] > 0
+
+
+@pytest.mark.parametrize("tx_accounting", ["posted", "bean-counted"])
+async def test_reserve_reconnects_give_back_the_reserve_and_min_of_each_swap_socket(
+    autojump_clock: trio.abc.Clock, tx_accounting: str
+) -> None:
+    """Under ``reserve``, a cut swap connection's socket is closed and the reconnect opens
+    another: right after each close the tree and min are those of no swap socket, and right
+    after each open exactly those of the first socket (the policy's own socket_created and
+    socket_closed, watched as the machine calls them)."""
+    seen: list[tuple[str, int, list[tuple[str, int, int]]]] = []
+
+    def watch(machine: ClientMachine) -> None:
+        policy = machine.policy
+        assert isinstance(policy, ReservePolicyZ)
+
+        def state(what: str, sock: ModelledSocket) -> None:
+            rows = [
+                (r["reserve"].replace(sock.name, "<swap socket>"), r["pages"], r["limit"])
+                for r in policy.root.rows()
+            ]
+            seen.append((what, machine.memory.zones[0].watermarks.min, rows))
+
+        def created(sock: ModelledSocket, kind: str) -> None:
+            type(policy).socket_created(policy, sock, kind)
+            if kind == SWAP:
+                state("open", sock)
+
+        def closed(sock: ModelledSocket) -> None:
+            type(policy).socket_closed(policy, sock)
+            state("closed", sock)
+
+        policy.socket_created = created  # type: ignore[method-assign]
+        policy.socket_closed = closed  # type: ignore[method-assign]
+
+    async def cut_twice(machine: ClientMachine) -> None:
+        for threshold in (1000, 3000):
+            while machine.memory.stat.pswpout < threshold or not machine.device.connected:
+                await trio.sleep(0.01)
+            await machine.reset_swap()
+
+    summary = await run_machine(
+        {"policy": "reserve", "reserve.tx_accounting": tx_accounting},
+        during=cut_twice,
+        prepare=watch,
+    )
+    assert_clean(summary)
+    assert summary["swap_device"]["reconnects"] == 2
+    opened = [(wmin, rows) for what, wmin, rows in seen if what == "open"]
+    closed = [(wmin, rows) for what, wmin, rows in seen if what == "closed"]
+    assert [what for what, _, _ in seen][:5] == ["open", "closed"] * 2 + ["open"]
+    assert len(opened) == 3 and len(closed) >= 2
+    assert all(state == opened[0] for state in opened)
+    assert all(state == closed[0] for state in closed)
+    cfg = ReserveConfig()
+    (open_min, open_rows), (closed_min, closed_rows) = opened[0], closed[0]
+    assert open_min - closed_min == cfg.tx_pages
+    assert open_rows[0] == ("total reserve", *(2 * [cfg.tx_pages + cfg.rx_pages + cfg.block_pages]))
+    assert closed_rows[0] == ("total reserve", *(2 * [cfg.rx_pages + cfg.block_pages]))
 
 
 async def test_alloc_faults_on_user_pages_are_retried_not_fatal(

@@ -16,7 +16,8 @@ from client.machine import ClientMachine
 from client.mm import PAGE_SIZE
 from client.swapdev import NBDSwapDevice
 from server import Export, NBDServer
-from testbed.config import ExportConfig, ServerConfig, load_scenario
+from server.config import ExportConfig, ServerConfig
+from testbed.config import load_scenario
 from tests.conftest import require_tool
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

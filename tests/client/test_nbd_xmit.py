@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import pytest
 import trio
 
+from client import config
 from client.mm import GFP_NOIO, PAGE_SIZE, PF, Memory, MemoryConfig, current_task_flags, task_flags
 from client.nbd_client import NBD_ERAS, NBDClient, nbd_xmit_context
-from testbed import config
-from testbed.nbd import ClientConnection
+from nbdproto import ClientConnection
 
 KSWAPD = PF.MEMALLOC | PF.SWAPWRITE | PF.KSWAPD | PF.KTHREAD  # kswapd's own flags
 

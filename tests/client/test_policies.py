@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+from client.config import ReserveConfig
 from client.mm import (
     GFP,
     GFP_ATOMIC,
@@ -49,7 +50,6 @@ from client.policy import (
     RecursivePolicy,
     ReservePolicyZ,
 )
-from testbed.config import ReserveConfig
 
 NR_PAGES = 1024
 RING = 32  # receive buffers the rig's NIC posts (16 pages)
@@ -757,54 +757,54 @@ async def test_reserve_bean_counted_rows_keep_a_closed_sockets_node(make_rig: Ma
     assert policy.report()["reserve_peak"] == 3
 
 
-async def test_reserve_close_gives_back_the_sockets_tx_pages_and_min(
-    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
+def reserve_state(rig: Rig, policy: ReservePolicyZ, sock: str) -> tuple[Watermarks, list[Any]]:
+    """The zone's watermarks and the live ``/proc/reserve_info`` rows, ``sock``'s own node
+    (bean-counted) under a name of its place rather than of its socket."""
+    rows = [
+        {**r, "reserve": r["reserve"].replace(sock, "<swap socket>")} for r in policy.root.rows()
+    ]
+    return rig.wmarks, rows
+
+
+@pytest.mark.parametrize("tx_accounting", ["posted", BEAN_COUNTED])
+async def test_reserve_close_and_reconnect_give_back_exactly_the_sockets_reserve_and_min(
+    make_rig: MakeRig, autojump_clock: trio.testing.MockClock, tx_accounting: str
 ) -> None:
     """Closing a memalloc socket undoes what opening it did (sk_adjust_memalloc with
-    -tx_reserve_pages): the TX pages leave the root and every ancestor, and the watermarks
-    are recomputed without them (min falls back); the socket a reconnect opens then puts
-    back exactly the tree and min the first one had, so that reconnects neither leak nor
-    lose reserve."""
-    policy = ReservePolicyZ()
+    -tx_reserve_pages; the bean-counted variant's node disconnected): its TX pages leave
+    the root and every ancestor, and the watermarks are recomputed at once without them
+    (min falls back).  Each socket a reconnect opens then puts back exactly the tree and
+    min the first one had, and each close takes them away again: reconnects neither leak
+    reserve (min creeping up) nor leave min raised for a socket that is gone."""
+    policy = ReservePolicyZ(ReserveConfig(tx_accounting=tx_accounting))
     cfg = policy.config
     rig = make_rig(policy)
     rx_and_block = cfg.rx_pages + cfg.block_pages
     swap, _ = rig.socket("nbd0", SWAP)
-    open_state = (rig.wmarks, policy.root.rows())
+    first_node = swap.tx_reserve
+    open_state = reserve_state(rig, policy, "nbd0")
     assert rig.wmarks.min == BASE_MIN + cfg.tx_pages + rx_and_block
 
     await swap.aclose()
+    closed_state = reserve_state(rig, policy, "nbd0")
     assert policy.tx.pages == policy.tx.limit == policy.tx_pages.pages == 0
+    assert policy.tx.children == [policy.tx_pages]  # no node of the closed socket left
+    assert first_node is None or first_node.parent is None
     # The RX reserve stays connected once added ("only added once"), the TX pages are gone.
     assert policy.root.pages == policy.root.limit == rx_and_block
     assert policy.extra_min_pages() == rx_and_block
     expected = calculate_watermarks([NR_PAGES], MIN_FREE_KBYTES, 10, rx_and_block)[0]
     assert rig.wmarks == expected and rig.wmarks.min == BASE_MIN + rx_and_block
 
-    again, _ = rig.socket("nbd1", SWAP)  # the swap device reconnects
-    assert again.tx_reserve is None
-    assert (rig.wmarks, policy.root.rows()) == open_state
-    await again.aclose()
-    assert rig.wmarks == expected and policy.root.pages == rx_and_block
-
-
-async def test_reserve_bean_counted_close_gives_back_the_sockets_node(
-    make_rig: MakeRig, autojump_clock: trio.testing.MockClock
-) -> None:
-    """The bean-counted variant: the socket's own TX node leaves the tree on close, and a
-    reconnect's socket gets a new one with the same pages and min."""
-    policy = ReservePolicyZ(ReserveConfig(tx_accounting=BEAN_COUNTED))
-    rig = make_rig(policy)
-    swap, _ = rig.socket("nbd0", SWAP)
-    node = swap.tx_reserve
-    assert isinstance(node, MemReserve)
-    wmarks = rig.wmarks
-    await swap.aclose()
-    assert node not in policy.tx.children and node.parent is None
-    assert policy.tx.pages == policy.tx.limit == 0
-    again, _ = rig.socket("nbd1", SWAP)
-    assert isinstance(again.tx_reserve, MemReserve) and again.tx_reserve is not node
-    assert rig.wmarks == wmarks and policy.tx.pages == policy.config.tx_pages
+    for n in range(1, 4):  # the swap device reconnects, again and again
+        again, _ = rig.socket(f"nbd{n}", SWAP)
+        if first_node is None:
+            assert again.tx_reserve is None  # as posted: TX is bounded, never charged
+        else:
+            assert isinstance(again.tx_reserve, MemReserve) and again.tx_reserve is not first_node
+        assert reserve_state(rig, policy, f"nbd{n}") == open_state
+        await again.aclose()
+        assert reserve_state(rig, policy, f"nbd{n}") == closed_state
 
 
 # -- recursive (Lameter) ------------------------------------------------------------------

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from server import NBDServer
-from testbed.config import ExportConfig
+from server.config import ExportConfig
 
 from .peers import KiB, MakeServer, MiB, first_difference, run, uri, write_random
 

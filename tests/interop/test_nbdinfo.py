@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server import NBDServer
-from testbed.config import ExportConfig
+from server.config import ExportConfig
 
 from .peers import MakeServer, MiB, run, run_json, uri, write_random
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from testbed.config import ConfigError, load_scenario
+from nbdproto.config import ConfigError
+from testbed.config import load_scenario
 from testbed.kernel.guest import INIT_SCRIPT
 from testbed.kernel.image import missing_host_tools
 from testbed.kernel.plan import guest_settings, memory_mib
-from tests.processes import netswap
+from tests.processes import Cli
 
 
 def scenario(**overrides: object):  # type: ignore[no-untyped-def]
@@ -112,23 +112,25 @@ def test_the_init_script_reports_what_the_host_reads() -> None:
         assert record in INIT_SCRIPT, record
 
 
-def test_a_missing_host_tool_is_one_line_naming_its_package(tmp_path: Path) -> None:
-    env = dict(os.environ, PATH=str(tmp_path))  # no qemu, no busybox, no nbd-client
-    done = netswap("kernel", "run", "--memory", "96M", env=env)
+def test_a_missing_host_tool_is_one_line_naming_its_package(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu, no busybox, no nbd-client
+    done = cli("kernel", "run", "--memory", "96M")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "is not installed (Debian package: " in done.stderr
 
 
-def test_an_unreachable_server_is_one_line_before_anything_boots() -> None:
+def test_an_unreachable_server_is_one_line_before_anything_boots(cli: Cli) -> None:
     if missing_host_tools():
         pytest.skip("the host tools are missing; the missing-tool test covers that")
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    done = netswap("kernel", "run", "--server", f"nbd://127.0.0.1:{port}/swap")
+    done = cli("kernel", "run", "--server", f"nbd://127.0.0.1:{port}/swap")
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("netswap: cannot reach the NBD server at 127.0.0.1:")
     assert done.stderr.count("\n") == 1
-    refused = netswap("kernel", "run", "--server", "nbd://192.0.2.1:10809/swap")
+    refused = cli("kernel", "run", "--server", "nbd://192.0.2.1:10809/swap")
     assert refused.returncode == 2 and "is not loopback" in refused.stderr

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -38,7 +38,7 @@ from testbed.nbd import (
     opt_go,
     opt_meta,
 )
-from testbed.nbd.constants import ClientFlags, Opt
+from nbdproto.constants import ClientFlags, Opt
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     Aborted,
     ClientConnection,
@@ -45,8 +45,8 @@ from testbed.nbd import (
     opt_info,
     opt_meta,
 )
-from testbed.nbd._state import TABLE, Trigger, transition
-from testbed.nbd.constants import ClientFlags, HandshakeFlags
+from nbdproto._state import TABLE, Trigger, transition
+from nbdproto.constants import ClientFlags, HandshakeFlags
 
 from .helpers import (
     ALL_FEATURES,

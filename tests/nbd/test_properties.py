@@ -14,7 +14,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -36,7 +36,7 @@ from testbed.nbd import (
     opt_info,
     opt_meta,
 )
-from testbed.nbd.constants import Chunk, ReplyFlags
+from nbdproto.constants import Chunk, ReplyFlags
 
 from .helpers import (
     CLIENT_FLAGS,

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -32,7 +32,7 @@ from testbed.nbd import (
     opt_export_name,
     opt_go,
 )
-from testbed.nbd.constants import Chunk, ReplyFlags
+from nbdproto.constants import Chunk, ReplyFlags
 
 from .helpers import (
     ConnectionPair,

@@ -16,15 +16,11 @@ import trio
 import trio.testing
 
 from client.nbd_client import Disconnected, NBDClient
+from nbdproto import Cmd, CmdFlags, Errno
+from nbdproto.config import ConfigError
 from server import Export, Faults, FileStore, NBDServer
-from testbed.config import (
-    ConfigError,
-    ExportConfig,
-    FaultConfig,
-    ServerConfig,
-    load_server_config,
-)
-from testbed.nbd import Cmd, CmdFlags, Errno
+from server.config import ExportConfig, FaultConfig, ServerConfig
+from testbed.config import load_server_config
 
 from .test_serve import Raw, connect
 

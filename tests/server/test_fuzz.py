@@ -36,9 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from client.nbd_client import NBDClient
-from server import Export, NBDServer
-from testbed.config import ExportConfig, FaultConfig, ServerConfig
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -62,7 +60,9 @@ from testbed.nbd import (
     opt_go,
     opt_meta,
 )
-from testbed.nbd.constants import ClientFlags, ReplyFlags
+from nbdproto.constants import ClientFlags, ReplyFlags
+from server import Export, NBDServer
+from server.config import ExportConfig, FaultConfig, ServerConfig
 from tests.nbd.helpers import MemoryExecutor, make_exports, pieces
 
 LONG = os.environ.get("NETSWAP_LONG") == "1"

@@ -8,7 +8,7 @@ import trio.testing
 
 from client.nbd_client import NBDClient
 from server import Export, NBDServer
-from testbed.config import ExportConfig, ServerConfig
+from server.config import ExportConfig, ServerConfig
 
 
 def make_server(**config: object) -> NBDServer:

@@ -21,10 +21,7 @@ import trio
 import trio.testing
 
 from client.nbd_client import Disconnected, NBDClient, NBDError
-from server import Export, NBDServer, serve
-from server.serve import RECEIVE_SIZE
-from testbed.config import ExportConfig, ServerConfig
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -40,7 +37,10 @@ from testbed.nbd import (
     constants,
     opt_go,
 )
-from testbed.nbd.constants import ClientFlags
+from nbdproto.constants import ClientFlags
+from server import Export, NBDServer, serve
+from server.config import ExportConfig, ServerConfig
+from server.wire import RECEIVE_SIZE
 from tests.interop.test_cli_process import server_command, wait_for_listening
 
 from .test_serve import Raw, connect
@@ -186,7 +186,7 @@ DEPTH = 32  # requests in flight per connection: one worker task per slot
 SLOT = 16 * KiB  # each worker owns one slot of its connection's region
 REGION = DEPTH * SLOT
 LOAD_SECONDS = 60.0 if LONG else 4.0
-#: The most a connection's protocol machine may hold unparsed: one receive (RECEIVE_SIZE)
+#: The most a connection's protocol object may hold unparsed: one receive (RECEIVE_SIZE)
 #: on top of the incomplete request left from the previous one (header + largest payload).
 BUFFER_BOUND = RECEIVE_SIZE + constants.REQUEST.size + SLOT
 #: The most a connection may queue in replies before sending them: what its client can have
@@ -195,8 +195,9 @@ OUTPUT_BOUND = DEPTH * (constants.CHUNK_HEADER.size + 8 + SLOT)
 
 
 class WatchedConnection(ServerConnection):
-    """The server's protocol machine, recording the most it ever held: bytes received and
-    not yet parsed (right after each receive, before parsing), and replies queued."""
+    """The server's protocol object (``conn``), recording the most it ever held: bytes
+    received and not yet parsed (right after each receive, before parsing), and replies
+    queued."""
 
     peaks: ClassVar[dict[str, int]] = {"buffered": 0, "output": 0}
 
@@ -329,18 +330,18 @@ def _wrong(got: bytes, want: bytes | bytearray) -> int:
 
 # -- trickling and lying peers ---------------------------------------------------------------
 class Trickler:
-    """A client machine whose bytes reach an in-memory server one at a time, every
-    ``interval`` seconds of virtual time, while the server machine's buffer is watched."""
+    """A protocol client whose bytes reach an in-memory server one at a time, every
+    ``interval`` seconds of virtual time, while the server connection's buffer is watched."""
 
     def __init__(self, server: NBDServer, stream: trio.abc.Stream, interval: float) -> None:
         self.server = server
         self.stream = stream
         self.interval = interval
-        self.machine = ClientConnection()
+        self.conn = ClientConnection()
         self.peak = 0
 
     async def send(self, item: Hello | OptionRequest | Request) -> None:
-        for byte in self.machine.send(item):
+        for byte in self.conn.send(item):
             await self.stream.send_all(bytes([byte]))
             await trio.sleep(self.interval)  # the trickle's pace, on the virtual clock
             for m in self.server._live.values():
@@ -348,10 +349,10 @@ class Trickler:
 
     async def event(self) -> Any:
         while True:
-            ev = self.machine.next_event()
+            ev = self.conn.next_event()
             if ev is not NEED_DATA:
                 return ev
-            self.machine.receive_data(await self.stream.receive_some(65536))
+            self.conn.receive_data(await self.stream.receive_some(65536))
 
 
 def in_memory_server(**config: Any) -> NBDServer:
@@ -436,11 +437,11 @@ async def test_option_announcing_two_gib_is_answered_before_its_data_and_never_b
     _, echoed, rep, length = constants.OPTION_REPLY_HEADER.unpack(header)
     assert (echoed, rep) == (option, answer)
     await _receive_exactly(reply, length)
-    (machine,) = nbd_server._live.values()
+    (conn,) = nbd_server._live.values()
     chunk = bytes(1 << 20)
     for _ in range(16):  # 16 MiB of the 2 GiB: drained as it comes, never held
         await raw.stream.send_all(chunk)
-        assert machine.buffered <= RECEIVE_SIZE
+        assert conn.buffered <= RECEIVE_SIZE
     assert nbd_server.stats.protocol_errors == 0
 
 
@@ -452,10 +453,10 @@ async def test_write_announcing_two_gib_is_refused_before_its_payload(
     await raw.send(constants.REQUEST.pack(constants.REQUEST_MAGIC, 0, Cmd.WRITE, 9, 0, LIE))
     header = await _receive_exactly(raw.stream, constants.SIMPLE_REPLY.size)
     assert constants.SIMPLE_REPLY.unpack(header)[1:] == (Errno.EINVAL, 9)
-    (machine,) = nbd_server._live.values()
+    (conn,) = nbd_server._live.values()
     for _ in range(16):
         await raw.stream.send_all(bytes(1 << 20))
-        assert machine.buffered <= RECEIVE_SIZE
+        assert conn.buffered <= RECEIVE_SIZE
     await raw.stream.aclose()
 
 

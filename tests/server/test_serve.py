@@ -12,9 +12,7 @@ import trio
 import trio.testing
 
 from client.nbd_client import NBDClient, NBDError
-from server import NBDServer
-from testbed.config import ExportConfig
-from testbed.nbd import (
+from nbdproto import (
     NEED_DATA,
     ClientConnection,
     Cmd,
@@ -31,7 +29,9 @@ from testbed.nbd import (
     opt_go,
     opt_meta,
 )
-from testbed.nbd.constants import ClientFlags
+from nbdproto.constants import ClientFlags
+from server import MemoryStore, NBDServer
+from server.config import ExportConfig
 
 REQ = constants.REQUEST
 MAGIC = constants.REQUEST_MAGIC
@@ -45,11 +45,11 @@ async def connect(
 
 
 class Raw:
-    """A hand-driven connection: the protocol machine for parsing, raw bytes for sending."""
+    """A hand-driven connection: the client protocol object for parsing, raw bytes for sending."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.machine = ClientConnection()
+        self.conn = ClientConnection()
 
     @classmethod
     async def open(cls, server: NBDServer) -> Raw:
@@ -58,13 +58,13 @@ class Raw:
 
     async def event(self) -> Any:
         while True:
-            ev = self.machine.next_event()
+            ev = self.conn.next_event()
             if ev is not NEED_DATA:
                 return ev
-            self.machine.receive_data(await self.stream.receive_some(1 << 20))
+            self.conn.receive_data(await self.stream.receive_some(1 << 20))
 
     async def send(self, item: Any) -> None:
-        await self.stream.send_all(item if isinstance(item, bytes) else self.machine.send(item))
+        await self.stream.send_all(item if isinstance(item, bytes) else self.conn.send(item))
 
     async def handshake(
         self, export: str = "disk", structured: bool = False, meta: bool = False
@@ -196,6 +196,37 @@ async def test_stats_count_a_live_connections_requests_as_they_happen(
     )
 
 
+async def test_a_large_write_still_arriving_goes_straight_into_the_memory_store(
+    nbd_server: NBDServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WRITE of 64 KiB or more whose payload is still arriving is received into the memory
+    store's mapping, counted as data, and reads back whole; with faults armed it is
+    buffered instead (a WRITE failed by a fault must leave the store as it was)."""
+    store = nbd_server.exports["disk"].store
+    assert isinstance(store, MemoryStore)
+    offered: list[tuple[int, int]] = []
+    receive_view = store.receive_view
+
+    def spy(offset: int, length: int) -> memoryview:
+        offered.append((offset, length))
+        return receive_view(offset, length)
+
+    monkeypatch.setattr(store, "receive_view", spy)
+    c = await connect(nbd_server, nursery)
+    data = os.urandom(1 << 20)
+    await c.write(0, data)  # the server's first receive takes 64 KiB of it
+    assert offered == [(0, 1 << 20)]
+    assert await c.read(0, len(data)) == data
+    assert store.allocated_bytes == len(data)
+    offered.clear()
+    nbd_server.exports["disk"].faults.delay = 0.001
+    await c.write(1 << 20, data)
+    assert offered == []
+    assert await c.read(1 << 20, len(data)) == data
+    assert store.allocated_bytes == 2 * len(data)
+    await c.close()
+
+
 # -- errors that keep the connection ------------------------------------------------------
 @pytest.mark.parametrize(
     ("cmd", "offset", "length", "flags", "errno"),
@@ -215,7 +246,7 @@ async def test_bad_requests_get_errors_and_the_connection_goes_on(
 ) -> None:
     raw = await Raw.open(nbd_server)
     await raw.handshake()
-    # Sent and parsed by hand: the client machine would refuse to build these requests.
+    # Sent and parsed by hand: ClientConnection would refuse to build these requests.
     await raw.send(REQ.pack(MAGIC, flags, cmd, 99, offset, length))
     header = await _receive_exactly(raw, 16)
     magic, error, cookie = constants.SIMPLE_REPLY.unpack(header)
@@ -274,11 +305,11 @@ async def test_oversized_write_is_refused_before_its_payload_is_buffered(
     await raw.send(REQ.pack(MAGIC, 0, Cmd.WRITE, 5, 0, huge))
     header = await _receive_exactly(raw, 16)  # answered before any payload was sent
     assert constants.SIMPLE_REPLY.unpack(header)[1] == Errno.EINVAL
-    (machine,) = server._live.values()
+    (conn,) = server._live.values()
     chunk = bytes(1 << 16)
     for _ in range(huge // len(chunk)):
         await raw.stream.send_all(chunk)
-        assert machine.buffered <= RECEIVE_BOUND
+        assert conn.buffered <= RECEIVE_BOUND
     assert (await raw.request(Cmd.READ, 0, 512, cookie=6)).error == 0
 
 
@@ -468,7 +499,7 @@ async def test_read_only_export_advertises_no_writing_features(nbd_server: NBDSe
 
 async def test_cancelled_server_still_closes_and_flushes_its_stores(tmp_path: Any) -> None:
     from server import Export
-    from testbed.config import ServerConfig
+    from server.config import ServerConfig
 
     config = ServerConfig(
         listen="127.0.0.1:0",

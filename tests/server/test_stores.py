@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -122,3 +123,43 @@ def test_zero_with_no_hole_keeps_the_range_allocated() -> None:
     store.zero(0, 4 * PAGE, may_trim=False)
     assert store.pread(0, 4 * PAGE) == bytes(4 * PAGE)
     assert store.extents(0, 4 * PAGE) == [(4 * PAGE, 0)]  # data, not a hole
+
+
+def test_a_payload_received_into_a_memory_store_counts_as_data_once_written() -> None:
+    store = MemoryStore(SIZE)
+    data = os.urandom(2 * PAGE)
+    view = store.receive_view(PAGE - 5, len(data))
+    view[:] = data  # what recv_into does
+    assert store.pread(PAGE - 5, len(data)) == data
+    store.written(PAGE - 5, len(data))
+    assert store.allocated_bytes == 3 * PAGE
+    assert store.extents(0, 8 * PAGE) == [(3 * PAGE, 0), (5 * PAGE, HOLE)]
+
+
+def test_receive_view_refuses_a_read_only_store_and_ranges_past_the_end() -> None:
+    with pytest.raises(StoreError) as excinfo:
+        MemoryStore(SIZE, read_only=True).receive_view(0, PAGE)
+    assert excinfo.value.errno == errno.EROFS
+    with pytest.raises(StoreError) as excinfo:
+        MemoryStore(SIZE).receive_view(SIZE - PAGE, 2 * PAGE)
+    assert excinfo.value.errno == errno.ENOSPC
+
+
+def test_pages_populated_ahead_of_a_sequential_writer_stay_holes() -> None:
+    """A sequential writer has the pages ahead of it faulted in by a helper thread: they
+    read as zeros and count as holes, and the writer's data is all there."""
+    size = 16 << 20
+    store = MemoryStore(size)
+    data = os.urandom(128 << 10)
+    written = 4 << 20
+    for offset in range(0, written, len(data)):
+        view = store.receive_view(offset, len(data))  # as the server's payload sink does
+        view[:] = data
+        store.written(offset, len(data))
+    assert store._populator is not None  # the run was followed
+    assert store.allocated_bytes == written
+    assert store.extents(0, size) == [(written, 0), (size - written, HOLE)]
+    assert store.pread(written, 4 << 20) == bytes(4 << 20)
+    assert store.pread(written - len(data), len(data)) == data
+    store.close()
+    assert store._populator is None and store.allocated_bytes == 0

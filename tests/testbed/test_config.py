@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import ConfigError, load_scenario
+from nbdproto.config import ConfigError
+from testbed.config import load_scenario
 
 SCENARIO = Path(__file__).resolve().parents[2] / "configs" / "swap-over-nbd.toml"
 

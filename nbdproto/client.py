@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterable
 
 from . import constants as c
-from ._base import Machine, _copy
+from ._base import Machine
 from ._state import Phase, Role, Trigger
 from .constants import Chunk, Cmd, Info, Opt, Rep, TransmissionFlags
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -318,11 +318,11 @@ class ClientConnection(Machine):
         """One frame: a whole simple reply, or one chunk (None when it was not the last)."""
         buf = self._buf
         pos = self._pos
-        if len(buf) - pos < 4:
+        if self._end - pos < 4:
             return self._eof_or_need()
         (magic,) = _U32.unpack_from(buf, pos)
         if magic == c.SIMPLE_REPLY_MAGIC:
-            if len(buf) - pos < c.SIMPLE_REPLY.size:
+            if self._end - pos < c.SIMPLE_REPLY.size:
                 return self._eof_or_need()
             _, error, cookie = c.SIMPLE_REPLY.unpack_from(buf, pos)
             p = self._inflight.get(cookie)
@@ -331,9 +331,9 @@ class ClientConnection(Machine):
             data = None
             if p.command == Cmd.READ and error == 0:
                 end = pos + c.SIMPLE_REPLY.size + p.length
-                if len(buf) < end:
+                if self._end < end:
                     return self._eof_or_need()
-                data = _copy(buf, pos + c.SIMPLE_REPLY.size, end)
+                data = self._view[pos + c.SIMPLE_REPLY.size : end].tobytes()
                 self._pos = end
             else:
                 self._pos = pos + c.SIMPLE_REPLY.size
@@ -347,7 +347,7 @@ class ClientConnection(Machine):
         hdr = c.CHUNK_HEADER
         buf = self._buf
         pos = self._pos
-        if len(buf) - pos < hdr.size:
+        if self._end - pos < hdr.size:
             return self._eof_or_need()
         _, flags, kind, cookie, length = hdr.unpack_from(buf, pos)
         p = self._inflight.get(cookie)
@@ -357,7 +357,7 @@ class ClientConnection(Machine):
             self._fail(
                 RemoteProtocolError(f"chunk of {length} bytes for a {p.length}-byte request")
             )
-        if len(buf) - pos < hdr.size + length:
+        if self._end - pos < hdr.size + length:
             return self._eof_or_need()
         body = memoryview(buf)[pos + hdr.size : pos + hdr.size + length]
         try:

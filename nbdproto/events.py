@@ -1,9 +1,10 @@
 """Events: small frozen records for what crosses the wire, in both directions.
 
-A server machine *emits* ``Hello``, ``OptionHandled``, ``TransmissionStarted``, ``Request``,
-``RequestRejected``, ``Disconnect``, ``ConnectionClosed``; a server *sends* replies through
-``ServerConnection.reply``.  A client machine *sends* ``Hello``, ``Opt*`` and ``Request`` and
-*emits* ``Greeting``, option-reply events, ``TransmissionStarted`` and ``Reply``.
+A ``ServerConnection`` *emits* ``Hello``, ``OptionHandled``, ``TransmissionStarted``,
+``Request``, ``RequestRejected``, ``Disconnect``, ``ConnectionClosed``; a server *sends*
+replies through ``ServerConnection.reply``.  A ``ClientConnection`` *sends* ``Hello``,
+``Opt*`` and ``Request`` and *emits* ``Greeting``, option-reply events,
+``TransmissionStarted`` and ``Reply``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .constants import Cmd, CmdFlags, Errno, HandshakeFlags, Opt, Rep, Transmiss
 
 
 class _NeedData:
-    """Sentinel: the machine needs more bytes before it can emit another event."""
+    """Sentinel: the connection needs more bytes before it can emit another event."""
 
     _instance: _NeedData | None = None
 
@@ -53,7 +54,7 @@ class Hello:
 @attrs.frozen
 class OptionRequest:
     """An option as the client sends it: number and raw data.  Build with the ``opt_*``
-    helpers in :mod:`testbed.nbd.client` for the known ones."""
+    helpers in :mod:`nbdproto.client` for the known ones."""
 
     option: int
     data: bytes = b""
@@ -142,17 +143,20 @@ class TransmissionStarted:
 # -- transmission ---------------------------------------------------------------------------
 @attrs.frozen
 class Request:
+    """A request.  ``data`` is a WRITE's payload: bytes, or on a server that borrows payloads
+    (``ServerConnection(borrow_payloads=True)``) a read-only view of its receive buffer."""
+
     cookie: int
     command: Cmd | int
     offset: int = 0
     length: int = 0
     flags: CmdFlags | int = 0
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
 
 
 @attrs.frozen
 class RequestRejected:
-    """Server side: the machine answered a request with an error without emitting it."""
+    """Server side: the connection answered a request with an error without emitting it."""
 
     cookie: int
     command: int

@@ -1,6 +1,6 @@
 """The server role of NBD, sans I/O: bytes in, events out; replies in, bytes out.
 
-The machine answers the whole handshake itself from an export catalogue (a mapping of name
+The connection answers the whole handshake itself from an export catalogue (a mapping of name
 to :class:`ExportInfo`), because every answer there follows from the catalogue and the spec.
 It reports what it did as ``OptionHandled`` events.  In transmission it validates each
 request against the export (range, read-only, flags, payload limit) and either emits a
@@ -12,10 +12,10 @@ and sends :meth:`ServerConnection.data_to_send` whenever it likes: replies batch
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from . import constants as c
-from ._base import Machine, _copy
+from ._base import Machine
 from ._state import Phase, Role, Trigger
 from .constants import Cmd, CmdFlags, Errno, Info, Opt, Rep, TransmissionFlags
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -104,7 +104,22 @@ class ServerConnection(Machine):
         default_export: str | None = None,
         max_payload: int = c.DEFAULT_MAX_PAYLOAD,
         structured_replies: bool = True,
+        borrow_payloads: bool = False,
+        payload_sink: Callable[[int, int], memoryview | None] | None = None,
     ) -> None:
+        """``borrow_payloads``: a WRITE's ``Request.data`` is a read-only view of the receive
+        buffer instead of a copy, valid until the next ``get_buffer`` or ``receive_data``
+        (after which its bytes may change).  For a server that stores each payload before
+        it receives more: one copy less per byte written.
+
+        ``payload_sink`` (also settable later, as the attribute): called as
+        ``payload_sink(offset, length)`` for a valid WRITE whose payload has not all
+        arrived yet; it may return a writable view of ``length`` bytes, and the payload is
+        then received into it (``get_buffer`` lends the rest of it) instead of the buffer,
+        and the request emitted with that very view as its data.  ``None``: buffer it as
+        usual.  Only a request that passes every check is offered, so the view receives
+        nothing the connection then refuses; the payload lands in it before the request is
+        emitted."""
         super().__init__(Phase.AWAIT_FLAGS)
         if max_payload < 4096:
             raise ValueError("max_payload must be at least 4096 bytes")
@@ -112,6 +127,14 @@ class ServerConnection(Machine):
         self._default = default_export if default_export is not None else next(iter(exports), "")
         self.max_payload = max_payload
         self._allow_structured = structured_replies
+        self._borrow = borrow_payloads
+        self.payload_sink = payload_sink
+        self._sink_request: tuple[int, int, int, int] = (
+            0,
+            0,
+            0,
+            0,
+        )  # cookie, flags, offset, length
         self._out: list[bytes] = []
         self._fixed = True
         self._no_zeroes = False
@@ -168,14 +191,12 @@ class ServerConnection(Machine):
 
     def _closed_event(self) -> Event | _NeedData:
         if self._eof:
-            self._buf.clear()
-            self._pos = 0
+            self._discard_buffered()
             self._move(Trigger.EOF, remote=True)
             return ConnectionClosed()
         if self._phase is Phase.CLOSED:
             # After DISC/ABORT anything more is ignored; nothing is buffered.
-            self._buf.clear()
-            self._pos = 0
+            self._discard_buffered()
         return NEED_DATA
 
     def _next_flags(self) -> Event | _NeedData:
@@ -368,9 +389,11 @@ class ServerConnection(Machine):
 
     # -- transmission ---------------------------------------------------------------------
     def _next_request(self) -> Event | _NeedData:
+        if self._sink is not None:
+            return self._sunk_request()
         buf = self._buf
         pos = self._pos
-        if len(buf) - pos < _REQ_SIZE:
+        if self._end - pos < _REQ_SIZE:
             if not self._eof:
                 return NEED_DATA  # after each batch of requests: spare the call
             return self._closed_event()
@@ -390,11 +413,16 @@ class ServerConnection(Machine):
                     f"payload {length} exceeds maximum {self.max_payload}",
                 )
             end = start + length
-            if len(buf) < end:
+            if self._end < end:
                 if self._eof:
                     return self._closed_event()
+                if self.payload_sink is not None:
+                    self._offer_payload(start, cookie, flags, offset, length)
                 return NEED_DATA
-            data: bytes | None = _copy(buf, start, end)
+            if self._borrow:
+                data: bytes | memoryview | None = self._rview[start:end]
+            else:
+                data = self._view[start:end].tobytes()
             self._pos = end
         else:
             data = None
@@ -416,6 +444,44 @@ class ServerConnection(Machine):
             if error:
                 return self._reject(cookie, cmd, error, reason)
         return Request(cookie, cmd, offset, length, flags, data)
+
+    def _offer_payload(self, start: int, cookie: int, flags: int, offset: int, length: int) -> None:
+        """A WRITE's payload, from ``start`` in the buffer, has not all arrived: if the
+        request passes the fast check (every rule, for a valid WRITE) and the sink takes
+        it, move what has arrived into the sink and receive the rest there."""
+        mask = self._fast.get(_WRITE)
+        if (
+            mask is None
+            or flags & ~mask
+            or offset + length > self._size
+            or self.shutting_down
+            or self.payload_sink is None
+        ):
+            return
+        sink = self.payload_sink(offset, length)
+        if sink is None:
+            return
+        if len(sink) != length:
+            self._fail(LocalProtocolError(f"payload sink of {len(sink)} bytes for {length}"))
+        have = self._end - start
+        sink[:have] = self._view[start : self._end]
+        self._pos = self._end
+        self._sink = sink
+        self._sink_filled = have
+        self._sink_request = (cookie, flags, offset, length)
+
+    def _sunk_request(self) -> Event | _NeedData:
+        """The WRITE whose payload goes to the sink, once it is all there."""
+        sink = self._sink
+        assert sink is not None
+        if self._sink_filled < len(sink):
+            if self._eof:
+                self._sink = None
+                return self._closed_event()
+            return NEED_DATA
+        self._sink = None
+        cookie, flags, offset, length = self._sink_request
+        return Request(cookie, _WRITE, offset, length, flags, sink)
 
     def _validate_slow(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str]:
         """Every rule, in the order that picks the error a client should see.
