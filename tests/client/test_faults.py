@@ -36,7 +36,7 @@ from client.mm import (
 from client.mm.testing import MemorySwapDevice
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
-from client.policy import ReservePolicyZ
+from client.policy import MemReservePolicy
 from nbdproto.config import ConfigError
 from testbed.config import load_scenario
 from testbed.scenario import embedded_server, watchdog_supervisor
@@ -351,7 +351,7 @@ async def test_reserve_reconnects_give_back_the_reserve_and_min_of_each_swap_soc
 
     def watch(machine: ClientMachine) -> None:
         policy = machine.policy
-        assert isinstance(policy, ReservePolicyZ)
+        assert isinstance(policy, MemReservePolicy)
 
         def state(what: str, sock: ModelledSocket) -> None:
             rows = [
