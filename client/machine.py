@@ -35,7 +35,14 @@ from client.net.noise import consume, flood
 from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
 from client.policy import Policy, make_policy
-from client.summary import IntegritySummary, MemorySummary, RunSummary, Verdict, ZoneSummary
+from client.summary import (
+    IntegritySummary,
+    MachineStatus,
+    MemorySummary,
+    RunSummary,
+    Verdict,
+    ZoneSummary,
+)
 from client.swapdev import Connect, NBDSwapDevice
 from client.workload import AnonHog, FileReader, Integrity
 
@@ -790,25 +797,25 @@ class ClientMachine:
                 floods.append(fl.id)
         return {"hogs": hogs, "floods": floods, "nr_free_pages": self.memory.nr_free_pages}
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> MachineStatus:
         """The machine now: the ``vm.sample`` fact and the counters behind it."""
-        return {
-            "machine": self.scenario.machine.name,
-            "policy": self.policy_name,
-            "outcome": self.outcome,
-            "reason": self.reason,
-            "t": round(trio.current_time() - self._started, 6),
-            "workloads_done": self.workloads_done,
-            "sample": attrs.asdict(self.sample()),
-            "vmstat": self.memory.vmstat(),
-            "psi": attrs.asdict(self.memory.pressure()),
-            "policy_report": self.policy.report(),
-            "integrity": attrs.asdict(self.integrity),
-            "net": self._net_summary(),
-            "swap_device": {"connected": self.device.connected, **attrs.asdict(self.device.stats)},
-            "pressure": self.pressure_report(),
-            "faults": self.faults.report(),
-        }
+        return MachineStatus(
+            machine=self.scenario.machine.name,
+            policy=self.policy_name,
+            outcome=self.outcome,
+            reason=self.reason,
+            t=round(trio.current_time() - self._started, 6),
+            workloads_done=self.workloads_done,
+            sample=attrs.asdict(self.sample()),
+            vmstat=self.memory.vmstat(),
+            psi=attrs.asdict(self.memory.pressure()),
+            policy_report=self.policy.report(),
+            integrity=IntegritySummary(**attrs.asdict(self.integrity)),
+            net=self._net_summary(),
+            swap_device={"connected": self.device.connected, **attrs.asdict(self.device.stats)},
+            pressure=self.pressure_report(),
+            faults=self.faults.report(),
+        )
 
     def stop(self, reason: str = "stopped") -> None:
         """End the run as if its workloads had ended (any still running are cut short)."""

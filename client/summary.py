@@ -112,6 +112,28 @@ class RunSummary:
         return (self.vmstat or {}).get(name) or 0
 
 
+@attrs.frozen
+class MachineStatus:
+    """A running machine now: the control endpoint's answer to ``status``."""
+
+    machine: str
+    policy: str
+    outcome: str  # "running" until the run has ended
+    reason: str
+    t: float  # seconds since the run started
+    workloads_done: bool
+    sample: dict[str, Any]  # the ``vm.sample`` fact's fields
+    vmstat: dict[str, int]
+    psi: dict[str, Any]
+    policy_report: dict[str, Any]
+    integrity: IntegritySummary
+    net: dict[str, Any]
+    swap_device: dict[str, Any]
+    pressure: dict[str, Any]
+    faults: dict[str, Any]
+    server_faults: dict[str, Any] | None = None  # a server in the same process
+
+
 #: Always written, even when None (the model's summary has ``"deadlock": null``).
 _ALWAYS = frozenset({"machine", "policy", "outcome", "reason", "duration", "deadlock"})
 
@@ -136,7 +158,7 @@ def _converter() -> cattrs.Converter:
 
         return unstructure
 
-    for cls in (Verdict, IntegritySummary, RunSummary):
+    for cls in (Verdict, IntegritySummary, RunSummary, MachineStatus):
         conv.register_unstructure_hook(cls, unstructure_omitting_none(cls))
         conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv))
     return conv
@@ -162,4 +184,10 @@ def structure_summary(fields: dict[str, Any]) -> RunSummary:
 
 def unstructure_verdict(verdict: Verdict) -> dict[str, Any]:
     out: dict[str, Any] = _CONVERTER.unstructure(verdict)
+    return out
+
+
+def unstructure_status(status: MachineStatus) -> dict[str, Any]:
+    """The JSON-able form: the fields of the control endpoint's ``status`` answer."""
+    out: dict[str, Any] = _CONVERTER.unstructure(status)
     return out

@@ -10,10 +10,12 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 import structlog
 import trio
 
 from client.machine import ClientMachine, MachineStateError
+from client.summary import unstructure_status
 from nbdproto.config import ConfigError
 from server.config import is_loopback
 from testbed.control.commands import (
@@ -162,8 +164,8 @@ class ControlEndpoint(Endpoint):
             case Status():
                 status = m.status()
                 if self.server_faults is not None:
-                    status["server_faults"] = self.server_faults.report()
-                return status, None
+                    status = attrs.evolve(status, server_faults=self.server_faults.report())
+                return unstructure_status(status), None
             case Hog(pages=pages, rate=rate, processes=processes):
                 return m.inject_hog(pages, rate=rate, processes=processes), None
             case Flood(mbps=mbps, seconds=seconds):
@@ -188,7 +190,7 @@ class ControlEndpoint(Endpoint):
                 return m.release(), None
             case Stop():
                 m.require_running()  # "the run has ended" rather than a silent success
-                return {"t": m.status()["t"]}, lambda: m.stop("stopped by control")
+                return {"t": m.status().t}, lambda: m.stop("stopped by control")
         raise AssertionError(f"unhandled command {command!r}")  # pragma: no cover
 
 
