@@ -1,5 +1,6 @@
-"""A FIFO lock handed from holder to waiter: the send lock of a socket and of the NBD
-client.
+"""A FIFO lock handed from holder to waiter: the NBD client's send lock.  (The modelled
+socket's lock_sock in client/net/socket.py is the same twelve lines; it moves onto this
+once the branches rewriting client/net have landed.)
 
 Like ``trio.Lock`` it is fair (released, it goes to the longest waiter, who owns it on
 waking), but taking it when it is free costs no scheduling round (``trio.Lock.acquire``
