@@ -26,6 +26,7 @@ from client.config import HogConfig
 from client.machine import ClientMachine, memory_config
 from client.mm import Memory, SwapReadpage, SwapWritepage
 from client.mm.testing import MemorySwapDevice
+from client.summary import RunSummary
 from client.workload import AnonHog, Integrity
 from testbed.config import ScenarioConfig, load_scenario
 
@@ -238,7 +239,7 @@ class LimitRun:
 
 def run_machine(
     scenario: ScenarioConfig, server: NetswapServer
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+) -> tuple[RunSummary, dict[str, Any], dict[str, int]]:
     """One client machine run against ``server``; (summary, write-phase mark, counters)."""
     port = server.port
     counters = {"write_requests": 0, "read_requests": 0}
@@ -291,15 +292,14 @@ def swap_run(
         QUIET.wait(server.pid)
         with CpuMeter(server.pid) as cpu:
             summary, mark, counters = run_machine(scenario, server)
-        vm = summary["vmstat"]
         run = SwapRun(
             label=label,
             max_io_pages=scenario.machine.max_io_pages,
-            outcome=summary["outcome"],
-            duration=float(summary["duration"]),
-            pswpout=int(vm["pswpout"]),
-            pswpin=int(vm["pswpin"]),
-            corrupt=int(summary["integrity"]["corrupt"]),
+            outcome=summary.outcome,
+            duration=float(summary.duration or 0.0),
+            pswpout=summary.counter("pswpout"),
+            pswpin=summary.counter("pswpin"),
+            corrupt=(summary.integrity.corrupt or 0) if summary.integrity else 0,
             write_requests=counters["write_requests"],
             read_requests=counters["read_requests"],
             write_seconds=mark.get("seconds"),
@@ -320,7 +320,7 @@ def swap_run(
                 flush=True,
             )
         if run.outcome != "completed" or run.corrupt:
-            raise BenchError(f"machine run {label}: {run.outcome} {summary.get('reason', '')}")
+            raise BenchError(f"machine run {label}: {run.outcome} {summary.reason}")
         if best is None or run.cpu.share(run.cpu.other) < best.cpu.share(best.cpu.other):
             best = run
         best.attempts = attempt
