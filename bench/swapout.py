@@ -64,7 +64,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import server_vs_nbdkit as svn  # machine info and CPU accounting, shared
+import benchlib
+from benchlib import (
+    machine,
+)
 from swapout_alloc import (
     bench_fast_path,
     bench_size,
@@ -100,7 +103,7 @@ from swapout_report import (
 
 def write_docs(path: Path, text: str) -> None:
     """Replace (or append at the end) the ``## Client machine`` section of ``path``."""
-    svn.write_docs(path, text, SECTION)
+    benchlib.write_docs(path, text, SECTION)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     progress = not args.quiet
     QUIET.left = max(0.0, args.wait_quiet)
-    info = svn.machine()
+    info = machine()
     print(
         f"{info['date']}: {info['nproc']} CPUs ({info['cpu']}), {info['kernel']}, "
         f"{info['python']}, {info['nbdcopy']}",

@@ -20,7 +20,16 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import server_vs_nbdkit as svn  # machine info and CPU accounting, shared
+from benchlib import (
+    COPY_TIMEOUT,
+    HOST,
+    STARTUP_TIMEOUT,
+    BenchError,
+    busy_seconds,
+    make_source,
+    own_seconds,
+    process_seconds,
+)
 
 from client.config import HogConfig
 from client.machine import ClientMachine, memory_config
@@ -34,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 SCENARIO = REPO / "configs" / "small.toml"
 SECTION = "## Client machine"
-HOST = svn.HOST
+HOST = HOST
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -53,7 +62,7 @@ SIZES_FULL = (16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB, 4 * GiB)
 SIZES_QUICK = (16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
 
 
-class BenchError(svn.BenchError):
+class BenchError(BenchError):
     """A measurement could not be taken."""
 
 
@@ -79,8 +88,8 @@ class CpuMeter:
         self.cpu = Cpu()
 
     def _sample(self) -> tuple[float, float, float]:
-        srv = svn._process_seconds(self.pid) if self.pid is not None else 0.0
-        return svn._busy_seconds(), svn._own_seconds(), srv
+        srv = process_seconds(self.pid) if self.pid is not None else 0.0
+        return busy_seconds(), own_seconds(), srv
 
     def __enter__(self) -> Cpu:
         self._t0 = time.perf_counter()
@@ -160,7 +169,7 @@ class NetswapServer:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + svn.STARTUP_TIMEOUT
+        deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             try:
                 first, newline, _ = self.log.read_text().partition("\n")
@@ -175,7 +184,7 @@ class NetswapServer:
             if self.proc.poll() is not None:
                 raise BenchError(f"netswap server exited {self.proc.returncode} at start")
             time.sleep(0.02)
-        raise BenchError(f"netswap server: not listening within {svn.STARTUP_TIMEOUT} s")
+        raise BenchError(f"netswap server: not listening within {STARTUP_TIMEOUT} s")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -339,7 +348,7 @@ def limit_once(server: NetswapServer, source: Path, depth: int, progress: bool) 
     QUIET.wait(server.pid)
     with CpuMeter(server.pid) as cpu:
         t0 = time.perf_counter()
-        result = subprocess.run(cmd, capture_output=True, timeout=svn.COPY_TIMEOUT, check=False)
+        result = subprocess.run(cmd, capture_output=True, timeout=COPY_TIMEOUT, check=False)
         seconds = time.perf_counter() - t0
     if result.returncode != 0:
         raise BenchError(
@@ -418,7 +427,7 @@ def bench_swapout(
     unclustered = load_scenario(SCENARIO, {**overrides, "machine.max_io_pages": 1})
     depth = base.swap.depth
     source = workdir / "random.img"
-    svn.make_source(source, limit_size)
+    make_source(source, limit_size)
     server = NetswapServer(base.swap.export, EXPORT_SIZE, workdir)
     server.start()
     try:
