@@ -8,7 +8,7 @@ turns them into log events.
 
 A *controlled* machine (``controlled=True``: ``netswap client --control``) keeps running
 after its workloads end, until ``stop()``; meanwhile the control endpoint
-(testbed/control.py) injects pressure and faults through the methods under "control":
+(testbed/control/) injects pressure and faults through the methods under "control":
 ``inject_hog``, ``inject_flood``, ``set_swap_latency``, ``reset_swap``, ``set_alloc_fault``,
 ``clear_faults``, ``release``, ``status``, ``stop``.
 """

@@ -1,4 +1,4 @@
-"""The control endpoint (testbed/control.py): parsing, the endpoint on a running machine,
+"""The control endpoint (testbed/control/): parsing, the endpoint on a running machine,
 and ``netswap client --control`` driven by ``netswap pressure`` as real processes.
 
 The in-process tests join a control connection to the endpoint with an in-memory stream
