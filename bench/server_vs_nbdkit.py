@@ -37,111 +37,48 @@ here; the server under test is run from the interpreter running this script.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchlib import (
+    COPY_TIMEOUT,
+    HOST,
+    STARTUP_TIMEOUT,
+    BenchError,
+    MiB,
+    busy_seconds,
+    machine,
+    make_source,
+    own_seconds,
+    process_seconds,
+    write_docs,
+)
+from server_vs_nbdkit_results import (
+    MODE_TITLES,
+    MODES,
+    SECTION,
+    SERVERS,
+    WORKLOADS,
+    Row,
+    Workload,
+    noise,
+    noise_line,
+    section,
+    table,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
-SECTION = "## Server vs nbdkit"
-HOST = "127.0.0.1"
-KiB = 1 << 10
-MiB = 1 << 20
-STARTUP_TIMEOUT = 20.0
-COPY_TIMEOUT = 600.0
-#: Random data is made of this block, repeated: nothing in the path compares or dedupes.
-RANDOM_BLOCK = 16 * MiB
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    label: str
-    request_size: int
-    requests: int
-    #: Bytes copied at --size-scale 1: about 1-2 s each on nbdkit 1.32 on a 2-core VM.
-    size: int
-    #: The issue's target for netswap/nbdkit (throughput ratio).
-    target: float
-
-    def scaled_size(self, scale: float) -> int:
-        """``size`` × ``scale``, in whole requests, and at least one full queue."""
-        requests = max(self.requests, int(self.size * scale) // self.request_size)
-        return requests * self.request_size
-
-    def nbdcopy_options(self) -> list[str]:
-        return [
-            f"--request-size={self.request_size}",
-            f"--requests={self.requests}",
-            "--connections=1",
-            "--threads=1",
-            "--sparse=0",  # never turn a run of zeros into WRITE_ZEROES
-            "--no-extents",  # never skip a range: write every byte
-        ]
-
-
-WORKLOADS = (
-    Workload("4k-qd1", "4 KiB, queue depth 1", 4 * KiB, 1, 128 * MiB, 0.8),
-    Workload("4k-qd64", "4 KiB, queue depth 64", 4 * KiB, 64, 384 * MiB, 1.0),
-    Workload("128k-qd16", "128 KiB, queue depth 16", 128 * KiB, 16, 1024 * MiB, 0.6),
-)
-SERVERS = ("netswap", "nbdkit")
-MODES = ("fresh", "reused")
-MODE_TITLES = {
-    "fresh": "Fresh exports (a new server for each copy)",
-    "reused": "Reused servers (each copy overwrites the previous one)",
-}
-
-
-@dataclass
-class Row:
-    workload: str
-    label: str
-    bytes: int
-    request_size: int
-    requests_in_flight: int
-    target: float
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
-    other_cpu: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
-
-    def median(self, server: str) -> float:
-        return statistics.median(self.seconds[server])
-
-    def mb_s(self, server: str) -> float:
-        return self.bytes / self.median(server) / 1e6
-
-    def ops_s(self, server: str) -> float:
-        return self.bytes / self.request_size / self.median(server)
-
-    @property
-    def ratio(self) -> float:
-        return self.mb_s("netswap") / self.mb_s("nbdkit")
-
-    @property
-    def round_ratios(self) -> list[float]:
-        """netswap/nbdkit throughput per round (each pair ran back to back)."""
-        return [k / n for n, k in zip(self.seconds["netswap"], self.seconds["nbdkit"], strict=True)]
-
-    @property
-    def verdict(self) -> str:
-        return "PASS" if self.ratio >= self.target else "below target"
-
-
-class BenchError(Exception):
-    """A measurement could not be taken (a tool failed, a server did not start)."""
 
 
 # -- servers ------------------------------------------------------------------------------
@@ -254,47 +191,8 @@ def free_port() -> int:
 
 
 # -- measuring ----------------------------------------------------------------------------
-def make_source(path: Path, size: int) -> None:
-    block = os.urandom(min(RANDOM_BLOCK, size))
-    with path.open("wb") as fh:
-        left = size
-        while left:
-            n = min(len(block), left)
-            fh.write(block[:n])
-            left -= n
-
-
 def export_size(nbytes: int) -> int:
     return -(-nbytes // MiB) * MiB
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _busy_seconds() -> float:
-    """CPU time spent in user and system mode on the whole machine (from /proc/stat)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return 0.0
-    user, nice, system = (int(x) for x in fields[1:4])
-    return (user + nice + system) / _TICK
-
-
-def _process_seconds(pid: int) -> float:
-    """utime + stime of a live process, all threads (/proc/PID/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _own_seconds() -> float:
-    """This process and its waited-for children (nbdcopy)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 @dataclass
@@ -309,11 +207,11 @@ def copy_into(server: Server, workload: Workload, source: Path) -> Measurement:
     """Time one nbdcopy of ``source`` into the running ``server``."""
     assert server.proc is not None
     cmd = ["nbdcopy", *workload.nbdcopy_options(), str(source), server.uri]
-    cpu0 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
+    cpu0 = (busy_seconds(), own_seconds(), process_seconds(server.proc.pid))
     t0 = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, timeout=COPY_TIMEOUT, check=False)
     elapsed = time.perf_counter() - t0
-    cpu1 = (_busy_seconds(), _own_seconds(), _process_seconds(server.proc.pid))
+    cpu1 = (busy_seconds(), own_seconds(), process_seconds(server.proc.pid))
     if result.returncode != 0:
         raise BenchError(
             f"{' '.join(cmd)} against {server.name} exited {result.returncode}: "
@@ -395,151 +293,6 @@ def run_benchmark(
         for path in sources.values():
             path.unlink(missing_ok=True)
     return rows
-
-
-# -- reporting ----------------------------------------------------------------------------
-def tool_version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "not installed"
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
-
-
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = len(os.sched_getaffinity(0))
-    except AttributeError:
-        nproc = os.cpu_count() or 0
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": nproc,
-        "cpu": model,
-        "kernel": f"{platform.system()} {platform.release()}",
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "nbdkit": tool_version(["nbdkit", "--version"]),
-        "nbdcopy": tool_version(["nbdcopy", "--version"]),
-    }
-
-
-HEADER = (
-    "| workload | data | netswap MB/s | netswap ops/s | nbdkit MB/s | nbdkit ops/s "
-    "| netswap/nbdkit | per round | target | |"
-)
-
-
-def noise(rows: list[Row]) -> tuple[float, float]:
-    """Other processes' CPU use during the timed runs, in CPUs: on average and at worst."""
-    pairs = [
-        (cpu, secs)
-        for row in rows
-        for server in SERVERS
-        for cpu, secs in zip(row.other_cpu[server], row.seconds[server], strict=True)
-    ]
-    total = sum(secs for _, secs in pairs)
-    average = sum(cpu for cpu, _ in pairs) / total if total else 0.0
-    worst = max((cpu / secs for cpu, secs in pairs), default=0.0)
-    return average, worst
-
-
-def noise_line(rows: list[Row]) -> str:
-    average, worst = noise(rows)
-    return (
-        f"Other processes used {average:.0%} of one CPU on average during the timed runs "
-        f"({worst:.0%} in the worst run)."
-    )
-
-
-def mib(nbytes: int) -> str:
-    return f"{nbytes / MiB:.1f}".removesuffix(".0")
-
-
-def table(rows: list[Row]) -> str:
-    lines = [HEADER, "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
-    for row in rows:
-        ratios = row.round_ratios
-        spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else "–"
-        lines.append(
-            f"| {row.label} | {mib(row.bytes)} MiB "
-            f"| {row.mb_s('netswap'):.1f} | {row.ops_s('netswap'):,.0f} "
-            f"| {row.mb_s('nbdkit'):.1f} | {row.ops_s('nbdkit'):,.0f} "
-            f"| {row.ratio:.2f} | {spread} | ≥ {row.target:.1f} | {row.verdict} |"
-        )
-    return "\n".join(lines)
-
-
-def section(
-    results: dict[str, list[Row]],
-    info: dict[str, Any],
-    rounds: int,
-    scale: float,
-    mode: str,
-) -> str:
-    opts = " ".join(o for o in WORKLOADS[0].nbdcopy_options() if not o.startswith("--request"))
-    tables = "\n".join(
-        f"""### {MODE_TITLES[m]}
-
-{table(rows)}
-
-{noise_line(rows)}
-"""
-        for m, rows in results.items()
-    )
-    return f"""{SECTION}
-
-Measured {info["date"]} by
-`bench/server_vs_nbdkit.py --rounds {rounds} --size-scale {scale:g} --mode {mode}`
-on {info["nproc"]} CPUs ({info["cpu"]}), {info["kernel"]}, {info["python"]},
-{info["nbdkit"]}, {info["nbdcopy"]}.
-
-Each run times `nbdcopy SRC nbd://127.0.0.1:PORT/...` writing a file of random data into an
-in-memory export on 127.0.0.1 (TCP) -- `netswap server --export bench:SIZE` or
-`nbdkit memory SIZE` (default thread pool) -- with
-
-    nbdcopy --request-size=SIZE --requests=DEPTH {opts}
-
-"Fresh exports": each copy goes to a newly started server, so every write is a first write
-to its region.  "Reused servers": one server of each kind per workload, filled once by an
-untimed copy, then overwritten by every timed one (as a swap device is).  The servers
-alternate (netswap, nbdkit, netswap, nbdkit, ...); each cell is the median of {rounds} runs.
-MB/s is 10^6 bytes per second of nbdcopy wall-clock time (server start and stop excluded);
-ops/s is write requests per second.  "netswap/nbdkit" is the ratio of the median
-throughputs, "per round" the range of the ratios of the back-to-back pairs; the targets are
-the issue's (the script prints PASS or "below target" and exits 0 either way).
-
-{tables}
-On a shared machine, look at the "other processes" lines before the ratios: netswap serves
-from one Python thread and loses more than nbdkit when other processes compete for the
-CPUs, so a run with more than a few percent of other CPU use understates its ratios.
-"""
-
-
-DOCS_INTRO = """# Benchmarks
-
-Performance measurements of netswap (DESIGN.md §8).  They are ratios measured in one run on
-one machine, never timed tests: rerun the script to update a section, and compare numbers
-only within a section.
-"""
-
-
-def write_docs(path: Path, text: str, section: str = SECTION) -> None:
-    """Replace (or append at the end) the ``section`` of ``path`` (default: this script's)."""
-    old = path.read_text() if path.exists() else DOCS_INTRO
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.write_docs:
-        write_docs(Path(args.docs), section(results, info, args.rounds, args.size_scale, args.mode))
+        write_docs(
+            Path(args.docs),
+            section(results, info, args.rounds, args.size_scale, args.mode),
+            SECTION,
+        )
         print(f"wrote the '{SECTION}' section of {args.docs}", file=sys.stderr)
     return 0
 

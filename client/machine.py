@@ -8,7 +8,7 @@ turns them into log events.
 
 A *controlled* machine (``controlled=True``: ``netswap client --control``) keeps running
 after its workloads end, until ``stop()``; meanwhile the control endpoint
-(testbed/control.py) injects pressure and faults through the methods under "control":
+(testbed/control/) injects pressure and faults through the methods under "control":
 ``inject_hog``, ``inject_flood``, ``set_swap_latency``, ``reset_swap``, ``set_alloc_fault``,
 ``clear_faults``, ``release``, ``status``, ``stop``.
 """
@@ -36,6 +36,14 @@ from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
 from client.net.tcp import TcpSysctls
 from client.policy import Policy, make_policy
+from client.summary import (
+    IntegritySummary,
+    MachineStatus,
+    MemorySummary,
+    RunSummary,
+    Verdict,
+    ZoneSummary,
+)
 from client.swapdev import Connect, NBDSwapDevice
 from client.workload import AnonHog, FileReader, Integrity
 
@@ -66,9 +74,9 @@ class VmSample:
     pages_verified: int
 
 
-#: Runs beside the workloads (the harness's watchdog); a dict it returns ends the run as a
-#: deadlock and becomes the summary's ``deadlock`` entry (``cycle``, ``chain``, ...).
-Supervisor = Callable[["ClientMachine"], Awaitable[dict[str, Any] | None]]
+#: Runs beside the workloads (the harness's watchdog); a verdict it returns ends the run as
+#: a deadlock and becomes the summary's ``deadlock``.
+Supervisor = Callable[["ClientMachine"], Awaitable[Verdict | None]]
 
 
 #: Waits that end only when a peer sends something: a connection with nothing in flight
@@ -310,7 +318,7 @@ class ClientMachine:
             for w in scenario.workloads
         ]
         self.net: NetStack | None = None
-        self.deadlock: dict[str, Any] | None = None
+        self.deadlock: Verdict | None = None
         self.min_free = self.memory.nr_free_pages
         self._swap_sockets = 0
         self.outcome = "running"
@@ -383,7 +391,7 @@ class ClientMachine:
         p = self.memory.progress
         return (p.pages_freed, p.writebacks_completed, p.swapins_completed, self.integrity.steps)
 
-    async def run(self, *, supervisor: Supervisor | None = None) -> dict[str, Any]:
+    async def run(self, *, supervisor: Supervisor | None = None) -> RunSummary:
         """Run to the end of the workloads (a controlled machine: to ``stop()``), a
         deadlock, or the time limit; the summary.  A controlled machine's time limit
         covers its workloads only: after them the operator decides when to stop."""
@@ -473,7 +481,7 @@ class ClientMachine:
         A controlled machine between commands is like this; no progress then is no stall."""
         return all(what.kind in QUIET_WAITS for what in self.memory.waits.snapshot().values())
 
-    async def _supervise_while_busy(self, supervisor: Supervisor) -> dict[str, Any] | None:
+    async def _supervise_while_busy(self, supervisor: Supervisor) -> Verdict | None:
         """Run the supervisor only while the machine is not quiescent, afresh each time it
         gets busy: a machine waiting for commands makes no progress without being stuck.
         A deadlock is never quiescent (someone waits for memory, writeback, a reserve), so
@@ -481,7 +489,7 @@ class ClientMachine:
         while True:
             while self.quiescent():
                 await trio.sleep(QUIESCENCE_POLL)
-            verdict: dict[str, Any] | None = None
+            verdict: Verdict | None = None
             async with trio.open_nursery() as watch:
 
                 async def until_quiescent() -> None:
@@ -581,12 +589,12 @@ class ClientMachine:
             # an error of the testbed's world, not a deadlock of the kernel's.
             self.outcome = "error"
             self.reason = (
-                f"no progress for {self.deadlock.get('stalled_for', 0):.1f}s: the swap server"
+                f"no progress for {self.deadlock.stalled_for or 0:.1f}s: the swap server"
                 f" is unreachable ({self.device.stats.reconnect_failures} reconnects failed)"
             )
         elif self.deadlock is not None:
             self.outcome = "deadlock"
-            self.reason = f"no progress for {self.deadlock.get('stalled_for', 0):.1f}s"
+            self.reason = f"no progress for {self.deadlock.stalled_for or 0:.1f}s"
         elif self.integrity.corrupt:
             self.outcome, self.reason = "integrity_error", f"{self.integrity.corrupt} corrupt pages"
         elif timed_out:
@@ -603,51 +611,47 @@ class ClientMachine:
             self.outcome = "completed"
             self.reason = self._stop_reason
 
-    def summary(self, *, wall_seconds: float = 0.0) -> dict[str, Any]:
-        psi = self.memory.pressure()
-        return {
-            "machine": self.scenario.machine.name,
-            "policy": self.policy_name,
-            "outcome": self.outcome,
-            "reason": self.reason,
-            "duration": round(
-                (self._ended_at if self._ended_at is not None else trio.current_time())
-                - self._started,
-                6,
-            ),
-            "wall_seconds": round(wall_seconds, 3),
-            "memory": {
-                "total_pages": self.memory.config.nr_pages,
-                "min_free_kbytes": self.memory.min_free_kbytes,
-                "zones": [
-                    {
-                        "name": z.name,
-                        "managed": z.managed,
-                        "nr_free": z.nr_free,
-                        "min": z.watermarks.min,
-                        "low": z.watermarks.low,
-                        "high": z.watermarks.high,
-                    }
+    def summary(self, *, wall_seconds: float = 0.0) -> RunSummary:
+        ended = self._ended_at if self._ended_at is not None else trio.current_time()
+        return RunSummary(
+            machine=self.scenario.machine.name,
+            policy=self.policy_name,
+            outcome=self.outcome,
+            reason=self.reason,
+            duration=round(ended - self._started, 6),
+            wall_seconds=round(wall_seconds, 3),
+            memory=MemorySummary(
+                total_pages=self.memory.config.nr_pages,
+                min_free_kbytes=self.memory.min_free_kbytes,
+                zones=[
+                    ZoneSummary(
+                        name=z.name,
+                        managed=z.managed,
+                        nr_free=z.nr_free,
+                        min=z.watermarks.min,
+                        low=z.watermarks.low,
+                        high=z.watermarks.high,
+                    )
                     for z in self.memory.zones
                 ],
-            },
-            "vmstat": self.memory.vmstat(),
-            "slabinfo": [attrs.asdict(info) for info in self.memory.slab.slabinfo()],
-            "psi": attrs.asdict(psi),
-            "integrity": attrs.asdict(self.integrity),
-            "workloads": [attrs.asdict(h.result) for h in self.hogs],
-            "swap_device": {
+            ),
+            vmstat=dict(self.memory.vmstat()),
+            slabinfo=[attrs.asdict(info) for info in self.memory.slab.slabinfo()],
+            psi=attrs.asdict(self.memory.pressure()),
+            integrity=IntegritySummary(**attrs.asdict(self.integrity)),
+            workloads=[attrs.asdict(h.result) for h in self.hogs],
+            swap_device={
                 "export": self.device.export,
                 "swap_pages": self.device.swap_pages,
                 **attrs.asdict(self.device.stats),
             },
-            "min_free_pages": self.min_free,
-            "net": self._net_summary(),
-            "policy_report": self.policy.report(),
-            "deadlock": self.deadlock,
-            "pressure": self.pressure_report(),
-            "faults": self.faults.report(),
-        }
+            min_free_pages=self.min_free,
+            net=self._net_summary(),
+            policy_report=self.policy.report(),
+            deadlock=self.deadlock,
+            pressure=self.pressure_report(),
+            faults=self.faults.report(),
+        )
 
     def pressure_report(self) -> dict[str, Any]:
         """The pressure injected through control: hogs and floods, with their state."""
@@ -811,25 +815,25 @@ class ClientMachine:
                 floods.append(fl.id)
         return {"hogs": hogs, "floods": floods, "nr_free_pages": self.memory.nr_free_pages}
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> MachineStatus:
         """The machine now: the ``vm.sample`` fact and the counters behind it."""
-        return {
-            "machine": self.scenario.machine.name,
-            "policy": self.policy_name,
-            "outcome": self.outcome,
-            "reason": self.reason,
-            "t": round(trio.current_time() - self._started, 6),
-            "workloads_done": self.workloads_done,
-            "sample": attrs.asdict(self.sample()),
-            "vmstat": self.memory.vmstat(),
-            "psi": attrs.asdict(self.memory.pressure()),
-            "policy_report": self.policy.report(),
-            "integrity": attrs.asdict(self.integrity),
-            "net": self._net_summary(),
-            "swap_device": {"connected": self.device.connected, **attrs.asdict(self.device.stats)},
-            "pressure": self.pressure_report(),
-            "faults": self.faults.report(),
-        }
+        return MachineStatus(
+            machine=self.scenario.machine.name,
+            policy=self.policy_name,
+            outcome=self.outcome,
+            reason=self.reason,
+            t=round(trio.current_time() - self._started, 6),
+            workloads_done=self.workloads_done,
+            sample=attrs.asdict(self.sample()),
+            vmstat=self.memory.vmstat(),
+            psi=attrs.asdict(self.memory.pressure()),
+            policy_report=self.policy.report(),
+            integrity=IntegritySummary(**attrs.asdict(self.integrity)),
+            net=self._net_summary(),
+            swap_device={"connected": self.device.connected, **attrs.asdict(self.device.stats)},
+            pressure=self.pressure_report(),
+            faults=self.faults.report(),
+        )
 
     def stop(self, reason: str = "stopped") -> None:
         """End the run as if its workloads had ended (any still running are cut short)."""

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from client.mm.gfp import PF, as_task, task_flags
+from client.sync import HandoffLock
 from nbdproto import (
     NEED_DATA,
     ClientConnection,
@@ -160,8 +161,7 @@ class NBDClient:
         # in one round instead of each holding the lock across a round of its own.
         self._depth_free = depth
         self._depth_waiters = trio.lowlevel.ParkingLot()
-        self._send_busy = False
-        self._send_waiters = trio.lowlevel.ParkingLot()
+        self._send_lock = HandoffLock()
         self._slots: dict[int, _Slot] = {}
         self._cookies = itertools.count(1)
         self._closed = False
@@ -293,18 +293,12 @@ class NBDClient:
 
     async def _send(self, payload: bytes) -> None:
         """``send_all`` under the send lock (requests must not interleave on the wire)."""
-        if self._send_busy:
-            await self._send_waiters.park()  # the holder hands the lock over
-        else:
-            self._send_busy = True
+        await self._send_lock.acquire()
         try:
             with self._xmit():  # nbd's sock_xmit: the sending task's flags, by era
                 await self._stream.send_all(payload)
         finally:
-            if self._send_waiters:
-                self._send_waiters.unpark()
-            else:
-                self._send_busy = False
+            self._send_lock.release()
 
     async def _reader(self) -> None:
         machine = self._machine

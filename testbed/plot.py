@@ -169,8 +169,8 @@ def _top(series: Any) -> float:
 def _marks(run: Run) -> list[Watermarks | None]:
     """Each sample's watermarks (summed over zones), the summary's when a sample has none."""
     fallback = None
-    if run.summary is not None and isinstance(run.summary.get("memory"), dict):
-        fallback = sample_watermarks(run.summary["memory"].get("zones"))
+    if run.result is not None and run.result.memory is not None:
+        fallback = sample_watermarks(run.result.memory.zones)
     return [sample_watermarks(s.get("zones")) or fallback for s in run.samples]
 
 

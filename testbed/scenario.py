@@ -1,13 +1,16 @@
 """Running a scenario: an embedded server, one client machine, and the watchdog over it.
 
-``run_scenario`` is what ``netswap run`` and ``netswap compare`` call.  The transport is real
+``run_scenario`` is what ``netswap run``, ``netswap compare``, ``--jobs`` workers and
+``netswap sweep`` call (``run_virtual`` on the virtual clock); ``run_machine`` is the part
+``netswap client`` shares with it: ``run.start``, the machine under the watchdog,
+``run.summary``.  The transport is real
 TCP on loopback (the command line) or an in-memory stream pair (outcome tests under trio's
 virtual clock); the model, the server and the watchdog are the same code either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -15,7 +18,8 @@ import structlog
 import trio
 import trio.testing
 
-from client.machine import ClientMachine
+from client.machine import ClientMachine, Supervisor
+from client.summary import RunSummary, Verdict, unstructure_summary
 from server import Export, NBDServer
 from server.config import ExportConfig, ServerConfig
 from testbed.config import ScenarioConfig
@@ -26,10 +30,10 @@ from testbed.watchdog import Watchdog
 Transport = Literal["tcp", "memory"]
 
 
-def watchdog_supervisor(stall_seconds: float, log: Any) -> Callable[[ClientMachine], Any]:
+def watchdog_supervisor(stall_seconds: float, log: Any) -> Supervisor:
     """The machine's supervisor: a Watchdog on its progress and named waits."""
 
-    async def supervise(machine: ClientMachine) -> dict[str, Any] | None:
+    async def supervise(machine: ClientMachine) -> Verdict | None:
         watchdog = Watchdog(machine.progress, machine.memory.waits, stall_seconds=stall_seconds)
         verdict = await watchdog.run()
         log.warning(
@@ -41,12 +45,12 @@ def watchdog_supervisor(stall_seconds: float, log: Any) -> Callable[[ClientMachi
             waiting=verdict.waiting,
             progress=list(verdict.progress),
         )
-        return {
-            "cycle": verdict.path,
-            "has_cycle": verdict.cycle is not None,
-            "waiting": verdict.waiting,
-            "stalled_for": round(verdict.stalled_for, 3),
-        }
+        return Verdict(
+            cycle=verdict.path,
+            has_cycle=verdict.cycle is not None,
+            waiting=verdict.waiting,
+            stalled_for=round(verdict.stalled_for, 3),
+        )
 
     return supervise
 
@@ -76,7 +80,7 @@ async def run_scenario(
     policy: str | None = None,
     transport: Transport = "tcp",
     log: Any = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """One run of ``scenario`` under ``policy``; returns the machine's summary."""
     log = log if log is not None else structlog.get_logger()
     name = policy or scenario.policy
@@ -88,7 +92,7 @@ async def run_scenario(
         return await _run(scenario, server, name, transport, log)
 
 
-def run_virtual(scenario: ScenarioConfig, policy: str | None = None) -> dict[str, Any]:
+def run_virtual(scenario: ScenarioConfig, policy: str | None = None) -> RunSummary:
     """One run on trio's virtual clock, server and client joined in memory: a function of
     the scenario, the policy and ``run.seed`` (what ``--clock virtual``, ``--jobs`` and
     ``netswap sweep`` run).  Structlog is used as configured."""
@@ -100,7 +104,7 @@ def run_virtual(scenario: ScenarioConfig, policy: str | None = None) -> dict[str
 
 async def _run(
     scenario: ScenarioConfig, server: NBDServer, name: str, transport: Transport, log: Any
-) -> dict[str, Any]:
+) -> RunSummary:
     async with trio.open_nursery() as nursery:
         if transport == "tcp":
             host, port = await nursery.start(server.serve)
@@ -116,14 +120,38 @@ async def _run(
                 return client_end
 
         machine = ClientMachine(scenario, connect, observer=fact_observer(log), policy=name)
-        log.info(
-            "run.start",
-            transport=transport,
-            memory=scenario.machine.memory,
-            description=scenario.description,
-        )
-        summary = await machine.run(supervisor=watchdog_supervisor(scenario.run.stall_seconds, log))
-        log.info("run.summary", **summary)
+        summary = await run_machine(machine, scenario, log, transport=transport)
         server.shutdown()
         nursery.cancel_scope.cancel()
+    return summary
+
+
+#: How a machine is run under its supervisor (``netswap client --control`` wraps it).
+Runner = Callable[[ClientMachine, Supervisor], Awaitable[RunSummary]]
+
+
+async def _plain(machine: ClientMachine, supervisor: Supervisor) -> RunSummary:
+    return await machine.run(supervisor=supervisor)
+
+
+async def run_machine(
+    machine: ClientMachine,
+    scenario: ScenarioConfig,
+    log: Any,
+    *,
+    transport: Transport,
+    runner: Runner = _plain,
+    **start: Any,
+) -> RunSummary:
+    """``run.start`` (with ``start``'s fields), the machine under the watchdog, and
+    ``run.summary``: one run, logged, whatever the machine's server and transport."""
+    log.info(
+        "run.start",
+        transport=transport,
+        memory=scenario.machine.memory,
+        description=scenario.description,
+        **start,
+    )
+    summary = await runner(machine, watchdog_supervisor(scenario.run.stall_seconds, log))
+    log.info("run.summary", **unstructure_summary(summary))
     return summary

@@ -1,4 +1,4 @@
-"""The control endpoint (testbed/control.py): parsing, the endpoint on a running machine,
+"""The control endpoint (testbed/control/): parsing, the endpoint on a running machine,
 and ``netswap client --control`` driven by ``netswap pressure`` as real processes.
 
 The in-process tests join a control connection to the endpoint with an in-memory stream
@@ -25,6 +25,7 @@ from client.config import AllocFaultConfig
 from client.faults import FaultFired
 from client.machine import ClientMachine
 from client.nbd_client import NBDClient, NBDError
+from client.summary import RunSummary
 from nbdproto import Errno
 from testbed.config import load_scenario
 from testbed.control import (
@@ -201,7 +202,7 @@ class Harness:
     nursery: trio.Nursery
     facts: list[object]
     ended: trio.Event = attrs.field(factory=trio.Event)
-    summary: dict[str, Any] | None = None
+    summary: RunSummary | None = None
 
     async def connect(self) -> Connection:
         client_end, server_end = trio.testing.memory_stream_pair()
@@ -499,11 +500,11 @@ async def test_stop_ends_the_run_with_its_summary(
         await h.ended.wait()
     summary = h.summary
     assert summary is not None
-    assert summary["outcome"] == "completed" and summary["reason"] == ""
-    assert summary["integrity"]["corrupt"] == 0
-    assert summary["integrity"]["pages_verified"] == 4096 + 5000
-    assert summary["pressure"]["hogs"][0]["id"] == "hog1"
-    assert summary["faults"]["fired"] == {"alloc": 0, "latency": 0, "reset": 0}
+    assert summary.outcome == "completed" and summary.reason == ""
+    assert summary.integrity.corrupt == 0
+    assert summary.integrity.pages_verified == 4096 + 5000
+    assert summary.pressure["hogs"][0]["id"] == "hog1"
+    assert summary.faults["fired"] == {"alloc": 0, "latency": 0, "reset": 0}
     after = await conn.ask({"cmd": "hog", "pages": 10})
     assert after == {"ok": False, "error": "hog: the run has ended"}
 
@@ -516,8 +517,8 @@ async def test_stop_before_the_workloads_end_cuts_them_short(
     with trio.fail_after(60):
         await h.ended.wait()
     assert h.summary is not None
-    assert h.summary["outcome"] == "completed"
-    assert h.summary["reason"] == "stopped by control before the workloads finished"
+    assert h.summary.outcome == "completed"
+    assert h.summary.reason == "stopped by control before the workloads finished"
 
 
 async def test_the_watchdog_still_sees_a_deadlock_under_control(
@@ -532,8 +533,8 @@ async def test_the_watchdog_still_sees_a_deadlock_under_control(
     h = await start(nursery, "swap-over-nbd.toml", **overrides)
     with trio.fail_after(60):  # virtual: a machine that does not deadlock waits for "stop"
         await h.ended.wait()
-    assert h.summary is not None and h.summary["outcome"] == "deadlock"
-    assert "rx_buffer(eth0 ring)" in h.summary["deadlock"]["cycle"]
+    assert h.summary is not None and h.summary.outcome == "deadlock"
+    assert "rx_buffer(eth0 ring)" in h.summary.deadlock.cycle
 
 
 async def test_the_machine_survives_garbage_on_the_control_socket(

@@ -254,7 +254,7 @@ def test_the_scan_finds_the_events_it_should() -> None:
         ("swapdev.reconnected", "info", "client/swapdev.py"),  # DeviceEvent
         ("server.connection_opened", "info", "server/serve.py"),  # a direct call
         ("watchdog.deadlock", "warning", "testbed/scenario.py"),
-        ("control.error", "error", "testbed/control.py"),  # .exception() logs at error
+        ("control.error", "error", "testbed/control/endpoint.py"),  # .exception() logs at error
     ]:
         assert name in events, f"the scan lost {name}"
         assert level in events[name].levels, (name, events[name].levels)

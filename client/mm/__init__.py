@@ -61,7 +61,7 @@ from client.mm.lru import Lru, inactive_ratio
 from client.mm.memory import OOM_REAPER_DELAY, ContentFn, Memory, MemoryConfig
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, Frames, Page
-from client.mm.policy import NullPolicy, ReservePolicy
+from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import Process
 from client.mm.reclaim import SWAP_CLUSTER_MAX, Reclaimer, ScanControl
 from client.mm.swap import SwapArea, SwapMap
@@ -124,6 +124,7 @@ __all__ = [
     "OomVictimExited",
     "OutOfMemory",
     "Page",
+    "PolicyHooks",
     "Process",
     "ProcessKilled",
     "Progress",
@@ -131,7 +132,6 @@ __all__ = [
     "PsiLine",
     "PsiMemory",
     "Reclaimer",
-    "ReservePolicy",
     "ScanControl",
     "SwapArea",
     "SwapDevice",

@@ -31,7 +31,7 @@ from client.mm.gfp import (
     task_flags,
 )
 from client.mm.page import Page
-from client.mm.policy import NullPolicy, ReservePolicy
+from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import current_is_oom_victim, fatal_signal_pending
 from client.mm.vmstat import Progress, Psi, VmStat
 from client.mm.waits import WaitFor, WaitRegistry
@@ -122,7 +122,7 @@ class Allocator:
         waits: WaitRegistry | None = None,
         psi: Psi | None = None,
         observer: Observer = drop,
-        policy: ReservePolicy | None = None,
+        policy: PolicyHooks | None = None,
     ) -> None:
         self.zones = list(zones)
         # build_zonelists: the highest zone first, falling back to lower ones.
@@ -132,7 +132,7 @@ class Allocator:
         self.waits = WaitRegistry() if waits is None else waits
         self.psi = Psi(trio.current_time) if psi is None else psi
         self.observer = observer
-        self.policy: ReservePolicy = NullPolicy() if policy is None else policy
+        self.policy: PolicyHooks = NullPolicy() if policy is None else policy
         self.reclaimer: Reclaim | None = None
         self.out_of_memory: Callable[[GFP], bool] = lambda gfp: False
         #: What a task retrying after the OOM killer made progress waits for (the victim

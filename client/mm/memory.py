@@ -28,7 +28,7 @@ from client.mm.lru import Lru
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
 from client.mm.pagecache import CachedFile, FileContentFn, PageCache
-from client.mm.policy import NullPolicy, ReservePolicy
+from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import Process, as_current, current_process
 from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
 from client.mm.slab import FS_BIO_SLAB, FS_BIO_SLAB_SIZE, SlabCache, SlabCaches, SlabObject
@@ -136,7 +136,6 @@ class _SwapIn:
     done: trio.Event = attrs.field(factory=trio.Event)
     bio: Bio | None = None  # None until the read is submitted
     error: bool = False  # the read failed (the slot still holds the data)
-    cancelled: bool = False  # the owner gave up before submitting it: look again
     waiters: int = 0  # faults waiting for it (each holds the page, as lookup_swap_cache)
 
 
@@ -151,7 +150,7 @@ class Memory:
         self,
         config: MemoryConfig,
         *,
-        policy: ReservePolicy | None = None,
+        policy: PolicyHooks | None = None,
         observer: Observer = drop,
         clock: Callable[[], float] = trio.current_time,
         waits: WaitRegistry | None = None,
@@ -219,7 +218,7 @@ class Memory:
         cls,
         config: MemoryConfig,
         *,
-        policy: ReservePolicy | None = None,
+        policy: PolicyHooks | None = None,
         observer: Observer = drop,
         clock: Callable[[], float] = trio.current_time,
         waits: WaitRegistry | None = None,
@@ -233,10 +232,10 @@ class Memory:
     # -- configuration -----------------------------------------------------------------------
 
     @property
-    def policy(self) -> ReservePolicy:
+    def policy(self) -> PolicyHooks:
         return self.allocator.policy
 
-    def set_policy(self, policy: ReservePolicy) -> None:
+    def set_policy(self, policy: PolicyHooks) -> None:
         """Install a reserve policy and recompute the watermarks with its extra pages."""
         self.allocator.policy = policy
         policy.attach(self)
@@ -585,7 +584,6 @@ class Memory:
                 del self._swapin[offset]
                 swap.delete_from_swap_cache(r.page)
                 self.allocator.free_page(r.page)
-                r.cancelled = True
                 r.done.set()
             raise
         await self._wait_swapin(pending, slot)

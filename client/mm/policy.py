@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from client.mm.memory import Memory
 
 
-class ReservePolicy(Protocol):
+class PolicyHooks(Protocol):
     """Hooks at the page allocator's and reclaim's decision points."""
 
     def attach(self, memory: Memory) -> None:

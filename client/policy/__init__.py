@@ -9,12 +9,12 @@ from client.policy.base import Policy
 from client.policy.none import NonePolicy
 from client.policy.pfmemalloc import PfmemallocPolicy
 from client.policy.recursive import RecursivePolicy
-from client.policy.reserve import MemReserve, ReservePolicyZ
+from client.policy.reserve import MemReserve, MemReservePolicy
 
 POLICIES: dict[str, Callable[[Scenario], Policy]] = {
     "none": lambda _s: NonePolicy(),
     "recursive": lambda _s: RecursivePolicy(),
-    "reserve": lambda s: ReservePolicyZ(s.reserve),
+    "reserve": lambda s: MemReservePolicy(s.reserve),
     "pfmemalloc": lambda s: PfmemallocPolicy(throttle=s.throttle),
 }
 
@@ -30,10 +30,10 @@ def make_policy(name: str, scenario: Scenario) -> Policy:
 __all__ = [
     "POLICIES",
     "MemReserve",
+    "MemReservePolicy",
     "NonePolicy",
     "PfmemallocPolicy",
     "Policy",
     "RecursivePolicy",
-    "ReservePolicyZ",
     "make_policy",
 ]

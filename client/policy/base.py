@@ -1,6 +1,6 @@
 """What every policy shares: the hooks with their "do nothing special" answers.
 
-A policy is one object per machine that the allocator (``client.mm.policy.ReservePolicy``)
+A policy is one object per machine that the allocator (``client.mm.policy.PolicyHooks``)
 and the network stack (``client.net.stack.NetPolicy``) consult at their decision points.
 Subclasses override only the decisions their kernel design changes.  Nothing outside a
 policy looks at a policy's name: outcomes come from what these hooks do.

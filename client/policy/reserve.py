@@ -132,7 +132,7 @@ class MemReserve:
         return out
 
 
-class ReservePolicyZ(Policy):
+class MemReservePolicy(Policy):
     name = "reserve"
     models = "Zijlstra 2007-09: mem_reserve tree raising min, RX bean-counted, drop at demux"
 

@@ -174,7 +174,7 @@ def cmd_kernel_run(args: argparse.Namespace) -> int:
     except KernelRunError as exc:
         raise ConfigError(str(exc)) from None
     except BaseException as exc:
-        from testbed.cli import _leaves
+        from testbed.cli.common import leaves as _leaves
 
         for leaf in _leaves(exc):
             if isinstance(leaf, KernelRunError | ConfigError):

@@ -23,11 +23,11 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import attrs
 import structlog
 
+from client.summary import RunSummary
 from testbed import log as logsetup
 from testbed.config import ScenarioConfig
 
@@ -45,7 +45,7 @@ class Job:
 @attrs.frozen
 class RunResult:
     key: str
-    summary: dict[str, Any] | None  # None: the run raised
+    summary: RunSummary | None  # None: the run raised
     error: str | None  # "Type: message" of what it raised
     traceback: str | None
     log_gz: bytes  # its JSON-lines event log, gzipped
@@ -61,7 +61,7 @@ def execute(job: Job) -> RunResult:
         out = io.StringIO()
         logsetup.configure(stream=out, log_format="json", level=job.log_level, progress=False)
         started = time.perf_counter()
-        summary: dict[str, Any] | None = None
+        summary: RunSummary | None = None
         error = trace = None
         try:
             summary = run_virtual(job.scenario, job.policy)

@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 
+from client.summary import unstructure_summary
 from nbdproto.config import ConfigError
 from testbed.sweep.execute import RunResult
 from testbed.sweep.grid import Axis, RunSpec, SweepDefinition
@@ -108,23 +109,21 @@ def row_of(
     if s is None:
         row.update(outcome="raised", result="raised", reason=result.error)
         return row
-    vm = s.get("vmstat") or {}
-    net = s.get("net") or {}
-    integrity = s.get("integrity") or {}
-    report = s.get("policy_report") or {}
-    deadlock = s.get("deadlock") or {}
-    zones = (s.get("memory") or {}).get("zones") or []
+    integrity = s.integrity
+    vm = s.vmstat or {}
+    zones = s.memory.zones if s.memory is not None else []
+    net = s.net or {}
     drop, rx_fail = net.get("PFMemallocDrop"), net.get("rx_alloc_fail")
     row.update(
-        outcome=s["outcome"],
-        result=result_of(s["outcome"], s.get("reason") or ""),
-        reason=s.get("reason") or "",
-        sim_seconds=s.get("duration"),
+        outcome=s.outcome,
+        result=result_of(s.outcome, s.reason or ""),
+        reason=s.reason or "",
+        sim_seconds=s.duration,
         pswpout=vm.get("pswpout"),
         pswpin=vm.get("pswpin"),
-        pages_written=integrity.get("pages_written"),
-        verified=integrity.get("pages_verified"),
-        corrupt=integrity.get("corrupt"),
+        pages_written=integrity.pages_written if integrity else None,
+        verified=integrity.pages_verified if integrity else None,
+        corrupt=integrity.corrupt if integrity else None,
         drops=(drop or 0) + (rx_fail or 0),
         pfmemalloc_drop=drop,
         rx_alloc_fail=rx_fail,
@@ -133,11 +132,11 @@ def row_of(
         oom_kill=vm.get("oom_kill"),
         alloc_fail=vm.get("alloc_fail"),
         alloc_emergency=vm.get("alloc_emergency"),
-        min_free=s.get("min_free_pages"),
-        min_watermark=sum(z.get("min", 0) for z in zones) if zones else None,
-        reserve_peak=report.get("reserve_peak"),
-        deadlock_cycle=" -> ".join(deadlock["cycle"]) if deadlock.get("cycle") else None,
-        summary=json.dumps(s, default=str),
+        min_free=s.min_free_pages,
+        min_watermark=sum(z.min or 0 for z in zones) if zones else None,
+        reserve_peak=s.reserve_peak,
+        deadlock_cycle=" -> ".join(s.deadlock.cycle) if s.deadlock and s.deadlock.cycle else None,
+        summary=json.dumps(unstructure_summary(s), default=str),
     )
     return row
 

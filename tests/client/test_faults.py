@@ -36,7 +36,8 @@ from client.mm import (
 from client.mm.testing import MemorySwapDevice
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
-from client.policy import ReservePolicyZ
+from client.policy import MemReservePolicy
+from client.summary import RunSummary
 from nbdproto.config import ConfigError
 from testbed.config import load_scenario
 from testbed.scenario import embedded_server, watchdog_supervisor
@@ -248,7 +249,7 @@ async def run_machine(
     during: Callable[[ClientMachine], Any] | None = None,
     facts: list[object] | None = None,
     prepare: Callable[[ClientMachine], None] | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """The small scenario (16 MiB, hogs at 2x RAM, 1 ms to the server) over the in-memory
     transport, watched by the watchdog; ``prepare(machine)`` is called before it runs and
     ``during(machine)`` runs beside it once it runs."""
@@ -287,11 +288,11 @@ def _quiet_log() -> Any:
     return Quiet()
 
 
-def assert_clean(summary: dict[str, Any]) -> None:
-    assert summary["outcome"] == "completed", summary["reason"]
-    integrity = summary["integrity"]
-    assert integrity["corrupt"] == 0
-    assert integrity["pages_verified"] == integrity["pages_written"] > 0
+def assert_clean(summary: RunSummary) -> None:
+    assert summary.outcome == "completed", summary.reason
+    integrity = summary.integrity
+    assert integrity.corrupt == 0
+    assert integrity.pages_verified == integrity.pages_written > 0
 
 
 async def test_latency_fault_slows_the_swap_connection(autojump_clock: trio.abc.Clock) -> None:
@@ -299,10 +300,10 @@ async def test_latency_fault_slows_the_swap_connection(autojump_clock: trio.abc.
     slow = await run_machine({"faults.latency_ms": 5.0})
     assert_clean(plain)
     assert_clean(slow)
-    assert slow["duration"] > plain["duration"] * 2  # 5 ms instead of 1 ms to the server
-    assert slow["faults"]["fired"]["latency"] == 1
-    assert slow["faults"]["active"] == {"latency_ms": 5.0}
-    assert plain["faults"] == {"fired": {"alloc": 0, "latency": 0, "reset": 0}, "active": {}}
+    assert slow.duration > plain.duration * 2  # 5 ms instead of 1 ms to the server
+    assert slow.faults["fired"]["latency"] == 1
+    assert slow.faults["active"] == {"latency_ms": 5.0}
+    assert plain.faults == {"fired": {"alloc": 0, "latency": 0, "reset": 0}, "active": {}}
 
 
 async def test_latency_fault_at_runtime_changes_the_socket(autojump_clock: trio.abc.Clock) -> None:
@@ -333,10 +334,10 @@ async def test_reset_fault_reconnects_and_loses_no_page(autojump_clock: trio.abc
 
     summary = await run_machine({"workloads.0.rounds": 2}, during=cut_twice)
     assert_clean(summary)
-    assert summary["faults"]["fired"]["reset"] == 2
-    assert summary["swap_device"]["reconnects"] == 2
-    assert summary["swap_device"]["connects"] == 3
-    assert summary["vmstat"]["pswpin"] > 0
+    assert summary.faults["fired"]["reset"] == 2
+    assert summary.swap_device["reconnects"] == 2
+    assert summary.swap_device["connects"] == 3
+    assert summary.vmstat["pswpin"] > 0
 
 
 @pytest.mark.parametrize("tx_accounting", ["posted", "bean-counted"])
@@ -351,7 +352,7 @@ async def test_reserve_reconnects_give_back_the_reserve_and_min_of_each_swap_soc
 
     def watch(machine: ClientMachine) -> None:
         policy = machine.policy
-        assert isinstance(policy, ReservePolicyZ)
+        assert isinstance(policy, MemReservePolicy)
 
         def state(what: str, sock: ModelledSocket) -> None:
             rows = [
@@ -384,7 +385,7 @@ async def test_reserve_reconnects_give_back_the_reserve_and_min_of_each_swap_soc
         prepare=watch,
     )
     assert_clean(summary)
-    assert summary["swap_device"]["reconnects"] == 2
+    assert summary.swap_device["reconnects"] == 2
     opened = [(wmin, rows) for what, wmin, rows in seen if what == "open"]
     closed = [(wmin, rows) for what, wmin, rows in seen if what == "closed"]
     assert [what for what, _, _ in seen][:5] == ["open", "closed"] * 2 + ["open"]
@@ -407,8 +408,8 @@ async def test_alloc_faults_on_user_pages_are_retried_not_fatal(
         {"faults.alloc": {"probability": 0.05, "gfp": "highmem", "times": 100}}
     )
     assert_clean(summary)
-    assert summary["faults"]["fired"]["alloc"] == 100
-    assert summary["vmstat"]["alloc_fail"] >= 100
+    assert summary.faults["fired"]["alloc"] == 100
+    assert summary.vmstat["alloc_fail"] >= 100
 
 
 async def test_alloc_faults_on_rx_refills_fail_refills_and_the_run_completes(
@@ -419,8 +420,8 @@ async def test_alloc_faults_on_rx_refills_fail_refills_and_the_run_completes(
         {"faults.alloc": {"probability": 0.2, "gfp": "atomic", "task": "eth0"}}, facts=facts
     )
     assert_clean(summary)
-    fired = summary["faults"]["fired"]["alloc"]
+    fired = summary.faults["fired"]["alloc"]
     assert fired > 0
     # Each failure ends a ring refill early (the next poll tries again).
-    assert summary["net"]["nic"]["refill_failed"] == fired
+    assert summary.net["nic"]["refill_failed"] == fired
     assert {f.detail["task"] for f in facts if isinstance(f, FaultFired)} == {"eth0.rx"}

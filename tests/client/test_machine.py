@@ -14,6 +14,7 @@ import trio.testing
 
 from client.machine import ClientMachine
 from client.mm import PAGE_SIZE
+from client.summary import RunSummary
 from client.swapdev import NBDSwapDevice
 from server import Export, NBDServer
 from server.config import ExportConfig, ServerConfig
@@ -30,12 +31,12 @@ def tcp(host: str, port: int) -> Callable[[], Any]:
     return connect
 
 
-def assert_completed_clean(summary: dict[str, Any]) -> None:
-    assert summary["outcome"] == "completed", summary["reason"]
-    integrity = summary["integrity"]
-    assert integrity["corrupt"] == 0
-    assert integrity["pages_verified"] == integrity["pages_written"] > 0
-    assert summary["vmstat"]["pswpout"] > 0 and summary["vmstat"]["pswpin"] > 0
+def assert_completed_clean(summary: RunSummary) -> None:
+    assert summary.outcome == "completed", summary.reason
+    integrity = summary.integrity
+    assert integrity.corrupt == 0
+    assert integrity.pages_verified == integrity.pages_written > 0
+    assert summary.vmstat["pswpout"] > 0 and summary.vmstat["pswpin"] > 0
 
 
 async def test_small_scenario_against_netswap_server(make_server: Callable[..., Any]) -> None:
@@ -44,8 +45,8 @@ async def test_small_scenario_against_netswap_server(make_server: Callable[..., 
     summary = await ClientMachine(scenario, tcp(*server.address)).run()
     assert_completed_clean(summary)
     # 4 hogs x 4 x RAM: every page was written, swapped and read back.
-    assert summary["integrity"]["pages_verified"] == 4 * scenario.machine.memory // PAGE_SIZE
-    assert summary["swap_device"]["connects"] == 1
+    assert summary.integrity.pages_verified == 4 * scenario.machine.memory // PAGE_SIZE
+    assert summary.swap_device["connects"] == 1
 
 
 @pytest.mark.interop
@@ -103,8 +104,8 @@ async def test_run_survives_the_server_dropping_every_connection(
         nursery.start_soon(cut_twice)
         summary = await machine.run()
     assert_completed_clean(summary)
-    assert summary["swap_device"]["reconnects"] == 2
-    assert summary["swap_device"]["connects"] == 3
+    assert summary.swap_device["reconnects"] == 2
+    assert summary.swap_device["connects"] == 3
 
 
 # -- the stale-write race (nbd.md §5 item 9) ------------------------------------------------

@@ -44,11 +44,11 @@ from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
 from client.policy import (
     MemReserve,
+    MemReservePolicy,
     NonePolicy,
     PfmemallocPolicy,
     Policy,
     RecursivePolicy,
-    ReservePolicyZ,
 )
 
 NR_PAGES = 1024
@@ -491,7 +491,7 @@ async def test_reserve_tree_propagates_to_root_and_raises_min(make_rig: MakeRig)
     (mem_reserve_pages_add) and connects the network subtree when the first memalloc
     socket appears (the RX reserve "only added once"); adjust_memalloc_reserve adds the
     root's pages to min_free_kbytes (setup_watermarks)."""
-    policy = ReservePolicyZ()
+    policy = MemReservePolicy()
     cfg = policy.config
     assert (cfg.tx_pages, cfg.rx_pages, cfg.block_pages) == (32, 128, 16)
     assert cfg.tx_accounting == "posted"
@@ -530,7 +530,7 @@ async def test_reserve_charge_succeeds_below_limit_then_nonsleeping_fails(
     """§1 __mem_reserve_charge: "if (charge < 0 || res->usage + charge < res->limit)" —
     strictly below the limit, so a node of limit 4 takes 3 charges; at the limit
     kmalloc_reserve "return NULL when !__GFP_WAIT"."""
-    policy = ReservePolicyZ()
+    policy = MemReservePolicy()
     make_rig(policy)
     node = MemReserve("test", pages=4, limit=4)
     for _ in range(3):
@@ -553,7 +553,7 @@ async def test_reserve_sleeping_charge_waits_for_an_uncharge(
     """§1 kmalloc_reserve step 3: a __GFP_WAIT caller at the limit does
     ``wait_event(res->waitqueue, charge succeeds)``; any uncharge wakes it
     (``wake_up_all``)."""
-    policy = ReservePolicyZ()
+    policy = MemReservePolicy()
     rig = make_rig(policy)
     node = MemReserve("test TX", pages=2, limit=2, waker="acks")
     assert await policy.charge_emergency(GFP_NOIO, node)
@@ -584,7 +584,7 @@ async def test_reserve_tx_as_posted_goes_below_min_uncharged_and_never_waits(
     SKB_ALLOC_RX, so ``__alloc_skb`` never calls rx_emergency_get for them: a swap socket's
     TX below min comes from the reserve without a charge — past tx_pages, and past min,
     with no node to wait on."""
-    policy = ReservePolicyZ(ReserveConfig(tx_pages=2, rx_pages=8, block_pages=2))
+    policy = MemReservePolicy(ReserveConfig(tx_pages=2, rx_pages=8, block_pages=2))
     rig = make_rig(policy)
     swap, _ = rig.socket("nbd0", SWAP)
     memory = rig.memory
@@ -603,7 +603,7 @@ async def test_reserve_rx_is_bean_counted_on_the_skb_reserve_and_fails_at_its_li
     needs the reserve (GFP_ATOMIC failed) charges the SKB data reserve; at its limit the
     softirq cannot wait, the allocation fails (the packet is dropped); freeing an emergency
     skb (rx_emergency_put) uncharges."""
-    policy = ReservePolicyZ(ReserveConfig(tx_pages=2, rx_pages=3, block_pages=2))
+    policy = MemReservePolicy(ReserveConfig(tx_pages=2, rx_pages=3, block_pages=2))
     rig = make_rig(policy)
     rig.socket("nbd0", SWAP)
     assert rig.stack is not None
@@ -629,7 +629,7 @@ async def test_reserve_bean_counted_tx_charges_only_emergency_allocations(
     reserves, the normal mode of operation is not penalised" — an allocation served at or
     above min does not charge; one below min (ALLOC_NO_WATERMARKS) charges the socket's
     node, and kfree_reserve uncharges."""
-    policy = ReservePolicyZ(
+    policy = MemReservePolicy(
         ReserveConfig(tx_pages=4, rx_pages=8, block_pages=2, tx_accounting=BEAN_COUNTED)
     )
     rig = make_rig(policy)
@@ -661,7 +661,7 @@ async def test_reserve_bean_counted_tx_at_limit_fails_for_atomic_and_waits_for_n
     stop at the node's limit; a non-sleeping one fails (charge_failed counted), a sleeping
     one waits until a charged page is freed (kfree_reserve: free, then uncharge and
     wake)."""
-    policy = ReservePolicyZ(
+    policy = MemReservePolicy(
         ReserveConfig(tx_pages=3, rx_pages=8, block_pages=2, tx_accounting=BEAN_COUNTED)
     )
     rig = make_rig(policy)
@@ -696,7 +696,7 @@ async def test_reserve_bean_counted_tx_at_limit_fails_for_atomic_and_waits_for_n
 async def test_reserve_rows_give_the_reserve_info_table(make_rig: MakeRig) -> None:
     """§1 /proc/reserve_info: the tree depth-first, each node's pages, limit and usage —
     as posted, TX is one "protocol TX pages" node that is never charged."""
-    policy = ReservePolicyZ()
+    policy = MemReservePolicy()
     rig = make_rig(policy)
     rig.socket("nbd0", SWAP)
     skb = policy.skb
@@ -739,7 +739,7 @@ async def test_reserve_rows_give_the_reserve_info_table(make_rig: MakeRig) -> No
 async def test_reserve_bean_counted_rows_keep_a_closed_sockets_node(make_rig: MakeRig) -> None:
     """The bean-counted variant's table: a node per socket under the TX reserve; a closed
     socket's node leaves the tree but not the table (its peak is history)."""
-    policy = ReservePolicyZ(ReserveConfig(tx_accounting=BEAN_COUNTED))
+    policy = MemReservePolicy(ReserveConfig(tx_accounting=BEAN_COUNTED))
     rig = make_rig(policy)
     swap, _ = rig.socket("nbd0", SWAP)
     node = swap.tx_reserve
@@ -757,7 +757,7 @@ async def test_reserve_bean_counted_rows_keep_a_closed_sockets_node(make_rig: Ma
     assert policy.report()["reserve_peak"] == 3
 
 
-def reserve_state(rig: Rig, policy: ReservePolicyZ, sock: str) -> tuple[Watermarks, list[Any]]:
+def reserve_state(rig: Rig, policy: MemReservePolicy, sock: str) -> tuple[Watermarks, list[Any]]:
     """The zone's watermarks and the live ``/proc/reserve_info`` rows, ``sock``'s own node
     (bean-counted) under a name of its place rather than of its socket."""
     rows = [
@@ -776,7 +776,7 @@ async def test_reserve_close_and_reconnect_give_back_exactly_the_sockets_reserve
     (min falls back).  Each socket a reconnect opens then puts back exactly the tree and
     min the first one had, and each close takes them away again: reconnects neither leak
     reserve (min creeping up) nor leave min raised for a socket that is gone."""
-    policy = ReservePolicyZ(ReserveConfig(tx_accounting=tx_accounting))
+    policy = MemReservePolicy(ReserveConfig(tx_accounting=tx_accounting))
     cfg = policy.config
     rig = make_rig(policy)
     rx_and_block = cfg.rx_pages + cfg.block_pages
@@ -899,6 +899,6 @@ async def test_recursive_reclaim_with_only_dirty_anon_fails_and_starts_no_io(
 async def test_other_policies_do_not_recurse(make_rig: MakeRig) -> None:
     """Only ``recursive`` changes memalloc_failed; the others fail a PF_MEMALLOC allocation
     that found nothing ("Avoid recursion of direct reclaim", §2)."""
-    for policy in (NonePolicy(), PfmemallocPolicy(), ReservePolicyZ()):
+    for policy in (NonePolicy(), PfmemallocPolicy(), MemReservePolicy()):
         make_rig(policy)
         assert await policy.memalloc_failed(GFP_NOIO) is False

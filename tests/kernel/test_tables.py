@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from client.summary import structure_summary
 from testbed.cli import compare_table
 from testbed.kernel.cli import deadlock_lines, outcome_line, trials_table
 
@@ -33,7 +34,7 @@ def kernel_summary(outcome: str, trial: int = 0) -> dict[str, Any]:
 
 
 def test_a_kernel_row_in_compare_shows_its_blocked_tasks_instead_of_a_cycle() -> None:
-    table = compare_table([kernel_summary("deadlock")])
+    table = compare_table([structure_summary(kernel_summary("deadlock"))])
     lines = table.splitlines()
     assert lines[2].split()[:4] == ["kernel", "deadlock", "201.4", "94178"]
     assert lines[2].split()[6:8] == ["0", "3"]  # drops (none reported), throttled

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import structlog
 import trio
@@ -18,6 +19,7 @@ import trio.testing
 
 from client.machine import ClientMachine
 from client.mm import PAGE_SIZE
+from client.summary import RunSummary
 from testbed.config import load_scenario
 from testbed.scenario import embedded_server, run_scenario, watchdog_supervisor
 
@@ -26,17 +28,17 @@ SCENARIO = Path(__file__).resolve().parents[2] / "configs" / "swap-over-nbd.toml
 SMALL = {"machine.memory": "16M", "workloads.0.processes": 8, "nic.ring_size": 64}
 
 
-async def run(policy: str, **overrides: Any) -> dict[str, Any]:
+async def run(policy: str, **overrides: Any) -> RunSummary:
     scenario = load_scenario(SCENARIO, {**SMALL, **overrides})
     return await run_scenario(scenario, policy=policy, transport="memory")
 
 
-def completed_clean(summary: dict[str, Any]) -> bool:
-    integrity = summary["integrity"]
+def completed_clean(summary: RunSummary) -> bool:
+    integrity = summary.integrity
     return (
-        summary["outcome"] == "completed"
-        and integrity["corrupt"] == 0
-        and integrity["pages_verified"] == integrity["pages_written"] > 0
+        summary.outcome == "completed"
+        and integrity.corrupt == 0
+        and integrity.pages_verified == integrity.pages_written > 0
     )
 
 
@@ -45,15 +47,15 @@ async def test_without_reserves_swap_over_nbd_deadlocks_on_rx(
     autojump_clock: trio.abc.Clock, policy: str
 ) -> None:
     summary = await run(policy)
-    assert summary["outcome"] == "deadlock"
-    cycle = summary["deadlock"]["cycle"]
+    assert summary.outcome == "deadlock"
+    cycle = summary.deadlock.cycle
     assert cycle[0] == cycle[-1] == "kswapd0"
     assert "rx_buffer(eth0 ring)" in cycle  # the reply (or ACK) that cannot be received
-    assert summary["net"]["rx_alloc_fail"] > 0
+    assert summary.net["rx_alloc_fail"] > 0
     # Free pages reached GFP_ATOMIC's floor, 3/8 of min (ALLOC_HIGH halves it, ALLOC_HARDER
     # takes a quarter more): __zone_watermark_ok fails "if (free_pages <= min + ...)", so no
     # ring refill can succeed there.
-    assert summary["min_free_pages"] <= summary["memory"]["zones"][0]["min"] * 3 // 8
+    assert summary.min_free_pages <= summary.memory.zones[0].min * 3 // 8
 
 
 @pytest.mark.parametrize("policy", ["reserve", "pfmemalloc"])
@@ -61,10 +63,10 @@ async def test_with_reserves_swap_over_nbd_completes(
     autojump_clock: trio.abc.Clock, policy: str
 ) -> None:
     summary = await run(policy)
-    assert completed_clean(summary), summary["reason"]
+    assert completed_clean(summary), summary.reason
     # Lameter's fileserver never ends up holding an emergency buffer: each one it would
     # have received was dropped at the socket filter.
-    for sock in summary["net"]["sockets"]:
+    for sock in summary.net["sockets"]:
         if not sock["memalloc"]:
             assert sock["emergency_rx"] == 0 and sock["emergency_rx_held"] == 0
 
@@ -72,7 +74,7 @@ async def test_with_reserves_swap_over_nbd_completes(
 async def test_none_completes_without_memory_pressure(autojump_clock: trio.abc.Clock) -> None:
     summary = await run("none", **{"workloads.0.total": "0.5x"})
     assert completed_clean(summary)
-    assert summary["vmstat"]["pswpout"] == 0
+    assert summary.vmstat["pswpout"] == 0
 
 
 async def test_plenty_of_clean_pages_lets_recursive_complete(
@@ -84,9 +86,9 @@ async def test_plenty_of_clean_pages_lets_recursive_complete(
     replies over the floor where a fresh page per packet could not be had.)"""
     scenario = load_scenario(SCENARIO.with_name("clean-pages.toml"))
     recursive = await run_scenario(scenario, policy="recursive", transport="memory")
-    assert completed_clean(recursive), recursive["reason"]
-    assert recursive["integrity"]["file_pages_verified"] > 0
-    report = recursive["policy_report"]
+    assert completed_clean(recursive), recursive.reason
+    assert recursive.integrity.file_pages_verified > 0
+    report = recursive.policy_report
     # The mechanism did the work: reclaim under GFP_NOIO does no I/O, so what it freed was
     # clean (the readers' page cache).  Whether any of it is left when the run ends depends
     # on whether the readers finished first, so that is not asserted.
@@ -110,18 +112,18 @@ async def test_the_shipped_scenario_as_shipped(autojump_clock: trio.abc.Clock, p
     pin it): a change to the model may move an outcome, but never make a run hang, run out
     of time, lose a page or count one verified that was not."""
     summary = await run_scenario(load_scenario(SCENARIO), policy=policy, transport="memory")
-    assert summary["memory"]["total_pages"] == 16384  # as shipped: 64 MiB
-    assert summary["policy"] == policy
-    assert summary["outcome"] in FAULT_FREE_OUTCOMES, summary["reason"]
-    integrity = summary["integrity"]
-    assert integrity["corrupt"] == 0
-    assert integrity["pages_written"] > 0
-    if summary["outcome"] == "completed":
-        assert completed_clean(summary), summary["reason"]
-        assert all(w["finished"] == w["processes"] for w in summary["workloads"])
+    assert summary.memory.total_pages == 16384  # as shipped: 64 MiB
+    assert summary.policy == policy
+    assert summary.outcome in FAULT_FREE_OUTCOMES, summary.reason
+    integrity = summary.integrity
+    assert integrity.corrupt == 0
+    assert integrity.pages_written > 0
+    if summary.outcome == "completed":
+        assert completed_clean(summary), summary.reason
+        assert all(w["finished"] == w["processes"] for w in summary.workloads)
     else:
-        assert summary["deadlock"]["waiting"]  # no progress while tasks wait on something
-        assert integrity["pages_verified"] <= integrity["pages_written"]
+        assert summary.deadlock.waiting  # no progress while tasks wait on something
+        assert integrity.pages_verified <= integrity.pages_written
 
 
 @pytest.mark.parametrize("path", sorted(SCENARIO.parent.glob("*.toml")), ids=lambda p: p.name)
@@ -138,12 +140,12 @@ async def test_the_no_pressure_control_completes_without_swapping(
 ) -> None:
     scenario = load_scenario(SCENARIO.with_name("no-pressure.toml"))
     summary = await run_scenario(scenario, policy=policy, transport="memory")
-    assert completed_clean(summary), summary["reason"]
-    assert summary["vmstat"]["pswpout"] == 0 and summary["duration"] > 4
+    assert completed_clean(summary), summary.reason
+    assert summary.vmstat["pswpout"] == 0 and summary.duration > 4
 
 
-def reserve_row(summary: dict[str, Any], name: str) -> dict[str, Any]:
-    rows = summary["policy_report"]["reserve_info"]
+def reserve_row(summary: RunSummary, name: str) -> dict[str, Any]:
+    rows = summary.policy_report["reserve_info"]
     [row] = [r for r in rows if r["reserve"].strip() == name]
     return row
 
@@ -157,11 +159,11 @@ async def test_reserve_sized_far_too_small_deadlocks_on_its_rx_reserve(
     once reclaim's TX has taken memory under GFP_ATOMIC's floor the swap socket's replies
     and ACKs are dropped at the NIC and reclaim waits on itself."""
     summary = await run("reserve", **{"reserve.tx_pages": 2, "reserve.rx_pages": 1})
-    assert summary["outcome"] == "deadlock"
-    assert "rx_buffer(eth0 ring)" in summary["deadlock"]["cycle"]
+    assert summary.outcome == "deadlock"
+    assert "rx_buffer(eth0 ring)" in summary.deadlock.cycle
     skb = reserve_row(summary, "SKB data reserve")
     assert skb["limit"] == 1 and skb["peak"] == 0 and skb["charge_failed"] > 0
-    waits = " ".join(summary["deadlock"]["waiting"].values())
+    waits = " ".join(summary.deadlock.waiting.values())
     assert "reserve(" not in waits
     assert reserve_row(summary, "protocol TX pages")["charge_failed"] == 0
 
@@ -174,10 +176,10 @@ async def test_reserve_the_rx_reserve_alone_decides(
     min), a 1-page RX reserve deadlocks on the swap socket's RX and an 8-page one
     completes: the RX bean counting is what carries reclaim's replies over the floor."""
     summary = await run("reserve", **{"reserve.tx_pages": 0, "reserve.rx_pages": rx_pages})
-    assert summary["outcome"] == outcome, summary["reason"]
+    assert summary.outcome == outcome, summary.reason
     skb = reserve_row(summary, "SKB data reserve")
     if outcome == "deadlock":
-        assert "rx_buffer(eth0 ring)" in summary["deadlock"]["cycle"]
+        assert "rx_buffer(eth0 ring)" in summary.deadlock.cycle
         assert skb["peak"] == 0 and skb["charge_failed"] > 0
     else:
         assert completed_clean(summary)
@@ -191,8 +193,8 @@ async def test_reserve_bean_counted_tx_variant_with_a_tiny_tx_reserve_deadlocks(
     summary = await run(
         "reserve", **{"reserve.tx_accounting": "bean-counted", "reserve.tx_pages": 2}
     )
-    assert summary["outcome"] == "deadlock"
-    waits = " ".join(summary["deadlock"]["waiting"].values())
+    assert summary.outcome == "deadlock"
+    waits = " ".join(summary.deadlock.waiting.values())
     assert "reserve(" in waits  # someone waits on a reserve charge that never comes
 
 
@@ -203,8 +205,8 @@ async def test_pfmemalloc_with_a_tiny_min_free_kbytes_deadlocks(
     and the ring's refills.  (At 128 KiB it completes: the 64 receive buffers posted when
     the device opened are a standing RX reserve of 32 pages, on top of min.)"""
     summary = await run("pfmemalloc", **{"machine.min_free_kbytes": 64})
-    assert summary["outcome"] == "deadlock"
-    assert summary["min_free_pages"] == 0  # the whole reserve (min itself) was used up
+    assert summary.outcome == "deadlock"
+    assert summary.min_free_pages == 0  # the whole reserve (min itself) was used up
 
 
 async def test_fairness_the_flood_cannot_eat_the_swap_sockets_reserve(
@@ -215,13 +217,13 @@ async def test_fairness_the_flood_cannot_eat_the_swap_sockets_reserve(
     swap-out completes."""
     scenario = load_scenario(SCENARIO.with_name("fairness.toml"))
     summary = await run_scenario(scenario, transport="memory")
-    assert summary["policy"] == "pfmemalloc"
-    assert completed_clean(summary), summary["reason"]
-    assert summary["net"]["PFMemallocDrop"] > 0
-    noise = [s for s in summary["net"]["sockets"] if not s["memalloc"]]
+    assert summary.policy == "pfmemalloc"
+    assert completed_clean(summary), summary.reason
+    assert summary.net["PFMemallocDrop"] > 0
+    noise = [s for s in summary.net["sockets"] if not s["memalloc"]]
     assert len(noise) == 8
     assert all(s["emergency_rx"] == 0 and s["emergency_rx_held"] == 0 for s in noise)
-    assert sum(s["pfmemalloc_drop"] for s in noise) == summary["net"]["PFMemallocDrop"]
+    assert sum(s["pfmemalloc_drop"] for s in noise) == summary.net["PFMemallocDrop"]
 
 
 async def test_virtio_refill_work_deadlocks_in_reclaim_with_napi_disabled(
@@ -233,23 +235,23 @@ async def test_virtio_refill_work_deadlocks_in_reclaim_with_napi_disabled(
     free; kswapd0 waits for a bio too.  Seeds 0-9 all deadlock this way; seed 0 here."""
     scenario = load_scenario(SCENARIO.with_name("virtio-refill.toml"))
     summary = await run_scenario(scenario, transport="memory")
-    assert summary["policy"] == "pfmemalloc"
-    assert summary["outcome"] == "deadlock", summary["reason"]
-    deadlock = summary["deadlock"]
-    assert deadlock["cycle"] == [
+    assert summary.policy == "pfmemalloc"
+    assert summary.outcome == "deadlock", summary.reason
+    deadlock = summary.deadlock
+    assert deadlock.cycle == [
         "eth0.refill",
         "mempool(bio)",
         "eth0.rx",
         "napi_disabled(eth0)",
         "eth0.refill",
     ]
-    assert deadlock["waiting"]["kswapd0"] == "mempool(bio)"
-    nic = summary["net"]["nic"]
+    assert deadlock.waiting["kswapd0"] == "mempool(bio)"
+    nic = summary.net["nic"]
     assert nic["driver"] == "virtio"
     assert nic["refill_work"] >= 1 and nic["refill_failed"] >= 1
-    assert summary["vmstat"]["allocstall"] > 0  # refill_work's GFP_KERNEL reclaimed directly
+    assert summary.vmstat["allocstall"] > 0  # refill_work's GFP_KERNEL reclaimed directly
     # The NAPI refill failed at GFP_ATOMIC's floor, 3/8 of min: not below it.
-    assert summary["min_free_pages"] == summary["memory"]["zones"][0]["min"] * 3 // 8
+    assert summary.min_free_pages == summary.memory.zones[0].min * 3 // 8
 
 
 async def test_virtio_refill_scenario_with_a_netdev_driver_completes(
@@ -260,8 +262,8 @@ async def test_virtio_refill_scenario_with_a_netdev_driver_completes(
     the driver's, not the scenario's."""
     scenario = load_scenario(SCENARIO.with_name("virtio-refill.toml"), {"nic.driver": "netdev"})
     summary = await run_scenario(scenario, transport="memory")
-    assert completed_clean(summary), summary["reason"]
-    assert summary["net"]["nic"]["refill_work"] == 0
+    assert completed_clean(summary), summary.reason
+    assert summary.net["nic"]["refill_work"] == 0
 
 
 async def test_a_permanently_dead_server_ends_the_run_as_an_error_not_a_hang(
@@ -299,11 +301,11 @@ async def test_a_permanently_dead_server_ends_the_run_as_an_error_not_a_hang(
             supervisor=watchdog_supervisor(scenario.run.stall_seconds, structlog.get_logger())
         )
         nursery.cancel_scope.cancel()
-    assert summary["outcome"] == "error"
-    assert "swap server is unreachable" in summary["reason"]
-    assert summary["swap_device"]["reconnect_failures"] > 0
-    assert summary["integrity"]["corrupt"] == 0
-    assert summary["duration"] < 10  # ended by the watchdog, promptly
+    assert summary.outcome == "error"
+    assert "swap server is unreachable" in summary.reason
+    assert summary.swap_device["reconnect_failures"] > 0
+    assert summary.integrity.corrupt == 0
+    assert summary.duration < 10  # ended by the watchdog, promptly
 
 
 async def test_a_page_corrupted_on_the_server_is_an_integrity_error(
@@ -353,11 +355,11 @@ async def test_a_page_corrupted_on_the_server_is_an_integrity_error(
         )
         nursery.cancel_scope.cancel()
     assert corrupted
-    assert summary["swap_device"]["remapped_slots"] == 0  # the slot lived at its home block
-    assert summary["outcome"] == "integrity_error", summary["reason"]
-    integrity = summary["integrity"]
-    assert integrity["corrupt"] >= 1
-    assert integrity["pages_verified"] + integrity["corrupt"] == integrity["pages_written"]
+    assert summary.swap_device["remapped_slots"] == 0  # the slot lived at its home block
+    assert summary.outcome == "integrity_error", summary.reason
+    integrity = summary.integrity
+    assert integrity.corrupt >= 1
+    assert integrity.pages_verified + integrity.corrupt == integrity.pages_written
 
 
 def test_a_virtual_clock_run_is_a_function_of_its_seed() -> None:
@@ -368,11 +370,10 @@ def test_a_virtual_clock_run_is_a_function_of_its_seed() -> None:
     model's deadlines are absolute clock readings, so the same run started at another
     virtual time rounds them differently and can break a near tie another way."""
 
-    def once(policy: str, seed: int) -> dict[str, Any]:
+    def once(policy: str, seed: int) -> RunSummary:
         clock = trio.testing.MockClock(autojump_threshold=0)
         summary = trio.run(lambda: run(policy, **{"run.seed": seed}), clock=clock)
-        summary.pop("wall_seconds")
-        return summary
+        return attrs.evolve(summary, wall_seconds=None)
 
     first = once("pfmemalloc", 7)
     once("none", 3)  # something else in between

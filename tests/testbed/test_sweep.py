@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from client.summary import RunSummary
 from nbdproto.config import ConfigError
 from testbed.cli import main, parse_seeds
 from testbed.sweep.execute import RunResult
@@ -376,7 +377,13 @@ def fabricated(tmp_path: Path, grid: list[str], outcomes: dict[tuple[str, str, i
             ((axis, i),) = spec.cell
             outcome = outcomes.get((axis.raws[i], spec.policy, spec.seed), "completed")
             reason = {"oom": "2 processes OOM-killed"}.get(outcome, "")
-            summary = {"outcome": "error" if outcome == "oom" else outcome, "reason": reason}
+            summary = RunSummary(
+                machine="client0",
+                policy=spec.policy,
+                outcome="error" if outcome == "oom" else outcome,
+                reason=reason,
+                duration=None,
+            )
             result = RunResult(spec.key, summary, None, None, b"", 0.1, "test")
             store.record(spec, result, attempts=1, code="test")
     finally:
