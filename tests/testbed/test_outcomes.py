@@ -201,10 +201,12 @@ async def test_reserve_bean_counted_tx_variant_with_a_tiny_tx_reserve_deadlocks(
 async def test_pfmemalloc_with_a_tiny_min_free_kbytes_deadlocks(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Gorman's reserve is min itself: at 64 KiB (16 pages) it cannot cover reclaim's TX
-    and the ring's refills.  (At 128 KiB it completes: the 64 receive buffers posted when
-    the device opened are a standing RX reserve of 32 pages, on top of min.)"""
-    summary = await run("pfmemalloc", **{"machine.min_free_kbytes": 64})
+    """Gorman's reserve is min itself: at 32 KiB (8 pages) it cannot cover reclaim's TX
+    and the ring's refills.  (At 64 KiB it completes, its free pages touching 0 on the
+    way: the autotuned send buffer holds at most about 31 pages at 16 MiB, and the 64
+    receive buffers posted when the device opened are a standing RX reserve of 32 pages,
+    on top of min.)"""
+    summary = await run("pfmemalloc", **{"machine.min_free_kbytes": 32})
     assert summary.outcome == "deadlock"
     assert summary.min_free_pages == 0  # the whole reserve (min itself) was used up
 
