@@ -9,6 +9,7 @@ the harness that loads one (DESIGN.md §2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -72,8 +73,16 @@ class MachineConfig:
             raise ConfigError("machine.min_free_kbytes must not be negative")
 
 
-def _buf_size(value: str | int) -> int:
-    return parse_size(value, what="socket buffer size")
+#: What a socket buffer key takes to leave the buffer to the kernel (TOML has no null).
+AUTOTUNED = "auto"
+
+
+def _opt_buf_size(value: str | int | None) -> int | None:
+    """A socket buffer: SO_SNDBUF/SO_RCVBUF as the ``sk_sndbuf``/``sk_rcvbuf`` it sets (a
+    size), or None -- absent, or "auto" -- for TCP's autotuning (client/net/tcp.py)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTOTUNED):
+        return None
+    return parse_size(value, what="socket buffer size (or 'auto')")
 
 
 #: ``[swap] nbd``: the same names as client/nbd_client.py NBD_ERAS (a test checks that they
@@ -93,8 +102,12 @@ class SwapConfig:
 
     export: str = "swap"
     size: int = attrs.field(default=512 << 20, converter=_swap_size)  # for embedded servers
-    sndbuf: int = attrs.field(default=256 << 10, converter=_buf_size)  # sk_sndbuf
-    rcvbuf: int = attrs.field(default=1 << 20, converter=_buf_size)  # sk_rcvbuf
+    #: SO_SNDBUF/SO_RCVBUF on the NBD socket, as the sk_sndbuf/sk_rcvbuf they set (the
+    #: kernel stores twice what setsockopt is passed; these are the stored values) and lock:
+    #: the kernel never changes them.  None ("auto"): TCP autotunes them, from tcp_wmem[1]/
+    #: tcp_rmem[1] up to tcp_wmem[2]/tcp_rmem[2].
+    sndbuf: int | None = attrs.field(default=None, converter=_opt_buf_size)
+    rcvbuf: int | None = attrs.field(default=None, converter=_opt_buf_size)
     latency: float = 0.0  # seconds a packet takes to reach the client (replies and ACKs)
     depth: int = 32
     io_timeout: float = 30.0
@@ -197,7 +210,7 @@ class NoiseConfig:
     name: str = "fileserver"
     sockets: int = 2
     rate: int = attrs.field(default=0, converter=_rate)
-    rcvbuf: int = attrs.field(default=256 << 10, converter=_buf_size)
+    rcvbuf: int | None = attrs.field(default=None, converter=_opt_buf_size)  # as swap.rcvbuf
     consume_rate: int = attrs.field(default=1 << 20, converter=_rate)
     process_pages: int = 1
     start_after: float = 0.0
@@ -331,6 +344,60 @@ class NicConfig:
             raise ConfigError(f"nic.softirq_cost {self.softirq_cost}: must be >= 0 and < 1")
 
 
+def _sysctl_triple(
+    value: Any, name: str, unit: str, names: tuple[str, str, str], parse: Callable[[Any], int]
+) -> tuple[int, int, int] | None:
+    """``net.<name>``: three values in order, or None (the kernel's)."""
+    if value is None:
+        return None
+    a, b, c = names
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        raise ConfigError(f"net.{name} {value!r}: expected three {unit} [{a}, {b}, {c}]")
+    triple = tuple(parse(v) for v in value)
+    if not 0 < triple[0] <= triple[1] <= triple[2]:
+        raise ConfigError(f"net.{name} {list(value)!r}: must be 0 < {a} <= {b} <= {c}")
+    return (triple[0], triple[1], triple[2])
+
+
+def _pages(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"net.tcp_mem: {value!r} is not a number of pages")
+    return value
+
+
+def _size_of(what: str) -> Callable[[Any], int]:
+    return lambda value: parse_size(value, what=what)
+
+
+def _tcp_mem(value: Any) -> tuple[int, int, int] | None:
+    return _sysctl_triple(value, "tcp_mem", "page counts", ("low", "pressure", "high"), _pages)
+
+
+def _tcp_wmem(value: Any) -> tuple[int, int, int] | None:
+    return _sysctl_triple(
+        value, "tcp_wmem", "sizes", ("min", "default", "max"), _size_of("net.tcp_wmem")
+    )
+
+
+def _tcp_rmem(value: Any) -> tuple[int, int, int] | None:
+    return _sysctl_triple(
+        value, "tcp_rmem", "sizes", ("min", "default", "max"), _size_of("net.tcp_rmem")
+    )
+
+
+@attrs.frozen
+class NetConfig:
+    """The client's TCP sysctls (client/net/tcp.py).  Each left out is what the kernel's
+    ``tcp_init`` computes from the machine's memory: ``tcp_mem`` in pages (below the first,
+    no pressure; above the second, pressure; above the third, allocations refused),
+    ``tcp_wmem`` and ``tcp_rmem`` in bytes (a new socket's minimum guarantee, its starting
+    buffer, and how far autotuning may grow it), as in /proc/sys/net/ipv4."""
+
+    tcp_mem: tuple[int, int, int] | None = attrs.field(default=None, converter=_tcp_mem)
+    tcp_wmem: tuple[int, int, int] | None = attrs.field(default=None, converter=_tcp_wmem)
+    tcp_rmem: tuple[int, int, int] | None = attrs.field(default=None, converter=_tcp_rmem)
+
+
 class Scenario(Protocol):
     """A scenario as the client machine reads it.  :class:`testbed.config.ScenarioConfig` is
     one; it also holds what the client never sees (the server, the kernel lab)."""
@@ -355,3 +422,5 @@ class Scenario(Protocol):
     def faults(self) -> ClientFaultsConfig: ...
     @property
     def nic(self) -> NicConfig: ...
+    @property
+    def net(self) -> NetConfig: ...

@@ -34,6 +34,7 @@ from client.net.device import NicSettings
 from client.net.noise import consume, flood
 from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
+from client.net.tcp import TcpSysctls
 from client.policy import Policy, make_policy
 from client.summary import (
     IntegritySummary,
@@ -368,6 +369,17 @@ class ClientMachine:
         self.swap_socket = sock
         return sock
 
+    def tcp_sysctls(self) -> TcpSysctls:
+        """net.ipv4.tcp_mem, tcp_wmem and tcp_rmem: tcp_init's, from the machine's memory
+        at boot, with the scenario's ``[net]`` in their place where it sets them."""
+        boot = TcpSysctls.for_memory(self.memory)
+        net = self.scenario.net
+        return TcpSysctls(
+            tcp_mem=boot.tcp_mem if net.tcp_mem is None else net.tcp_mem,
+            tcp_wmem=boot.tcp_wmem if net.tcp_wmem is None else net.tcp_wmem,
+            tcp_rmem=boot.tcp_rmem if net.tcp_rmem is None else net.tcp_rmem,
+        )
+
     def _swap_latency(self) -> float:
         """The swap connection's latency: a latency fault's, else the scenario's."""
         if self.faults.latency is not None:
@@ -401,7 +413,12 @@ class ClientMachine:
                     softirq_cost=n.softirq_cost if virtual else 0.0,
                 )
                 self.net = NetStack(
-                    self.memory, self.policy, nursery, observer=self.observer, nic=nic
+                    self.memory,
+                    self.policy,
+                    nursery,
+                    observer=self.observer,
+                    nic=nic,
+                    tcp=self.tcp_sysctls(),
                 )
                 self.net.up()  # the interface comes up at boot, before any socket
                 self.memory.waits.roles["kswapd"] = ["kswapd0"]
@@ -649,6 +666,7 @@ class ClientMachine:
         sockets: list[ModelledSocket] = [*self.net.sockets.values(), *self.net.closed]
         return {
             **self.net.totals(),
+            "tcp": self.net.tcp.snapshot(),
             "nic": self.net.device.snapshot(),
             "sockets": [s.snapshot() for s in sockets],
         }

@@ -23,6 +23,7 @@ from client.config import (
     ClientFaultsConfig,
     HogConfig,
     MachineConfig,
+    NetConfig,
     NicConfig,
     NoiseConfig,
     ReserveConfig,
@@ -215,6 +216,7 @@ class ScenarioConfig:
     machine: MachineConfig = MachineConfig()
     swap: SwapConfig = SwapConfig()
     nic: NicConfig = NicConfig()
+    net: NetConfig = NetConfig()
     workloads: tuple[WorkloadConfig, ...] = (HogConfig(),)
     noise: tuple[NoiseConfig, ...] = ()
     policy: str = attrs.field(default="none", converter=_policy)

@@ -122,7 +122,14 @@ def get_logger(**initial: Any) -> Any:
 
 #: High-volume facts (one per page) are logged at debug level; the rest at info.
 _DEBUG_EVENTS = frozenset(
-    {"swap.readpage", "swap.read_done", "alloc.failed", "alloc.emergency", "kswapd.sleep"}
+    {
+        "swap.readpage",
+        "swap.read_done",
+        "alloc.failed",
+        "alloc.emergency",
+        "kswapd.sleep",
+        "tcp.ack_delayed",
+    }
 )
 
 

@@ -126,6 +126,8 @@ def test_demo_compares_every_policy_and_writes_its_log(tmp_path: Path) -> None:
         "machine.memory=16M",
         "--set",
         "workloads.0.processes=8",
+        "--set",
+        "nic.ring_size=64",  # scaled with the 16M machine, as test_outcomes.py's SMALL
         "--log-file",
         str(log),
         "--plot",
@@ -166,7 +168,7 @@ def test_compare_over_seeds_counts_the_outcomes(tmp_path: Path) -> None:
     summary = tmp_path / "seeds.json"
     result = netswap(
         "compare", scenario, "--set", "machine.memory=16M", "--set", "workloads.0.processes=8",
-        "--policies", "none,pfmemalloc", "--seeds", "0-1", "--summary", str(summary),
+        "--set", "nic.ring_size=64", "--policies", "none,pfmemalloc", "--seeds", "0-1", "--summary", str(summary),
         "--log-file", str(tmp_path / "one.jsonl"),
         timeout=300,
     )  # fmt: skip
@@ -174,7 +176,7 @@ def test_compare_over_seeds_counts_the_outcomes(tmp_path: Path) -> None:
     # Two at a time in worker processes: the same table, summaries and log, in order.
     parallel = netswap(
         "compare", scenario, "--set", "machine.memory=16M", "--set", "workloads.0.processes=8",
-        "--policies", "none,pfmemalloc", "--seeds", "0-1", "--summary", str(tmp_path / "2.json"),
+        "--set", "nic.ring_size=64", "--policies", "none,pfmemalloc", "--seeds", "0-1", "--summary", str(tmp_path / "2.json"),
         "--log-file", str(tmp_path / "two.jsonl"), "--jobs", "2",
         timeout=300,
     )  # fmt: skip

@@ -524,7 +524,12 @@ async def test_stop_before_the_workloads_end_cuts_them_short(
 async def test_the_watchdog_still_sees_a_deadlock_under_control(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
-    overrides = {"workloads.0.processes": 8, "workloads.0.total": "4x", "swap.latency": 0.002}
+    overrides = {
+        "workloads.0.processes": 8,
+        "workloads.0.total": "4x",
+        "swap.latency": 0.002,
+        "nic.ring_size": 64,  # scaled with the 16M machine, as test_outcomes.py's SMALL
+    }
     h = await start(nursery, "swap-over-nbd.toml", **overrides)
     with trio.fail_after(60):  # virtual: a machine that does not deadlock waits for "stop"
         await h.ended.wait()

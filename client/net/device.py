@@ -14,9 +14,12 @@ knowing who the next packet is for.
   ``build_skb`` marks the skb).  The ring is filled when the device opens, in process
   context (``virtnet_open``: ``try_fill_recv(GFP_KERNEL)``).
 * **A packet** (at most one MTU of data, or an ACK) is received only into a posted buffer.
-  Then the socket's ``sk_filter`` may drop it (a pfmemalloc skb for a socket without
-  SOCK_MEMALLOC); an ACK's buffer is freed at once; data keeps its buffer until the
-  consumer reads it.  Each packet costs ``softirq_cost`` of the virtual clock.
+  It becomes an skb around the buffer (``build_skb``: a head from ``skbuff_head_cache``,
+  ``GFP_ATOMIC``, built with the buffer by a ``netdev`` driver and in the poll by
+  virtio_net, whose packet is dropped if the head cannot be had).  Then the socket's
+  ``sk_filter`` may drop it (a pfmemalloc skb for a socket without SOCK_MEMALLOC); an
+  ACK's skb is freed at once; data keeps its skb until the consumer reads it.  Each
+  packet costs ``softirq_cost`` of the virtual clock.
 * **Two driver styles** (``[nic] driver``):
 
   - ``netdev`` — a driver that allocates its buffers with ``netdev_alloc_skb`` (e1000 as
@@ -52,7 +55,9 @@ import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_KERNEL, PAGE_SIZE, PF, Memory, Page
 from client.mm.gfp import serving_softirq, task_flags
+from client.mm.slab import SKBUFF_HEAD_CACHE, SlabCache, SlabObject
 from client.mm.waits import WaitFor
+from client.net.skbuff import SKB_HEAD_TRUESIZE
 
 if TYPE_CHECKING:
     from client.net.socket import ModelledSocket
@@ -98,6 +103,13 @@ class NicSettings:
         if not self.bandwidth > 0 or not self.softirq_cost >= 0:
             raise ValueError("nic: bandwidth > 0 and softirq_cost >= 0")
 
+    @property
+    def rx_truesize(self) -> int:
+        """An RX skb's truesize: build_skb's "skb->truesize = SKB_TRUESIZE(size)" with
+        ``size`` the buffer less its shared info, so the buffer and
+        SKB_DATA_ALIGN(sizeof(struct sk_buff))."""
+        return self.rx_buffer + SKB_HEAD_TRUESIZE
+
 
 @attrs.frozen
 class RefillFailed:
@@ -110,8 +122,10 @@ class RefillFailed:
     wanted: int
 
 
-class _FragPage:
-    """A page the frag allocator carves buffers from; freed when its last buffer is."""
+class FragPage:
+    """A page a frag allocator carves buffers from (``page_frag_alloc``, and a socket's
+    ``sk_page_frag``): ``refs`` counts the buffers and skbs using it; it is freed when the
+    last one goes and its allocator has moved on to another page."""
 
     __slots__ = ("page", "refs")
 
@@ -121,12 +135,14 @@ class _FragPage:
 
 
 class RxBuffer:
-    """One posted receive buffer (a frag of a page); after a packet, the skb's data."""
+    """One posted receive buffer (a frag of a page); after a packet, the skb's data.
+    ``head``: its ``struct sk_buff`` from ``skbuff_head_cache``, once built."""
 
-    __slots__ = ("_frag",)
+    __slots__ = ("_frag", "head")
 
-    def __init__(self, frag: _FragPage) -> None:
+    def __init__(self, frag: FragPage) -> None:
         self._frag = frag
+        self.head: SlabObject | None = None
         frag.refs += 1
 
     @property
@@ -142,6 +158,7 @@ class RxBuffer:
 class DeviceStats:
     rx_packets: int = 0
     rx_no_buffer: int = 0  # a packet found the ring empty (e1000's rx_no_buffer_count)
+    rx_dropped: int = 0  # the skb head could not be allocated: the packet is lost
     refill_failed: int = 0  # refills that got fewer buffers than wanted
     refill_work: int = 0  # refill_work runs (virtio)
     ring_pages_peak: int = 0
@@ -159,7 +176,8 @@ class NetDevice:
         self.name = name
         self.ring: deque[RxBuffer] = deque()
         self.per_page = max(1, PAGE_SIZE // settings.rx_buffer)
-        self._frag: _FragPage | None = None  # page_frag_cache: the page being carved
+        self._head_cache: SlabCache = memory.slab[SKBUFF_HEAD_CACHE]
+        self._frag: FragPage | None = None  # page_frag_cache: the page being carved
         self._frag_left = 0
         self.pages = 0  # pages the ring's buffers (posted or held by skbs) occupy
         self.stats = DeviceStats()
@@ -210,27 +228,35 @@ class NetDevice:
 
     # -- buffers --------------------------------------------------------------------------
     def release(self, buf: RxBuffer, *, progress: bool = True) -> None:
-        """The skb that used ``buf`` is freed: put the page's reference.  ``progress`` is
-        False for a buffer that only churned (a dropped packet, a pure ACK): a ring that
-        takes and drops packets while nothing else moves is not progress."""
+        """The skb that used ``buf`` is freed (``kfree_skb``): its head goes back to
+        ``skbuff_head_cache`` and the page's reference is put.  ``progress`` is False for a
+        buffer that only churned (a dropped packet, a pure ACK): a ring that takes and drops
+        packets while nothing else moves is not progress."""
+        head = buf.head
+        if head is not None:
+            buf.head = None
+            self._head_cache.free(head)
         frag = buf._frag
         frag.refs -= 1
         if frag.refs == 0 and frag is not self._frag:
             self._free_frag(frag, progress=progress)
 
-    def _free_frag(self, frag: _FragPage, *, progress: bool = True) -> None:
+    def _free_frag(self, frag: FragPage, *, progress: bool = True) -> None:
         self.memory.free_page(frag.page, progress=progress)
         self.pages -= 1
 
     async def _new_buffer(self, gfp: GFP, reserve: object | None) -> RxBuffer | None:
         """``page_frag_alloc``: the next ``rx_buffer`` bytes of the cached page, or a new
-        page (``__page_frag_cache_refill``) with ``gfp``."""
+        page (``__page_frag_cache_refill``) with ``gfp``.  A ``netdev`` driver's buffer is
+        a whole skb: ``__netdev_alloc_skb`` builds it at once, "data =
+        __netdev_alloc_frag(fragsz, gfp_mask); if (likely(data)) { skb = build_skb(data,
+        fragsz); if (unlikely(!skb)) put_page(virt_to_head_page(data)); }"."""
         if self._frag is None or self._frag_left == 0:
             page = await self.memory.alloc_page(gfp, reserve=reserve)
             if page is None:
                 return None
             old = self._frag
-            self._frag = _FragPage(page)
+            self._frag = FragPage(page)
             self._frag_left = self.per_page
             self.pages += 1
             if self.pages > self.stats.ring_pages_peak:
@@ -238,7 +264,19 @@ class NetDevice:
             if old is not None and old.refs == 0:
                 self._free_frag(old)
         self._frag_left -= 1
-        return RxBuffer(self._frag)
+        buf = RxBuffer(self._frag)
+        if self.settings.driver == "netdev":
+            buf.head = await self._build_skb()
+            if buf.head is None:
+                self.release(buf)  # put_page: the frag goes back
+                return None
+        return buf
+
+    async def _build_skb(self) -> SlabObject | None:
+        """build_skb: "skb = kmem_cache_alloc(skbuff_head_cache, GFP_ATOMIC);" -- whatever
+        gfp the buffer was allocated with (napi_build_skb's per-CPU cache refills with
+        ``kmem_cache_alloc_bulk(skbuff_head_cache, GFP_ATOMIC, ...)``)."""
+        return await self._head_cache.alloc(GFP_ATOMIC)
 
     async def _fill(self, gfp: GFP, reserve: object | None = None) -> bool:
         """Post buffers until the ring is full; False if an allocation failed
@@ -348,9 +386,20 @@ class NetDevice:
                     delay = BACKOFF_MIN
                     buf = self.ring.popleft()
                     self.stats.rx_packets += 1
-                    sock.receive_packet(now, buf)
                     if self.settings.softirq_cost:
                         polled += 1
+                    if buf.head is None:
+                        # virtio_net builds the skb in the poll (receive_mergeable ->
+                        # page_to_skb -> build_skb / napi_build_skb); "if (unlikely(!skb))
+                        # goto err_skb;" -- the buffer is freed, "dev->stats.rx_dropped++".
+                        buf.head = await self._build_skb()
+                        if buf.head is None:
+                            self.stats.rx_dropped += 1
+                            self.release(buf, progress=False)
+                            sock.packet_lost(now)
+                            await self._napi_refill()
+                            continue
+                    await sock.receive_packet(now, buf)
                     await self._napi_refill()
 
     def _next_due(self, now: float) -> tuple[ModelledSocket | None, float]:

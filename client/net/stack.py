@@ -3,22 +3,21 @@
 The stack asks the machine's policy the questions the kernel answers in code: what gfp a
 ``netdev_alloc_skb`` driver's RX refill uses (``__netdev_alloc_skb``), which reserve an
 emergency RX allocation charges, and how a new socket is set up (``sk_set_memalloc`` or
-not).  One device (``client/net/device.py``) receives for every socket.
+not).  One device (``client/net/device.py``) receives for every socket, and one ``TcpProto``
+(``client/net/tcp.py``) accounts for the memory of all of them against ``tcp_mem``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
 from client.mm import GFP, Memory
 from client.net.device import NetDevice, NicSettings
 from client.net.socket import ModelledSocket
-
-if TYPE_CHECKING:
-    pass
+from client.net.tcp import TcpProto, TcpSysctls
 
 SWAP = "swap"
 NOISE = "noise"
@@ -51,7 +50,9 @@ class NetStack:
         *,
         observer: Callable[[object], None] = lambda _f: None,
         nic: NicSettings | None = None,
+        tcp: TcpSysctls | None = None,
     ) -> None:
+        """``tcp``: the sysctls; None computes them from ``memory`` as ``tcp_init`` does."""
         self.memory = memory
         self.policy = policy
         self.nursery = nursery
@@ -59,6 +60,8 @@ class NetStack:
         self.sockets: dict[str, ModelledSocket] = {}
         self.closed: list[ModelledSocket] = []
         self.device = NetDevice(memory, self, NicSettings() if nic is None else nic)
+        sysctls = TcpSysctls.for_memory(memory) if tcp is None else tcp
+        self.tcp = TcpProto(sysctls, observe=observer)
         self._up = False
 
     def up(self) -> None:
@@ -74,11 +77,13 @@ class NetStack:
         name: str,
         kind: str,
         *,
-        sndbuf: int = 256 * 1024,
-        rcvbuf: int = 256 * 1024,
+        sndbuf: int | None = None,
+        rcvbuf: int | None = None,
         latency: float = 0.0,
     ) -> ModelledSocket:
-        """Wrap ``inner``; the policy sets the socket up; its RX task starts at once."""
+        """Wrap ``inner``; the policy sets the socket up; its RX task starts at once.
+        ``sndbuf``/``rcvbuf``: SO_SNDBUF/SO_RCVBUF as the buffer sizes they set (locked);
+        None: autotuned (client/net/tcp.py)."""
         if name in self.sockets:
             raise ValueError(f"socket {name!r} exists")
         self.up()
@@ -111,11 +116,15 @@ class NetStack:
 
     def totals(self) -> dict[str, int]:
         every = [*self.sockets.values(), *self.closed]
+        device = self.device.stats
         return {
             "PFMemallocDrop": sum(s.stats.pfmemalloc_drop for s in every),
-            # packets that found no posted buffer: the ring's refills had failed
-            "rx_alloc_fail": self.device.stats.rx_no_buffer,
+            # packets that found no posted buffer (the ring's refills had failed) or whose
+            # skb head could not be allocated
+            "rx_alloc_fail": device.rx_no_buffer + device.rx_dropped,
             "emergency_rx": sum(s.stats.emergency_rx for s in every),
+            # tcp_data_queue could not charge the skb (tcp_mem, sk_rcvbuf)
+            "TCPRcvQDrop": sum(s.stats.rcvq_drop for s in every),
         }
 
     def close(self) -> None:

@@ -72,6 +72,9 @@ sysctl swappiness /proc/sys/vm/swappiness "$SWAPPINESS"
 sysctl page_cluster /proc/sys/vm/page-cluster "$PAGE_CLUSTER"
 sysctl watermark_scale_factor /proc/sys/vm/watermark_scale_factor "$WATERMARK_SCALE_FACTOR"
 sysctl vma_ra_enabled /sys/kernel/mm/swap/vma_ra_enabled "$VMA_RA"
+sysctl tcp_mem /proc/sys/net/ipv4/tcp_mem "$TCP_MEM"
+sysctl tcp_wmem /proc/sys/net/ipv4/tcp_wmem "$TCP_WMEM"
+sysctl tcp_rmem /proc/sys/net/ipv4/tcp_rmem "$TCP_RMEM"
 read release < /proc/sys/kernel/osrelease
 say release "$release"
 

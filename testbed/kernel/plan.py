@@ -4,7 +4,8 @@ cannot honour (refused, one line naming the key; never silently ignored).
 Mapped: ``machine.memory`` (qemu's RAM), ``min_free_kbytes``, ``swappiness``,
 ``page_cluster``, ``watermark_scale_factor``, ``swap_readahead`` (``vma_ra_enabled``, and a
 rotational nbd0 for readahead by slot, as ``swap_use_vma_readahead`` requires),
-``max_io_pages`` (nbd0's ``max_sectors_kb``), ``swap.export``/``size``, ``swap.io_timeout``
+``max_io_pages`` (nbd0's ``max_sectors_kb``), ``[net]``'s ``tcp_mem``, ``tcp_wmem`` and
+``tcp_rmem`` (net.ipv4's), ``swap.export``/``size``, ``swap.io_timeout``
 (nbd-client ``-t``), ``anon_hog`` workloads (processes writing random data into tmpfs,
 each read back and compared by SHA-256), and the server's exports and faults.
 
@@ -70,6 +71,15 @@ def guest_settings(scenario: ScenarioConfig) -> GuestSettings:
         "VMA_RA": "true" if machine.swap_readahead == "vma" else "false",
         "ROTATIONAL": "0" if machine.swap_readahead == "vma" else "1",
         "MAX_SECTORS_KB": str(machine.max_io_pages * PAGE // 1024),
+        # [net]: net.ipv4's TCP sysctls, as "min default max" (empty: the kernel's own)
+        **{
+            name.upper(): "" if value is None else " ".join(map(str, value))
+            for name, value in (
+                ("tcp_mem", scenario.net.tcp_mem),
+                ("tcp_wmem", scenario.net.tcp_wmem),
+                ("tcp_rmem", scenario.net.tcp_rmem),
+            )
+        },
     }
     return GuestSettings(
         export=scenario.swap.export,

@@ -381,7 +381,7 @@ def _step(words: list[str], state: _State, log: Any) -> None:
         return
     what = words[0]
     if what == "sysctl" and len(words) >= 3:
-        state.sysctls[words[1]] = words[2]
+        state.sysctls[words[1]] = " ".join(words[2:])  # tcp_mem and the like are three
     elif what == "release" and len(words) >= 2:
         state.release = words[1]
     elif what == "started":

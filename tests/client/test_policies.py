@@ -143,7 +143,9 @@ async def test_none_tx_from_pf_memalloc_task_goes_below_min(
     make_rig: MakeRig, autojump_clock: trio.testing.MockClock
 ) -> None:
     """§2 __gfp_pfmemalloc_flags: "!in_interrupt() && PF_MEMALLOC -> ALLOC_NO_WATERMARKS":
-    reclaim's own TX (kswapd, direct reclaim) dips below min, even below the atomic floor."""
+    reclaim's own TX (kswapd, direct reclaim) dips below min, even below the atomic floor:
+    the skb's head (a new skbuff_fclone_cache slab), its linear area (kmalloc_reserve's
+    second try, a new kmalloc-1k slab) and its two pages of data."""
     rig = make_rig(NonePolicy())
     sock, _ = rig.socket("nbd0", SWAP)
     floor = rig.atomic_floor()
@@ -151,8 +153,8 @@ async def test_none_tx_from_pf_memalloc_task_goes_below_min(
     with memalloc_noreclaim():
         await sock.send_all(bytes(2 * PAGE_SIZE))
     assert sock.tx_pages == 2
-    assert rig.memory.nr_free_pages == floor - 2
-    assert rig.memory.stat.alloc_emergency == 2  # ALLOC_NO_WATERMARKS, page->pfmemalloc
+    assert rig.memory.nr_free_pages == floor - 4
+    assert rig.memory.stat.alloc_emergency == 4  # ALLOC_NO_WATERMARKS, page->pfmemalloc
 
 
 async def test_none_rx_cannot_go_below_three_eighths_of_min(
@@ -168,10 +170,12 @@ async def test_none_rx_cannot_go_below_three_eighths_of_min(
     rig.hold_until(floor + 1)
     await peer.send_all(bytes((RING + 16 + 1) * MSS))
     await trio.sleep(1.0)
-    # The ring's 32 buffers, then one refill of 16 buffers (8 pages), for which only one
-    # page was left above the floor: two buffers; the packet after those finds none.
-    assert sock.rx_pages == RING + 2
+    # The ring's 32 buffers.  The one page above the floor went to the first ACK's head (a
+    # new skbuff_head_cache slab); its linear area could not be had, nor could any ACK's
+    # after it, nor the refill's pages: the packet after the 32 finds no buffer.
+    assert sock.rx_pages == RING and sock.stats.ack_failed == RING
     assert rig.memory.nr_free_pages == floor
+    assert rig.memory.slab["skbuff_head_cache"].nr_slabs == RING // 16 + 1
     assert rig.stack is not None and rig.stack.totals()["rx_alloc_fail"] >= 2
     assert sock.stats.pfmemalloc_drop == 0 and sock.emergency_rx_held() == 0
     assert rig.memory.stat.alloc_emergency == 0

@@ -39,6 +39,17 @@ def test_the_calibration_scenario_maps_onto_the_guest() -> None:
     assert memory_mib(scenario()) == 96
 
 
+def test_the_net_tables_sysctls_reach_the_guest() -> None:
+    """[net]'s tcp_mem, tcp_wmem and tcp_rmem are net.ipv4's: the guest is given them, or
+    keeps its kernel's own (tcp_init's) when the scenario leaves them out."""
+    conf = guest_settings(
+        scenario(**{"net.tcp_mem": [100, 200, 300], "net.tcp_wmem": ["4K", "16K", "1M"]})
+    ).conf()
+    assert "TCP_MEM='100 200 300'\n" in conf
+    assert "TCP_WMEM='4096 16384 1048576'\n" in conf
+    assert "TCP_RMEM=''\n" in conf
+
+
 def test_vma_readahead_needs_a_non_rotational_device() -> None:
     conf = guest_settings(scenario(**{"machine.swap_readahead": "vma"})).conf()
     assert "VMA_RA=true\n" in conf and "ROTATIONAL=0\n" in conf
@@ -65,7 +76,7 @@ def test_noise_is_refused() -> None:
         guest_settings(
             load_scenario(
                 "configs/swap-over-nbd.toml",
-                {"swap.sndbuf": "256K", "swap.rcvbuf": "1M", "swap.latency": 0.0},
+                {"swap.sndbuf": "auto", "swap.rcvbuf": "auto", "swap.latency": 0.0},
             )
         )
     with pytest.raises(ConfigError, match="the kernel lab cannot set it"):

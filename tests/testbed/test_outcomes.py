@@ -52,7 +52,10 @@ async def test_without_reserves_swap_over_nbd_deadlocks_on_rx(
     assert cycle[0] == cycle[-1] == "kswapd0"
     assert "rx_buffer(eth0 ring)" in cycle  # the reply (or ACK) that cannot be received
     assert summary.net["rx_alloc_fail"] > 0
-    assert summary.min_free_pages < summary.memory.zones[0].min * 3 // 8
+    # Free pages reached GFP_ATOMIC's floor, 3/8 of min (ALLOC_HIGH halves it, ALLOC_HARDER
+    # takes a quarter more): __zone_watermark_ok fails "if (free_pages <= min + ...)", so no
+    # ring refill can succeed there.
+    assert summary.min_free_pages <= summary.memory.zones[0].min * 3 // 8
 
 
 @pytest.mark.parametrize("policy", ["reserve", "pfmemalloc"])
@@ -86,8 +89,10 @@ async def test_plenty_of_clean_pages_lets_recursive_complete(
     assert completed_clean(recursive), recursive.reason
     assert recursive.integrity.file_pages_verified > 0
     report = recursive.policy_report
-    assert report["recursive_freed"] > 0  # the mechanism did the work
-    assert recursive.vmstat["nr_file_pages"] > 0  # clean pages were there to drop
+    # The mechanism did the work: reclaim under GFP_NOIO does no I/O, so what it freed was
+    # clean (the readers' page cache).  Whether any of it is left when the run ends depends
+    # on whether the readers finished first, so that is not asserted.
+    assert report["recursive_freed"] > 0
 
 
 #: How a run with no fault injected may end (DESIGN.md §5).  Which of the two a policy gets
@@ -196,10 +201,12 @@ async def test_reserve_bean_counted_tx_variant_with_a_tiny_tx_reserve_deadlocks(
 async def test_pfmemalloc_with_a_tiny_min_free_kbytes_deadlocks(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Gorman's reserve is min itself: at 64 KiB (16 pages) it cannot cover reclaim's TX
-    and the ring's refills.  (At 128 KiB it completes: the 64 receive buffers posted when
-    the device opened are a standing RX reserve of 32 pages, on top of min.)"""
-    summary = await run("pfmemalloc", **{"machine.min_free_kbytes": 64})
+    """Gorman's reserve is min itself: at 32 KiB (8 pages) it cannot cover reclaim's TX
+    and the ring's refills.  (At 64 KiB it completes, its free pages touching 0 on the
+    way: the autotuned send buffer holds at most about 31 pages at 16 MiB, and the 64
+    receive buffers posted when the device opened are a standing RX reserve of 32 pages,
+    on top of min.)"""
+    summary = await run("pfmemalloc", **{"machine.min_free_kbytes": 32})
     assert summary.outcome == "deadlock"
     assert summary.min_free_pages == 0  # the whole reserve (min itself) was used up
 
