@@ -137,6 +137,17 @@ def fact_observer(logger: Any | None = None) -> Any:
         name = getattr(fact, "event", None) or type(fact).__name__
         if attrs.has(type(fact)):
             fields = attrs.asdict(fact, recurse=False)
+            # Flags are plain ints in a fact; a field's metadata["render"] names their bits
+            # (client/mm/gfp.py), for a dict field one renderer per key.
+            for field in attrs.fields(type(fact)):
+                render = field.metadata.get("render")
+                value = fields[field.name]
+                if isinstance(render, dict) and isinstance(value, dict):
+                    fields[field.name] = {
+                        k: render[k](v) if k in render else v for k, v in value.items()
+                    }
+                elif render is not None:
+                    fields[field.name] = render(value)
             fields.pop("event", None)
             detail = fields.pop("detail", None)
             if isinstance(detail, dict):

@@ -51,7 +51,7 @@ import attrs
 import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_KERNEL, PAGE_SIZE, PF, Memory, Page
-from client.mm.gfp import serving_softirq, task_flags
+from client.mm.gfp import gfp_t, serving_softirq, task_flags
 from client.mm.waits import WaitFor
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ class NetDevice:
         self.memory.free_page(frag.page, progress=progress)
         self.pages -= 1
 
-    async def _new_buffer(self, gfp: GFP, reserve: object | None) -> RxBuffer | None:
+    async def _new_buffer(self, gfp: gfp_t, reserve: object | None) -> RxBuffer | None:
         """``page_frag_alloc``: the next ``rx_buffer`` bytes of the cached page, or a new
         page (``__page_frag_cache_refill``) with ``gfp``."""
         if self._frag is None or self._frag_left == 0:
@@ -240,7 +240,7 @@ class NetDevice:
         self._frag_left -= 1
         return RxBuffer(self._frag)
 
-    async def _fill(self, gfp: GFP, reserve: object | None = None) -> bool:
+    async def _fill(self, gfp: gfp_t, reserve: object | None = None) -> bool:
         """Post buffers until the ring is full; False if an allocation failed
         (``try_fill_recv``'s ``oom``)."""
         want = self.settings.ring_size

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from client.mm import GFP, GFP_NOIO, PAGE_SIZE, Memory, Page
+from client.mm import GFP_NOIO, PAGE_SIZE, Memory, Page, gfp_t
 from client.mm.waits import WaitFor
 from client.net.device import BACKOFF_MAX, BACKOFF_MIN, RxBuffer
 
@@ -100,7 +100,7 @@ class ModelledSocket(trio.abc.Stream):
         sndbuf: int = 256 * 1024,
         rcvbuf: int = 256 * 1024,
         latency: float = 0.0,
-        allocation: GFP = GFP_NOIO,
+        allocation: gfp_t = GFP_NOIO,
     ) -> None:
         self.stack = stack
         self.memory: Memory = stack.memory
