@@ -34,7 +34,7 @@ from client.mm.page import Page
 from client.mm.policy import NullPolicy, ReservePolicy
 from client.mm.process import current_is_oom_victim, fatal_signal_pending
 from client.mm.vmstat import Progress, Psi, VmStat
-from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.waits import WaitFor, WaitQueue, WaitRegistry
 from client.mm.zone import Zone
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class Allocator:
         self.oom_wait: Callable[[], WaitFor | None] = lambda: None
         #: Fault injection (client/faults.py): ``should_fail_alloc_page``; None: no fault.
         self.fail_page_alloc: Callable[[gfp_t], bool] | None = None
-        self._free_wait = trio.lowlevel.ParkingLot()
+        self._free_wait = WaitQueue()
 
     # -- fast path ---------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from client.mm.gfp import as_task, current_task_flags, gfp_t
 from client.mm.mempool import Mempool
 from client.mm.page import Frames, Page
 from client.mm.slab import SlabObject
-from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.waits import WaitFor, WaitQueue, WaitRegistry
 
 _NO_FLAGS = 0
 
@@ -117,7 +117,7 @@ class BlockQueue:
         self._waits = waits
         self._ids = itertools.count(1)
         self._tags_free = queue_depth
-        self._tag_wait = trio.lowlevel.ParkingLot()
+        self._tag_wait = WaitQueue()
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:

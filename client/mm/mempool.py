@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, TypeVar
 
-import trio
-
 from client.mm.gfp import GFP, gfp_t
-from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.waits import WaitFor, WaitQueue, WaitRegistry
 
 T = TypeVar("T")
 
@@ -41,7 +39,7 @@ class Mempool(Generic[T]):
         self._alloc = backing_alloc
         self._free = backing_free
         self._elements: list[T] = list(elements)
-        self._wait = trio.lowlevel.ParkingLot()  # pool->wait
+        self._wait = WaitQueue()  # pool->wait
         self._waits = WaitRegistry() if waits is None else waits
         self._what = WaitFor("mempool", name, waker="mempool_free")
 

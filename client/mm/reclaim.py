@@ -35,7 +35,7 @@ from client.mm.lru import Lru
 from client.mm.page import Page
 from client.mm.pagecache import PageCache
 from client.mm.swap import SwapArea
-from client.mm.waits import IDLE, WaitFor
+from client.mm.waits import IDLE, WaitFor, WaitQueue
 from client.mm.zone import Zone
 
 SWAP_CLUSTER_MAX = 32  # include/linux/swap.h
@@ -91,8 +91,8 @@ class Reclaimer:
         self.kswapd_failures = 0  # pgdat->kswapd_failures
         self.kswapd_awake = False
         self._kswapd_pending = False
-        self._kswapd_wait = trio.lowlevel.ParkingLot()  # pgdat->kswapd_wait
-        self._writeback_wait = trio.lowlevel.ParkingLot()
+        self._kswapd_wait = WaitQueue()  # pgdat->kswapd_wait
+        self._writeback_wait = WaitQueue()
 
     # -- the LRU scan ------------------------------------------------------------------------
 

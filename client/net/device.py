@@ -52,7 +52,7 @@ import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_KERNEL, PAGE_SIZE, PF, Memory, Page
 from client.mm.gfp import gfp_t, serving_softirq, task_flags
-from client.mm.waits import WaitFor
+from client.mm.waits import WaitFor, WaitQueue, sleep
 
 if TYPE_CHECKING:
     from client.net.socket import ModelledSocket
@@ -165,8 +165,8 @@ class NetDevice:
         self.stats = DeviceStats()
         self.napi_task_name = f"{name}.rx"
         self.refill_task_name = f"{name}.refill"
-        self._wake = trio.lowlevel.ParkingLot()  # NAPI: a packet may be due
-        self._refill_wake = trio.lowlevel.ParkingLot()
+        self._wake = WaitQueue()  # NAPI: a packet may be due
+        self._refill_wake = WaitQueue()
         self._refill_queued = False
         self._napi_disabled = False
         self._rx_link_free = 0.0  # when the link toward us has carried what it carries
@@ -323,12 +323,12 @@ class NetDevice:
                     sock, due = self._next_due(now)
                     if polled and (sock is None or polled >= NAPI_POLL_WEIGHT):
                         # The poll's CPU time: its packets were received during it.
-                        await trio.sleep(polled * self.settings.softirq_cost)
+                        await sleep(polled * self.settings.softirq_cost)
                         polled = 0
                         continue
                     if sock is None:
-                        with waits.waiting(self._wait_packet), trio.move_on_at(due):
-                            await self._wake.park()
+                        with waits.waiting(self._wait_packet):
+                            await self._wake.park_until(due)
                         continue
                     if self._napi_disabled:
                         with waits.waiting(self._wait_napi):
@@ -341,8 +341,8 @@ class NetDevice:
                         # it (rx_no_buffer_count) and the peer retransmits; virtio leaves
                         # it with the host until a buffer is posted.
                         self.stats.rx_no_buffer += 1
-                        with waits.waiting(self._wait_buffer), trio.move_on_after(delay):
-                            await self._wake.park()
+                        with waits.waiting(self._wait_buffer):
+                            await self._wake.park_until(trio.current_time() + delay)
                         delay = min(delay * 2, BACKOFF_MAX)
                         continue
                     delay = BACKOFF_MIN

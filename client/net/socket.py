@@ -45,7 +45,7 @@ import attrs
 import trio
 
 from client.mm import GFP_NOIO, PAGE_SIZE, Memory, Page, gfp_t
-from client.mm.waits import WaitFor
+from client.mm.waits import WaitFor, WaitQueue, sleep
 from client.net.device import BACKOFF_MAX, BACKOFF_MIN, RxBuffer
 
 if TYPE_CHECKING:
@@ -123,24 +123,24 @@ class ModelledSocket(trio.abc.Stream):
         self._truesize = stack.device.settings.rx_buffer + SKB_HEAD_TRUESIZE
         self._wire: deque[tuple[float, bytearray]] = deque()  # (at the NIC at, bytes)
         self._wire_bytes = 0
-        self._wire_space = trio.lowlevel.ParkingLot()
+        self._wire_space = WaitQueue()
         self._retry_at = 0.0  # after a drop, the peer retransmits no earlier than this
         self._retry_delay = BACKOFF_MIN
-        self._rx_ready = trio.lowlevel.ParkingLot()
-        self._space = trio.lowlevel.ParkingLot()  # TX space (ACKs) and consumer reads
+        self._rx_ready = WaitQueue()
+        self._space = WaitQueue()  # TX space (ACKs) and consumer reads
         self._rx_eof = False
         self._rx_error: BaseException | None = None
         self._closed = False
         # The socket lock (lock_sock) of send_all: a FIFO mutex that, unlike trio.Lock,
         # costs no scheduling round when it is free (handed over to the next waiter).
         self._send_busy = False
-        self._send_waiters = trio.lowlevel.ParkingLot()
+        self._send_waiters = WaitQueue()
         # Queued for the real stream (skbs allocated, bytes not yet written): the device.
         self._xmit: deque[bytes | memoryview] = deque()
         self._xmit_bytes = 0  # queued + being written
         self._xmit_busy = False  # a write to the real stream is in progress
-        self._xmit_wake = trio.lowlevel.ParkingLot()
-        self._xmit_drained = trio.lowlevel.ParkingLot()
+        self._xmit_wake = WaitQueue()
+        self._xmit_drained = WaitQueue()
         self._tx_error: BaseException | None = None
         self._nic_scope = trio.CancelScope()
         self._xmit_scope = trio.CancelScope()
@@ -311,7 +311,7 @@ class ModelledSocket(trio.abc.Stream):
                 return page
             self.stats.tx_alloc_wait += 1
             with self.memory.waits.waiting(self._wait_tx_buffer):
-                await trio.sleep(delay)
+                await sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _acknowledge(self, now: float) -> None:
