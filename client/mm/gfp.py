@@ -141,30 +141,39 @@ def current_task_flags() -> int:
     return _task_flags.get()
 
 
-@contextmanager
-def task_flags(flags: int) -> Iterator[int]:
+class _TaskFlags:
+    """``current->flags`` set for a block, then restored: ``task_flags`` and ``as_task``.
+    A class, not a ``@contextmanager``: direct reclaim and every NBD send enter one."""
+
+    __slots__ = ("_flags", "_replace", "_token")
+
+    def __init__(self, flags: int, replace: bool) -> None:
+        self._flags = flags
+        self._replace = replace
+
+    def __enter__(self) -> int:
+        flags = self._flags if self._replace else _task_flags.get() | self._flags
+        self._token = _task_flags.set(flags)
+        return flags
+
+    def __exit__(self, *exc_info: object) -> None:
+        _task_flags.reset(self._token)
+
+
+def task_flags(flags: int) -> AbstractContextManager[int]:
     """Set ``flags`` on the current task for the block, then restore the previous flags.
 
     The save/restore pair of ``memalloc_noreclaim_save()``/``memalloc_noreclaim_restore()``
     (include/linux/sched/mm.h), generalised to any flag.
     """
-    token = _task_flags.set(_task_flags.get() | flags)
-    try:
-        yield _task_flags.get()
-    finally:
-        _task_flags.reset(token)
+    return _TaskFlags(flags, replace=False)
 
 
-@contextmanager
-def as_task(flags: int) -> Iterator[int]:
+def as_task(flags: int) -> AbstractContextManager[int]:
     """Run the block as a task whose ``current->flags`` are exactly ``flags`` (not OR-ed
     into the current ones): work handed to another task, e.g. a kernel thread, which does
     not carry the flags of whoever queued it."""
-    token = _task_flags.set(flags)
-    try:
-        yield flags
-    finally:
-        _task_flags.reset(token)
+    return _TaskFlags(flags, replace=True)
 
 
 def memalloc_noreclaim() -> AbstractContextManager[int]:

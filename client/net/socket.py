@@ -400,14 +400,16 @@ class ModelledSocket(trio.abc.Stream):
     def next_packet_due(self) -> float:
         """When this socket's next packet (an ACK, or data while the receive window is
         open) is at the NIC; ``inf`` if none is coming."""
-        due = math.inf
-        if self._tx:
-            due = self._tx[0].due
+        due = self._tx[0].due if self._tx else math.inf
         # tcp_data_queue -> tcp_try_rmem_schedule: "atomic_read(&sk->sk_rmem_alloc) >
         # sk->sk_rcvbuf" prunes and drops; the peer's window (tcp_select_window) closes first.
         if self._wire and self._rx_bufs * self._truesize < self.rcvbuf:
-            due = min(due, self._wire[0][0])
-        return max(due, self._retry_at) if due != math.inf else due
+            wire = self._wire[0][0]
+            if wire < due:
+                due = wire
+        if due == math.inf:
+            return due
+        return due if due > self._retry_at else self._retry_at
 
     def receive_packet(self, now: float, buf: RxBuffer) -> None:
         """The device received this socket's next packet into ``buf`` (softirq)."""
@@ -433,9 +435,7 @@ class ModelledSocket(trio.abc.Stream):
         self._take_packet(buf)
         self._acknowledge(now)  # data segments carry ACKs too
 
-    async def _park(
-        self, lot: trio.lowlevel.ParkingLot, what: WaitFor, timeout: float = math.inf
-    ) -> None:
+    async def _park(self, lot: WaitQueue, what: WaitFor, timeout: float = math.inf) -> None:
         """``memory.waits.park``, without a cancel scope when there is no timeout."""
         if timeout == math.inf:
             with self.memory.waits.waiting(what):
