@@ -257,22 +257,29 @@ class NetDevice:
             RefillFailed(self.name, context, len(self.ring), self.settings.ring_size)
         )
 
-    async def _napi_refill(self, *, force: bool = False) -> None:
-        """The driver's refill at the end of a poll, in softirq (``GFP_ATOMIC``)."""
+    def _refill_wanted(self, force: bool = False) -> bool:
+        """Does the driver refill at the end of this poll?  ``force``: the ring is empty."""
         s = self.settings
         missing = s.ring_size - len(self.ring)
         if s.driver == "netdev":
             # e1000_clean_rx_irq: "if (cleaned_count >= E1000_RX_BUFFER_WRITE)
-            # adapter->alloc_rx_buf(...)"; __netdev_alloc_skb decides the gfp (the policy:
-            # __GFP_MEMALLOC while sk_memalloc_socks()), GFP_ATOMIC never sleeps.
-            if missing >= E1000_RX_BUFFER_WRITE or (force and missing):
-                gfp = self.stack.rx_gfp() & ~GFP.DIRECT_RECLAIM
-                if not await self._fill(gfp, self.stack.rx_reserve()):
-                    self._refill_failed("napi")
-            return
+            # adapter->alloc_rx_buf(...)"
+            return missing >= E1000_RX_BUFFER_WRITE or (force and missing > 0)
         # virtnet_receive: "if (rq->vq->num_free > virtqueue_get_vring_size(rq->vq) / 2)"
-        wanted = missing > s.ring_size // 2 or (force and missing)
-        if wanted and not await self._fill(GFP_ATOMIC):
+        return missing > s.ring_size // 2 or (force and missing > 0)
+
+    async def _napi_refill(self, *, force: bool = False) -> None:
+        """The driver's refill at the end of a poll, in softirq (``GFP_ATOMIC``)."""
+        if not self._refill_wanted(force):
+            return
+        if self.settings.driver == "netdev":
+            # __netdev_alloc_skb decides the gfp (the policy: __GFP_MEMALLOC while
+            # sk_memalloc_socks()), GFP_ATOMIC never sleeps.
+            gfp = self.stack.rx_gfp() & ~GFP.DIRECT_RECLAIM
+            if not await self._fill(gfp, self.stack.rx_reserve()):
+                self._refill_failed("napi")
+            return
+        if not await self._fill(GFP_ATOMIC):
             self._refill_failed("napi")
             self._queue_refill_work()
 
@@ -351,7 +358,8 @@ class NetDevice:
                     sock.receive_packet(now, buf)
                     if self.settings.softirq_cost:
                         polled += 1
-                    await self._napi_refill()
+                    if self._refill_wanted():  # (a coroutine only when there is work)
+                        await self._napi_refill()
 
     def _next_due(self, now: float) -> tuple[ModelledSocket | None, float]:
         """The socket whose packet reached the NIC first, if one has by now (the wire is
