@@ -13,7 +13,6 @@ from client.mm import (
     ALLOC_WMARK_LOW,
     ALLOC_WMARK_MIN,
     GFP_ATOMIC,
-    PF,
     AllocFlags,
     Watermarks,
     Zone,
