@@ -33,10 +33,10 @@ import attrs
 import trio
 
 from client.config import GFP_FILTER_NAMES, AllocFaultConfig
-from client.mm import GFP, PAGE_SIZE, Memory
+from client.mm import GFP, PAGE_SIZE, Memory, gfp_names, gfp_t
 
 #: Which allocations each ``gfp`` filter name lets a fault fail.
-GFP_FILTERS: dict[str, Callable[[GFP], bool]] = {
+GFP_FILTERS: dict[str, Callable[[gfp_t], bool]] = {
     "any": lambda gfp: True,
     # GFP_ATOMIC (__GFP_ATOMIC, 4.x-6.2): RX skbs at device level, interrupt context.
     "atomic": lambda gfp: bool(gfp & GFP.ATOMIC),
@@ -62,7 +62,8 @@ class FaultFired:
 
     event: ClassVar[str] = "fault.fired"
     kind: str
-    detail: dict[str, Any] = attrs.field(factory=dict)
+    # An injected allocation failure's ``gfp`` is a plain int: the log names its bits.
+    detail: dict[str, Any] = attrs.field(factory=dict, metadata={"render": {"gfp": gfp_names}})
 
 
 @attrs.frozen
@@ -85,7 +86,7 @@ class FailPageAlloc:
         config: AllocFaultConfig,
         rng: random.Random,
         *,
-        on_fail: Callable[[GFP, str], None] = lambda gfp, task: None,
+        on_fail: Callable[[gfp_t, str], None] = lambda gfp, task: None,
         task_name: Callable[[], str] = _current_task_name,
     ) -> None:
         self.config = config
@@ -98,7 +99,7 @@ class FailPageAlloc:
         self.count = 0  # attr->count: calls that reached the interval check
         self.fired = 0
 
-    def __call__(self, gfp: GFP) -> bool:
+    def __call__(self, gfp: gfp_t) -> bool:
         """``__should_fail_alloc_page(gfp, 0)``: True means "fail this allocation"."""
         if gfp & GFP.NOFAIL or not self._wants(gfp):
             return False
@@ -167,7 +168,7 @@ class ClientFaults:
         self._memory.allocator.fail_page_alloc = fault
         return fault
 
-    def _alloc_failed(self, gfp: GFP, task: str) -> None:
+    def _alloc_failed(self, gfp: gfp_t, task: str) -> None:
         assert self.alloc is not None
         self._injected.add(task)
         self.fired("alloc", gfp=gfp, task=task, nth=self.alloc.fired)

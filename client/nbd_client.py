@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from client.mm.gfp import PF, as_task, task_flags
+from client.mm.waits import WaitQueue
 from client.sync import HandoffLock
 from nbdproto import (
     NEED_DATA,
@@ -160,7 +161,7 @@ class NBDClient:
         # scheduling round when it is free, so that a burst of requests is written out
         # in one round instead of each holding the lock across a round of its own.
         self._depth_free = depth
-        self._depth_waiters = trio.lowlevel.ParkingLot()
+        self._depth_waiters = WaitQueue()
         self._send_lock = HandoffLock()
         self._slots: dict[int, _Slot] = {}
         self._cookies = itertools.count(1)

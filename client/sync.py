@@ -11,7 +11,7 @@ either.
 
 from __future__ import annotations
 
-import trio
+from client.mm.waits import WaitQueue
 
 
 class HandoffLock:
@@ -21,7 +21,7 @@ class HandoffLock:
 
     def __init__(self) -> None:
         self._busy = False
-        self._waiters = trio.lowlevel.ParkingLot()
+        self._waiters = WaitQueue()
 
     async def acquire(self) -> None:
         if self._busy:

@@ -133,6 +133,21 @@ _DEBUG_EVENTS = frozenset(
 )
 
 
+_RENDERERS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _renderers(cls: type) -> tuple[tuple[str, Any], ...]:
+    """The fields of the attrs class ``cls`` whose metadata names a renderer (once a class)."""
+    found = _RENDERERS.get(cls)
+    if found is None:
+        import attrs
+
+        found = _RENDERERS[cls] = tuple(
+            (f.name, f.metadata["render"]) for f in attrs.fields(cls) if "render" in f.metadata
+        )
+    return found
+
+
 def fact_observer(logger: Any | None = None) -> Any:
     """An observer for the model and the swap device: each fact becomes one log event
     named by its ``event`` attribute, its fields as the event's fields."""
@@ -144,6 +159,16 @@ def fact_observer(logger: Any | None = None) -> Any:
         name = getattr(fact, "event", None) or type(fact).__name__
         if attrs.has(type(fact)):
             fields = attrs.asdict(fact, recurse=False)
+            # Flags are plain ints in a fact; a field's metadata["render"] names their bits
+            # (client/mm/gfp.py), for a dict field one renderer per key.
+            for field_name, render in _renderers(type(fact)):
+                value = fields[field_name]
+                if isinstance(render, dict) and isinstance(value, dict):
+                    fields[field_name] = {
+                        k: render[k](v) if k in render else v for k, v in value.items()
+                    }
+                else:
+                    fields[field_name] = render(value)
             fields.pop("event", None)
             detail = fields.pop("detail", None)
             if isinstance(detail, dict):

@@ -24,9 +24,9 @@ from client.mm.gfp import (
     GFP,
     GFP_KERNEL,
     PF,
-    AllocFlags,
     current_gfp_context,
     current_task_flags,
+    gfp_t,
     gfp_to_alloc_flags,
     task_flags,
 )
@@ -34,7 +34,7 @@ from client.mm.page import Page
 from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import current_is_oom_victim, fatal_signal_pending
 from client.mm.vmstat import Progress, Psi, VmStat
-from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.waits import WaitFor, WaitQueue, WaitRegistry
 from client.mm.zone import Zone
 
 if TYPE_CHECKING:
@@ -48,11 +48,11 @@ CONGESTION_WAIT = 0.1
 
 
 class _Plan(NamedTuple):
-    """What the slow path needs to know about one (gfp, task flags) pair, decoded once."""
+    """What the slow path needs to know about one (gfp, task flags, OOM victim) request."""
 
-    gfp: GFP  # after current_gfp_context
-    alloc_flags: AllocFlags
-    wmark_flags: AllocFlags  # alloc_flags & ~ALLOC_NO_WATERMARKS
+    gfp: gfp_t  # after current_gfp_context
+    alloc_flags: int
+    wmark_flags: int  # alloc_flags & ~ALLOC_NO_WATERMARKS
     kswapd_reclaim: bool
     no_watermarks: bool
     direct_reclaim: bool
@@ -63,32 +63,24 @@ class _Plan(NamedTuple):
     fs: bool
 
 
-#: (gfp, task flags, OOM victim) -> the slow path's plan.  These are pure functions of two
-#: small flag sets and a bool, and each ``IntFlag`` operator costs about a microsecond
-#: (``enum.Flag.__and__`` looks up or builds a member): decoding them on every slow-path
-#: allocation cost more than the allocation itself.
-_PLANS: dict[tuple[GFP, PF, bool], _Plan] = {}
-
-
-def _plan(gfp: GFP, tflags: PF, oom_victim: bool = False) -> _Plan:
-    plan = _PLANS.get((gfp, tflags, oom_victim))
-    if plan is None:
-        g = current_gfp_context(gfp, tflags)
-        alloc_flags = gfp_to_alloc_flags(g, tflags, oom_victim)
-        plan = _PLANS[(gfp, tflags, oom_victim)] = _Plan(
-            g,
-            alloc_flags,
-            alloc_flags & ~ALLOC_NO_WATERMARKS,
-            bool(g & GFP.KSWAPD_RECLAIM),
-            bool(alloc_flags & ALLOC_NO_WATERMARKS),
-            bool(g & GFP.DIRECT_RECLAIM),
-            bool(tflags & PF.MEMALLOC),
-            bool(alloc_flags & ALLOC_OOM),
-            bool(g & GFP.NOFAIL),
-            bool(g & GFP.NORETRY),
-            bool(g & GFP.FS),
-        )
-    return plan
+def _plan(gfp: gfp_t, tflags: int, oom_victim: bool = False) -> _Plan:
+    """Decode (gfp, task flags, OOM victim) for the slow path: plain integer operations, a
+    few per allocation that missed the fast path."""
+    g = current_gfp_context(gfp, tflags)
+    alloc_flags = gfp_to_alloc_flags(g, tflags, oom_victim)
+    return _Plan(
+        g,
+        alloc_flags,
+        alloc_flags & ~ALLOC_NO_WATERMARKS,
+        bool(g & GFP.KSWAPD_RECLAIM),
+        bool(alloc_flags & ALLOC_NO_WATERMARKS),
+        bool(g & GFP.DIRECT_RECLAIM),
+        bool(tflags & PF.MEMALLOC),
+        bool(alloc_flags & ALLOC_OOM),
+        bool(g & GFP.NOFAIL),
+        bool(g & GFP.NORETRY),
+        bool(g & GFP.FS),
+    )
 
 
 class Reclaimed(Protocol):
@@ -104,7 +96,7 @@ class Reclaim(Protocol):
 
     def wakeup_kswapd(self, zone: Zone) -> None: ...
 
-    async def try_to_free_pages(self, gfp: GFP) -> Reclaimed: ...
+    async def try_to_free_pages(self, gfp: gfp_t) -> Reclaimed: ...
 
     async def wait_for_writeback(self, timeout: float) -> bool: ...
 
@@ -134,13 +126,13 @@ class Allocator:
         self.observer = observer
         self.policy: PolicyHooks = NullPolicy() if policy is None else policy
         self.reclaimer: Reclaim | None = None
-        self.out_of_memory: Callable[[GFP], bool] = lambda gfp: False
+        self.out_of_memory: Callable[[gfp_t], bool] = lambda gfp: False
         #: What a task retrying after the OOM killer made progress waits for (the victim
         #: whose memory it expects); None: any free page.
         self.oom_wait: Callable[[], WaitFor | None] = lambda: None
         #: Fault injection (client/faults.py): ``should_fail_alloc_page``; None: no fault.
-        self.fail_page_alloc: Callable[[GFP], bool] | None = None
-        self._free_wait = trio.lowlevel.ParkingLot()
+        self.fail_page_alloc: Callable[[gfp_t], bool] | None = None
+        self._free_wait = WaitQueue()
 
     # -- fast path ---------------------------------------------------------------------------
 
@@ -158,7 +150,7 @@ class Allocator:
         return None
 
     async def alloc_page(
-        self, gfp: GFP = GFP_KERNEL, *, reserve: object | None = None
+        self, gfp: gfp_t = GFP_KERNEL, *, reserve: object | None = None
     ) -> Page | None:
         """``alloc_page(gfp)``: fast path, then the slow path. None means the allocation failed
         (counted ``alloc_fail``, fact ``AllocFailed``). Never blocks unless ``gfp`` has
@@ -174,7 +166,7 @@ class Allocator:
 
     # -- slow path ---------------------------------------------------------------------------
 
-    def _get_page_from_freelist(self, alloc_flags: AllocFlags) -> Page | None:
+    def _get_page_from_freelist(self, alloc_flags: int) -> Page | None:
         """mm/page_alloc.c get_page_from_freelist: the first zone whose watermark allows."""
         for zone in self._zonelist:
             if zone.nr_free and zone.watermark_ok(alloc_flags):
@@ -188,16 +180,15 @@ class Allocator:
             for zone in self._zonelist:
                 self.reclaimer.wakeup_kswapd(zone)
 
-    async def _slowpath(self, gfp: GFP, reserve: object | None) -> Page | None:
+    async def _slowpath(self, gfp: gfp_t, reserve: object | None) -> Page | None:
         tflags = current_task_flags()
         no_progress_loops = 0
         first = True
         while True:
             # current_gfp_context, gfp_to_alloc_flags and "the slow path first retries with
-            # alloc_flags & ~ALLOC_NO_WATERMARKS" (3.6+), decoded once per (gfp, tflags,
-            # victim). Looked up again each time round, as 6.1 __alloc_pages_slowpath
-            # recomputes reserve_flags at "retry:": a task whose process the OOM killer chose
-            # meanwhile allocates at ALLOC_OOM from then on.
+            # alloc_flags & ~ALLOC_NO_WATERMARKS" (3.6+), decoded each time round, as 6.1
+            # __alloc_pages_slowpath recomputes reserve_flags at "retry:": a task whose
+            # process the OOM killer chose meanwhile allocates at ALLOC_OOM from then on.
             plan = _plan(gfp, tflags, current_is_oom_victim())
             g, alloc_flags, wmark_flags = plan.gfp, plan.alloc_flags, plan.wmark_flags
             if plan.kswapd_reclaim:
@@ -282,7 +273,7 @@ class Allocator:
             return self._fail(g, alloc_flags, tflags)  # nothing left to kill
 
     async def _alloc_emergency(
-        self, gfp: GFP, tflags: PF, wmark_flags: AllocFlags, reserve: object | None
+        self, gfp: gfp_t, tflags: int, wmark_flags: int, reserve: object | None
     ) -> Page | None:
         """Serve below min (ALLOC_NO_WATERMARKS) after the policy's charge hook agrees."""
         if not any(zone.nr_free for zone in self._zonelist):
@@ -308,7 +299,7 @@ class Allocator:
         self.observer(AllocEmergency(gfp, tflags, page.zone.name, page.zone.nr_free))
         return page
 
-    async def _direct_reclaim(self, gfp: GFP) -> int:
+    async def _direct_reclaim(self, gfp: gfp_t) -> int:
         """mm/page_alloc.c __perform_reclaim: try_to_free_pages under PF_MEMALLOC, memstall."""
         if self.reclaimer is None:
             return 0
@@ -340,13 +331,13 @@ class Allocator:
         """Sleep until some page is freed (for policies and callers that must wait)."""
         return await self._wait_for_free_pages(timeout)
 
-    def _fail(self, gfp: GFP, alloc_flags: AllocFlags, tflags: PF) -> Page | None:
+    def _fail(self, gfp: gfp_t, alloc_flags: int, tflags: int) -> Page | None:
         """Count and report a failed allocation; its result (always None) is the caller's."""
         self.stat.alloc_fail += 1
         self.observer(AllocFailed(gfp, alloc_flags, tflags))
         return None
 
-    def _fail_injected(self, gfp: GFP) -> Page | None:
+    def _fail_injected(self, gfp: gfp_t) -> Page | None:
         """An injected failure: counted and reported exactly as a real one."""
         tflags = current_task_flags()
         plan = _plan(gfp, tflags, current_is_oom_victim())

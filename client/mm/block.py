@@ -26,13 +26,13 @@ from typing import Protocol
 import attrs
 import trio
 
-from client.mm.gfp import GFP, PF, as_task, current_task_flags
+from client.mm.gfp import as_task, current_task_flags, gfp_t
 from client.mm.mempool import Mempool
 from client.mm.page import Frames, Page
 from client.mm.slab import SlabObject
-from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.waits import WaitFor, WaitQueue, WaitRegistry
 
-_NO_FLAGS = PF(0)
+_NO_FLAGS = 0
 
 
 class SwapIOError(Exception):
@@ -70,7 +70,7 @@ class Bio:
     end_io: Callable[[Bio], None] = attrs.field(repr=False)
     error: SwapIOError | None = None
     #: ``current->flags`` of the task that called ``submit`` (see the module docstring).
-    submitter_flags: PF = _NO_FLAGS
+    submitter_flags: int = _NO_FLAGS
     completed: bool = attrs.field(default=False, init=False, repr=False)
     _done: trio.Event | None = attrs.field(default=None, init=False, repr=False)
 
@@ -117,7 +117,7 @@ class BlockQueue:
         self._waits = waits
         self._ids = itertools.count(1)
         self._tags_free = queue_depth
-        self._tag_wait = trio.lowlevel.ParkingLot()
+        self._tag_wait = WaitQueue()
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -138,7 +138,7 @@ class BlockQueue:
         write: bool,
         slot: int,
         pages: list[Page],
-        gfp: GFP,
+        gfp: gfp_t,
         end_io: Callable[[Bio], None],
     ) -> Bio:
         """``submit_bio``: allocate a bio (mempool, may wait), get a tag (may wait), start.

@@ -11,7 +11,13 @@ from typing import ClassVar
 
 import attrs
 
-from client.mm.gfp import GFP, PF, AllocFlags
+from client.mm.gfp import alloc_flags_names, gfp_names, gfp_t, task_flags_names
+
+# Flags fields are plain ``int``s in a fact; ``metadata["render"]`` names their bits for a
+# log (``testbed/log.py``).
+_GFP = {"render": gfp_names}
+_ALLOC_FLAGS = {"render": alloc_flags_names}
+_TASK_FLAGS = {"render": task_flags_names}
 
 
 @attrs.frozen
@@ -26,9 +32,9 @@ class AllocFailed(Fact):
     """An allocation returned no page (``warn_alloc``; counted as ``alloc_fail``)."""
 
     event: ClassVar[str] = "alloc.failed"
-    gfp: GFP
-    alloc_flags: AllocFlags
-    task_flags: PF
+    gfp: gfp_t = attrs.field(metadata=_GFP)
+    alloc_flags: int = attrs.field(metadata=_ALLOC_FLAGS)
+    task_flags: int = attrs.field(metadata=_TASK_FLAGS)
     order: int = 0
 
 
@@ -37,8 +43,8 @@ class AllocEmergency(Fact):
     """A page was served below the min watermark (ALLOC_NO_WATERMARKS; ``page->pfmemalloc``)."""
 
     event: ClassVar[str] = "alloc.emergency"
-    gfp: GFP
-    task_flags: PF
+    gfp: gfp_t = attrs.field(metadata=_GFP)
+    task_flags: int = attrs.field(metadata=_TASK_FLAGS)
     zone: str
     nr_free: int  # free pages left in the zone after this one
     order: int = 0
@@ -67,7 +73,7 @@ class DirectReclaim(Fact):
     """One ``try_to_free_pages`` by an allocating task."""
 
     event: ClassVar[str] = "reclaim.direct"
-    gfp: GFP
+    gfp: gfp_t = attrs.field(metadata=_GFP)
     nr_scanned: int
     nr_reclaimed: int
 

@@ -23,7 +23,7 @@ from client.mm.facts import (
     SwapReadpage,
     drop,
 )
-from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE, GFP_KERNEL, PF, task_flags
+from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE, GFP_KERNEL, PF, gfp_t, task_flags
 from client.mm.lru import Lru
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
@@ -344,7 +344,7 @@ class Memory:
     # -- the allocator, for other layers ----------------------------------------------------
 
     async def alloc_page(
-        self, gfp: GFP = GFP_KERNEL, *, reserve: object | None = None
+        self, gfp: gfp_t = GFP_KERNEL, *, reserve: object | None = None
     ) -> Page | None:
         """See ``Allocator.alloc_page``."""
         return await self.allocator.alloc_page(gfp, reserve=reserve)
@@ -738,7 +738,7 @@ class Memory:
 
     # -- the OOM killer (mm/oom_kill.c, 6.1) -----------------------------------------------
 
-    def out_of_memory(self, gfp: GFP) -> bool:
+    def out_of_memory(self, gfp: gfp_t) -> bool:
         """mm/oom_kill.c out_of_memory: True if the allocation may retry (a victim was chosen,
         one is still pending, or the task itself is dying), False if there is nothing to
         kill (where the kernel panics: "System is deadlocked on memory").

@@ -5,19 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, TypeVar
 
-import trio
-
-from client.mm.gfp import GFP
-from client.mm.waits import WaitFor, WaitRegistry
+from client.mm.gfp import GFP, gfp_t
+from client.mm.waits import WaitFor, WaitQueue, WaitRegistry
 
 T = TypeVar("T")
 
 # mm/mempool.c mempool_alloc: io_schedule_timeout(5*HZ) while waiting for an element.
 MEMPOOL_WAIT_TIMEOUT = 5.0
-
-#: gfp -> (gfp_mask, gfp_temp) of ``mempool_alloc``, computed once per gfp value: every swap
-#: write allocates a bio, and each ``IntFlag`` operator costs about a microsecond.
-_MASKS: dict[GFP, tuple[GFP, GFP]] = {}
 
 
 class Mempool(Generic[T]):
@@ -31,7 +25,7 @@ class Mempool(Generic[T]):
     def __init__(
         self,
         min_nr: int,
-        backing_alloc: Callable[[GFP], Awaitable[T | None]],
+        backing_alloc: Callable[[gfp_t], Awaitable[T | None]],
         backing_free: Callable[[T], None],
         *,
         name: str = "mempool",
@@ -45,7 +39,7 @@ class Mempool(Generic[T]):
         self._alloc = backing_alloc
         self._free = backing_free
         self._elements: list[T] = list(elements)
-        self._wait = trio.lowlevel.ParkingLot()  # pool->wait
+        self._wait = WaitQueue()  # pool->wait
         self._waits = WaitRegistry() if waits is None else waits
         self._what = WaitFor("mempool", name, waker="mempool_free")
 
@@ -58,7 +52,7 @@ class Mempool(Generic[T]):
     def nr_waiting(self) -> int:
         return len(self._wait)
 
-    async def fill(self, gfp: GFP) -> None:
+    async def fill(self, gfp: gfp_t) -> None:
         """``mempool_create``: preallocate up to ``min_nr`` elements; raise if it cannot."""
         while len(self._elements) < self.min_nr:
             element = await self._alloc(gfp)
@@ -66,7 +60,7 @@ class Mempool(Generic[T]):
                 raise MemoryError(f"mempool {self.name}: cannot preallocate")
             self._elements.append(element)
 
-    async def alloc(self, gfp: GFP) -> T | None:
+    async def alloc(self, gfp: gfp_t) -> T | None:
         """``mempool_alloc``: never fails when ``gfp`` may sleep.
 
         1. try the backing allocator without __GFP_DIRECT_RECLAIM|__GFP_IO;
@@ -76,13 +70,9 @@ class Mempool(Generic[T]):
            full gfp; if it may not, return None.
         The backing allocator always gets __GFP_NOMEMALLOC|__GFP_NORETRY|__GFP_NOWARN.
         """
-        masks = _MASKS.get(gfp)
-        if masks is None:
-            # "don't allocate emergency reserves", "don't loop in __alloc_pages", "failures
-            # are OK"
-            gfp_mask = gfp | GFP.NOMEMALLOC | GFP.NORETRY | GFP.NOWARN
-            masks = _MASKS[gfp] = (gfp_mask, gfp_mask & ~(GFP.DIRECT_RECLAIM | GFP.IO))
-        gfp_mask, gfp_temp = masks
+        # "don't allocate emergency reserves", "don't loop in __alloc_pages", "failures are OK"
+        gfp_mask = gfp | GFP.NOMEMALLOC | GFP.NORETRY | GFP.NOWARN
+        gfp_temp = gfp_mask & ~(GFP.DIRECT_RECLAIM | GFP.IO)
         while True:
             element = await self._alloc(gfp_temp)  # repeat_alloc:
             if element is not None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 import trio
 
-from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE
+from client.mm.gfp import GFP_HIGHUSER_MOVABLE, gfp_t
 from client.mm.page import PAGE_SIZE, Page
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class PageAllocator(Protocol):
     ``__page_cache_alloc`` and its undo.  The allocator imports struct page, which refers
     back to the page cache, so the page cache names only what it calls."""
 
-    async def alloc_page(self, gfp: GFP) -> Page | None: ...
+    async def alloc_page(self, gfp: gfp_t) -> Page | None: ...
 
     def free_page(self, page: Page) -> None: ...
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from client.mm.gfp import GFP
+from client.mm.gfp import gfp_t
 
 if TYPE_CHECKING:
     from client.mm.memory import Memory
@@ -29,7 +29,7 @@ class PolicyHooks(Protocol):
         """
         ...
 
-    async def charge_emergency(self, gfp: GFP, reserve: object | None) -> bool:
+    async def charge_emergency(self, gfp: gfp_t, reserve: object | None) -> bool:
         """An allocation entitled to ALLOC_NO_WATERMARKS is about to dip below min.
 
         Return False to refuse (the allocation goes on as if it had no reserve access);
@@ -44,12 +44,12 @@ class PolicyHooks(Protocol):
         the free list), or the charged allocation was served above min or not at all."""
         ...
 
-    async def memalloc_failed(self, gfp: GFP) -> bool:
+    async def memalloc_failed(self, gfp: gfp_t) -> bool:
         """A PF_MEMALLOC allocation found nothing, even below min. Return True to retry
         (e.g. after reclaiming clean pages without I/O), False to fail it."""
         ...
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+    async def throttle_direct_reclaim(self, gfp: gfp_t) -> bool:
         """Called before each direct reclaim (``throttle_direct_reclaim`` site); may wait.
 
         True: a fatal signal is pending after the wait, so the caller skips this reclaim
@@ -75,16 +75,16 @@ class NullPolicy:
     def extra_min_pages(self) -> int:
         return 0
 
-    async def charge_emergency(self, gfp: GFP, reserve: object | None) -> bool:
+    async def charge_emergency(self, gfp: gfp_t, reserve: object | None) -> bool:
         return True
 
     def uncharge_emergency(self, reserve: object | None) -> None:
         pass
 
-    async def memalloc_failed(self, gfp: GFP) -> bool:
+    async def memalloc_failed(self, gfp: gfp_t) -> bool:
         return False
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+    async def throttle_direct_reclaim(self, gfp: gfp_t) -> bool:
         return False
 
     def kswapd_pass(self) -> None:

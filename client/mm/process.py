@@ -73,14 +73,22 @@ _current: contextvars.ContextVar[Process | None] = contextvars.ContextVar(
 )
 
 
-@contextmanager
-def as_current(process: Process) -> Iterator[Process]:
-    """Run the block as one of ``process``'s tasks (what ``current`` is in a page fault)."""
-    token = _current.set(process)
-    try:
-        yield process
-    finally:
-        _current.reset(token)
+class as_current:
+    """Run the block as one of ``process``'s tasks (what ``current`` is in a page fault).
+
+    A class, not a ``@contextmanager``: every page fault enters one."""
+
+    __slots__ = ("_process", "_token")
+
+    def __init__(self, process: Process) -> None:
+        self._process = process
+
+    def __enter__(self) -> Process:
+        self._token = _current.set(self._process)
+        return self._process
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
 
 
 def current_process() -> Process | None:

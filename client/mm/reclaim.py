@@ -28,13 +28,14 @@ from client.mm.gfp import (
     GFP_KERNEL,
     GFP_NOIO,
     PF,
+    gfp_t,
     task_flags,
 )
 from client.mm.lru import Lru
 from client.mm.page import Page
 from client.mm.pagecache import PageCache
 from client.mm.swap import SwapArea
-from client.mm.waits import IDLE, WaitFor
+from client.mm.waits import IDLE, WaitFor, WaitQueue
 from client.mm.zone import Zone
 
 SWAP_CLUSTER_MAX = 32  # include/linux/swap.h
@@ -47,7 +48,7 @@ KSWAPD_WRITEBACK_WAIT = 0.1
 class ScanControl:
     """``struct scan_control``: what one reclaim invocation may do and what it did."""
 
-    gfp: GFP
+    gfp: gfp_t
     nr_to_reclaim: int = SWAP_CLUSTER_MAX
     is_kswapd: bool = False
     nr_scanned: int = 0  # inactive pages isolated and looked at (pgscan)
@@ -90,8 +91,8 @@ class Reclaimer:
         self.kswapd_failures = 0  # pgdat->kswapd_failures
         self.kswapd_awake = False
         self._kswapd_pending = False
-        self._kswapd_wait = trio.lowlevel.ParkingLot()  # pgdat->kswapd_wait
-        self._writeback_wait = trio.lowlevel.ParkingLot()
+        self._kswapd_wait = WaitQueue()  # pgdat->kswapd_wait
+        self._writeback_wait = WaitQueue()
 
     # -- the LRU scan ------------------------------------------------------------------------
 
@@ -286,7 +287,7 @@ class Reclaimer:
             self.kswapd_failures = 0
         return sc.nr_scanned + sc.nr_refill - before
 
-    async def shrink(self, gfp: GFP, nr_to_reclaim: int = SWAP_CLUSTER_MAX) -> ScanControl:
+    async def shrink(self, gfp: gfp_t, nr_to_reclaim: int = SWAP_CLUSTER_MAX) -> ScanControl:
         """Scan until ``nr_to_reclaim`` pages are freed, or as much is pending in writeback,
         or about two sweeps of the LRU found nothing (do_try_to_free_pages' priority loop)."""
         sc = ScanControl(gfp, nr_to_reclaim)
@@ -296,7 +297,7 @@ class Reclaimer:
                 break
         return sc
 
-    async def try_to_free_pages(self, gfp: GFP) -> ScanControl:
+    async def try_to_free_pages(self, gfp: gfp_t) -> ScanControl:
         """mm/vmscan.c try_to_free_pages: direct reclaim of SWAP_CLUSTER_MAX pages.
 
         The caller (the allocator's __perform_reclaim) runs it under PF_MEMALLOC.

@@ -35,13 +35,13 @@ per ``Memory``, ``memory.slab``): the kmalloc caches, ``skbuff_head_cache``,
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
+from typing import Final, TypeAlias
 
 import attrs
 
 from client.mm.alloc import Allocator
-from client.mm.gfp import GFP, GFP_KERNEL, current_task_flags, gfp_pfmemalloc_allowed
+from client.mm.gfp import GFP, GFP_KERNEL, current_task_flags, gfp_pfmemalloc_allowed, gfp_t
 from client.mm.page import PAGE_SIZE, Page
 from client.mm.vmstat import VmStat
 
@@ -58,18 +58,22 @@ ARCH_KMALLOC_MINALIGN = 8
 POINTER_SIZE = 8
 
 
-class SLAB(enum.IntFlag):
+#: include/linux/types.h ``slab_flags_t``: a cache's ``SLAB_*`` flags, a plain integer.
+slab_flags_t: TypeAlias = int
+
+
+class SLAB:
     """``SLAB_*`` cache flags (include/linux/slab.h) that change the model's numbers."""
 
-    HWCACHE_ALIGN = 0x00002000  # align objects on cache lines
-    TYPESAFE_BY_RCU = 0x00080000  # the free pointer may not overlay the object
-    PANIC = 0x00040000  # kmem_cache_create panics on failure (no effect in the model)
+    HWCACHE_ALIGN: Final = 0x00002000  # align objects on cache lines
+    TYPESAFE_BY_RCU: Final = 0x00080000  # the free pointer may not overlay the object
+    PANIC: Final = 0x00040000  # kmem_cache_create panics on failure (no effect in the model)
 
 
-NO_SLAB_FLAGS = SLAB(0)
+NO_SLAB_FLAGS: Final = 0
 
 
-def calculate_alignment(flags: SLAB, align: int, size: int) -> int:
+def calculate_alignment(flags: slab_flags_t, align: int, size: int) -> int:
     """mm/slab_common.c calculate_alignment: cache-line alignment for SLAB_HWCACHE_ALIGN,
     halved while the object fits twice ("objects smaller than the line ... are aligned to
     a fraction of it"), at least ARCH_SLAB_MINALIGN, a multiple of a pointer."""
@@ -82,7 +86,7 @@ def calculate_alignment(flags: SLAB, align: int, size: int) -> int:
     return _align_up(align, POINTER_SIZE)
 
 
-def calculate_size(object_size: int, align: int, flags: SLAB) -> int:
+def calculate_size(object_size: int, align: int, flags: slab_flags_t) -> int:
     """mm/slub.c calculate_sizes (no debugging): ``s->size``, the bytes one object takes in
     its slab. The free pointer sits inside a free object unless SLAB_TYPESAFE_BY_RCU (or a
     constructor) needs the object intact, then after it; the result is rounded to
@@ -186,7 +190,7 @@ class SlabCache:
         stat: VmStat,
         *,
         align: int = 0,
-        flags: SLAB = NO_SLAB_FLAGS,
+        flags: slab_flags_t = NO_SLAB_FLAGS,
         min_partial: int | None = None,
     ) -> None:
         if object_size < 1:
@@ -223,7 +227,7 @@ class SlabCache:
     # -- allocation --------------------------------------------------------------------------
 
     async def alloc(
-        self, gfp: GFP = GFP_KERNEL, *, reserve: object | None = None
+        self, gfp: gfp_t = GFP_KERNEL, *, reserve: object | None = None
     ) -> SlabObject | None:
         """``kmem_cache_alloc(s, gfp)``: an object, or None if a new slab was needed and the
         page allocator failed (``slab_out_of_memory``).
@@ -267,7 +271,7 @@ class SlabCache:
         return self._take(slab)
 
     @staticmethod
-    def _slab_gfp(gfp: GFP) -> GFP:
+    def _slab_gfp(gfp: gfp_t) -> gfp_t:
         """mm/slub.c new_slab/allocate_slab: the page allocation uses the caller's gfp.
 
         For an order-0 cache (``oo == s->min``) allocate_slab first tries
@@ -278,7 +282,7 @@ class SlabCache:
         """
         return gfp
 
-    def _get_partial(self, gfp: GFP) -> Slab | None:
+    def _get_partial(self, gfp: gfp_t) -> Slab | None:
         """mm/slub.c get_partial_node: the first partial slab whose pfmemalloc matches."""
         partial = self.partial
         if not partial:
@@ -478,7 +482,7 @@ class SlabCaches:
         size: int,
         *,
         align: int = 0,
-        flags: SLAB = NO_SLAB_FLAGS,
+        flags: slab_flags_t = NO_SLAB_FLAGS,
         min_partial: int | None = None,
     ) -> SlabCache:
         """``kmem_cache_create(name, size, align, flags, NULL)``: a new cache (names are
@@ -511,7 +515,7 @@ class SlabCaches:
         return self._kmalloc[kmalloc_size_class(size)]
 
     async def kmalloc(
-        self, size: int, gfp: GFP = GFP_KERNEL, *, reserve: object | None = None
+        self, size: int, gfp: gfp_t = GFP_KERNEL, *, reserve: object | None = None
     ) -> SlabObject | None:
         """``kmalloc(size, gfp)``: an object of the smallest kmalloc class that fits."""
         return await self.kmalloc_cache(size).alloc(gfp, reserve=reserve)

@@ -19,12 +19,12 @@ from client.mm.page import PAGE_SIZE
 from client.mm.process import Process
 
 if TYPE_CHECKING:
-    from client.mm.gfp import GFP
+    from client.mm.gfp import gfp_t
     from client.mm.memory import Memory
     from client.mm.page import Page
 
 
-async def drain(memory: Memory, gfp: GFP) -> list[Page]:
+async def drain(memory: Memory, gfp: gfp_t) -> list[Page]:
     """Allocate with ``gfp`` until it fails; the pages taken."""
     pages = []
     while (page := await memory.alloc_page(gfp)) is not None:

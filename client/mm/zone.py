@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 import attrs
 
-from client.mm.gfp import ALLOC_NO_WATERMARKS, ALLOC_WMARK_MASK, AllocFlags
+from client.mm.gfp import (
+    ALLOC_HARDER,
+    ALLOC_HIGH,
+    ALLOC_NO_WATERMARKS,
+    ALLOC_OOM,
+    ALLOC_WMARK_MASK,
+)
 from client.mm.page import PAGE_SHIFT, Page
 
 # mm/page_alloc.c calculate_min_free_kbytes: clamp (6.x upper bound; 4.x used 65536).
@@ -34,33 +40,6 @@ def default_min_free_kbytes(lowmem_kbytes: int) -> int:
     return max(MIN_FREE_KBYTES_FLOOR, min(kbytes, MIN_FREE_KBYTES_CEILING))
 
 
-_WMARK_MASK = int(ALLOC_WMARK_MASK)
-_NO_WATERMARKS = int(ALLOC_NO_WATERMARKS)
-_HIGH = int(AllocFlags.HIGH)
-_HARDER = int(AllocFlags.HARDER)
-_OOM = int(AllocFlags.OOM)
-#: alloc_flags -> (watermark index, ALLOC_NO_WATERMARKS, ALLOC_HIGH, ALLOC_HARDER, ALLOC_OOM).  The
-#: watermark check runs on every allocation of the slow path, and an ``IntFlag`` operator
-#: costs about a microsecond (``enum.Flag.__and__`` builds a new member); the few
-#: distinct values are decoded once, with plain ``int`` operations.
-_DECODED: dict[int, tuple[int, bool, bool, bool, bool]] = {}
-
-
-def _decode(alloc_flags: int) -> tuple[int, bool, bool, bool, bool]:
-    decoded = _DECODED.get(alloc_flags)
-    if decoded is None:
-        f = int(alloc_flags)
-        decoded = (
-            f & _WMARK_MASK,
-            bool(f & _NO_WATERMARKS),
-            bool(f & _HIGH),
-            bool(f & _HARDER),
-            bool(f & _OOM),
-        )
-        _DECODED[f] = decoded
-    return decoded
-
-
 def _validate_order(instance: Watermarks, _attribute: object, high: int) -> None:
     if not 0 <= instance.min <= instance.low <= high:
         raise ValueError(f"watermarks must satisfy 0 <= min <= low <= high: {instance!r}")
@@ -74,10 +53,9 @@ class Watermarks:
     low: int
     high: int = attrs.field(validator=_validate_order)
 
-    def mark(self, alloc_flags: AllocFlags) -> int:
+    def mark(self, alloc_flags: int) -> int:
         """The watermark ``alloc_flags & ALLOC_WMARK_MASK`` selects (mm/internal.h)."""
-        index = _decode(alloc_flags)[0]
-        return (self.min, self.low, self.high)[index]
+        return (self.min, self.low, self.high)[alloc_flags & ALLOC_WMARK_MASK]
 
 
 def mult_frac(x: int, numer: int, denom: int) -> int:
@@ -112,7 +90,7 @@ def calculate_watermarks(
 
 
 def zone_watermark_ok(
-    free_pages: int, mark: int, alloc_flags: AllocFlags, lowmem_reserve: int = 0
+    free_pages: int, mark: int, alloc_flags: int, lowmem_reserve: int = 0
 ) -> bool:
     """May an order-0 allocation with ``alloc_flags`` take a page from a zone?
 
@@ -124,15 +102,15 @@ def zone_watermark_ok(
     lowmem_reserve``. ALLOC_NO_WATERMARKS skips the check (get_page_from_freelist: ``goto
     try_this_zone``), down to an empty free list.
     """
-    _index, no_watermarks, high, harder, oom = _decode(alloc_flags)
-    if no_watermarks:
+    if alloc_flags & ALLOC_NO_WATERMARKS:
         return True
     wmin = mark
-    if high:  # __zone_watermark_ok: ALLOC_HIGH halves min
+    if alloc_flags & ALLOC_HIGH:  # __zone_watermark_ok: ALLOC_HIGH halves min
         wmin -= wmin // 2
-    if oom:  # __zone_watermark_ok (4.16-6.2): "if (alloc_flags & ALLOC_OOM) min -= min / 2"
+    if alloc_flags & ALLOC_OOM:
+        # __zone_watermark_ok (4.16-6.2): "if (alloc_flags & ALLOC_OOM) min -= min / 2"
         wmin -= wmin // 2
-    elif harder:  # __zone_watermark_ok: "else min -= min / 4"
+    elif alloc_flags & ALLOC_HARDER:  # __zone_watermark_ok: "else min -= min / 4"
         wmin -= wmin // 4
     return free_pages > wmin + lowmem_reserve
 
@@ -172,7 +150,7 @@ class Zone:
     def end_pfn(self) -> int:
         return self.start_pfn + self.nr_pages
 
-    def watermark_ok(self, alloc_flags: AllocFlags) -> bool:
+    def watermark_ok(self, alloc_flags: int) -> bool:
         """``zone_watermark_ok(zone, 0, mark, ...)`` against this zone's current numbers."""
         mark = self.watermarks.mark(alloc_flags)
         return zone_watermark_ok(self.nr_free, mark, alloc_flags, self.lowmem_reserve)

@@ -54,9 +54,9 @@ import attrs
 import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_KERNEL, PAGE_SIZE, PF, Memory, Page
-from client.mm.gfp import serving_softirq, task_flags
+from client.mm.gfp import gfp_t, serving_softirq, task_flags
 from client.mm.slab import SKBUFF_HEAD_CACHE, SlabCache, SlabObject
-from client.mm.waits import WaitFor
+from client.mm.waits import WaitFor, WaitQueue, sleep
 from client.net.skbuff import SKB_HEAD_TRUESIZE
 
 if TYPE_CHECKING:
@@ -183,8 +183,8 @@ class NetDevice:
         self.stats = DeviceStats()
         self.napi_task_name = f"{name}.rx"
         self.refill_task_name = f"{name}.refill"
-        self._wake = trio.lowlevel.ParkingLot()  # NAPI: a packet may be due
-        self._refill_wake = trio.lowlevel.ParkingLot()
+        self._wake = WaitQueue()  # NAPI: a packet may be due
+        self._refill_wake = WaitQueue()
         self._refill_queued = False
         self._napi_disabled = False
         self._rx_link_free = 0.0  # when the link toward us has carried what it carries
@@ -245,7 +245,7 @@ class NetDevice:
         self.memory.free_page(frag.page, progress=progress)
         self.pages -= 1
 
-    async def _new_buffer(self, gfp: GFP, reserve: object | None) -> RxBuffer | None:
+    async def _new_buffer(self, gfp: gfp_t, reserve: object | None) -> RxBuffer | None:
         """``page_frag_alloc``: the next ``rx_buffer`` bytes of the cached page, or a new
         page (``__page_frag_cache_refill``) with ``gfp``.  A ``netdev`` driver's buffer is
         a whole skb: ``__netdev_alloc_skb`` builds it at once, "data =
@@ -278,7 +278,7 @@ class NetDevice:
         ``kmem_cache_alloc_bulk(skbuff_head_cache, GFP_ATOMIC, ...)``)."""
         return await self._head_cache.alloc(GFP_ATOMIC)
 
-    async def _fill(self, gfp: GFP, reserve: object | None = None) -> bool:
+    async def _fill(self, gfp: gfp_t, reserve: object | None = None) -> bool:
         """Post buffers until the ring is full; False if an allocation failed
         (``try_fill_recv``'s ``oom``)."""
         want = self.settings.ring_size
@@ -295,22 +295,29 @@ class NetDevice:
             RefillFailed(self.name, context, len(self.ring), self.settings.ring_size)
         )
 
-    async def _napi_refill(self, *, force: bool = False) -> None:
-        """The driver's refill at the end of a poll, in softirq (``GFP_ATOMIC``)."""
+    def _refill_wanted(self, force: bool = False) -> bool:
+        """Does the driver refill at the end of this poll?  ``force``: the ring is empty."""
         s = self.settings
         missing = s.ring_size - len(self.ring)
         if s.driver == "netdev":
             # e1000_clean_rx_irq: "if (cleaned_count >= E1000_RX_BUFFER_WRITE)
-            # adapter->alloc_rx_buf(...)"; __netdev_alloc_skb decides the gfp (the policy:
-            # __GFP_MEMALLOC while sk_memalloc_socks()), GFP_ATOMIC never sleeps.
-            if missing >= E1000_RX_BUFFER_WRITE or (force and missing):
-                gfp = self.stack.rx_gfp() & ~GFP.DIRECT_RECLAIM
-                if not await self._fill(gfp, self.stack.rx_reserve()):
-                    self._refill_failed("napi")
-            return
+            # adapter->alloc_rx_buf(...)"
+            return missing >= E1000_RX_BUFFER_WRITE or (force and missing > 0)
         # virtnet_receive: "if (rq->vq->num_free > virtqueue_get_vring_size(rq->vq) / 2)"
-        wanted = missing > s.ring_size // 2 or (force and missing)
-        if wanted and not await self._fill(GFP_ATOMIC):
+        return missing > s.ring_size // 2 or (force and missing > 0)
+
+    async def _napi_refill(self, *, force: bool = False) -> None:
+        """The driver's refill at the end of a poll, in softirq (``GFP_ATOMIC``)."""
+        if not self._refill_wanted(force):
+            return
+        if self.settings.driver == "netdev":
+            # __netdev_alloc_skb decides the gfp (the policy: __GFP_MEMALLOC while
+            # sk_memalloc_socks()), GFP_ATOMIC never sleeps.
+            gfp = self.stack.rx_gfp() & ~GFP.DIRECT_RECLAIM
+            if not await self._fill(gfp, self.stack.rx_reserve()):
+                self._refill_failed("napi")
+            return
+        if not await self._fill(GFP_ATOMIC):
             self._refill_failed("napi")
             self._queue_refill_work()
 
@@ -361,12 +368,12 @@ class NetDevice:
                     sock, due = self._next_due(now)
                     if polled and (sock is None or polled >= NAPI_POLL_WEIGHT):
                         # The poll's CPU time: its packets were received during it.
-                        await trio.sleep(polled * self.settings.softirq_cost)
+                        await sleep(polled * self.settings.softirq_cost)
                         polled = 0
                         continue
                     if sock is None:
-                        with waits.waiting(self._wait_packet), trio.move_on_at(due):
-                            await self._wake.park()
+                        with waits.waiting(self._wait_packet):
+                            await self._wake.park_until(due)
                         continue
                     if self._napi_disabled:
                         with waits.waiting(self._wait_napi):
@@ -379,8 +386,8 @@ class NetDevice:
                         # it (rx_no_buffer_count) and the peer retransmits; virtio leaves
                         # it with the host until a buffer is posted.
                         self.stats.rx_no_buffer += 1
-                        with waits.waiting(self._wait_buffer), trio.move_on_after(delay):
-                            await self._wake.park()
+                        with waits.waiting(self._wait_buffer):
+                            await self._wake.park_until(trio.current_time() + delay)
                         delay = min(delay * 2, BACKOFF_MAX)
                         continue
                     delay = BACKOFF_MIN
@@ -397,10 +404,12 @@ class NetDevice:
                             self.stats.rx_dropped += 1
                             self.release(buf, progress=False)
                             sock.packet_lost(now)
-                            await self._napi_refill()
+                            if self._refill_wanted():  # (a coroutine only when there is work)
+                                await self._napi_refill()
                             continue
                     await sock.receive_packet(now, buf)
-                    await self._napi_refill()
+                    if self._refill_wanted():
+                        await self._napi_refill()
 
     def _next_due(self, now: float) -> tuple[ModelledSocket | None, float]:
         """The socket whose packet reached the NIC first, if one has by now (the wire is

@@ -23,7 +23,7 @@ with ``MAX_HEADER = LL_MAX_HEADER (128, CONFIG_HYPERV_NET) + 48`` (IP tunnels) =
 
 from __future__ import annotations
 
-from client.mm import GFP, current_task_flags
+from client.mm import GFP, current_task_flags, gfp_t
 from client.mm.gfp import gfp_pfmemalloc_allowed
 from client.mm.slab import (
     SKB_SIZE,
@@ -84,7 +84,7 @@ class SkbHead:
 
 
 async def kmalloc_reserve(
-    slab: SlabCaches, size: int, gfp: GFP, reserve: object | None = None
+    slab: SlabCaches, size: int, gfp: gfp_t, reserve: object | None = None
 ) -> tuple[SlabObject | None, bool]:
     """net/core/skbuff.c kmalloc_reserve: "Try a regular allocation, when that fails and
     we're not entitled to the reserves, fail" -- ``kmalloc(size, flags |
@@ -98,7 +98,7 @@ async def kmalloc_reserve(
 
 
 async def alloc_skb(
-    slab: SlabCaches, size: int, gfp: GFP, *, fclone: bool = False, reserve: object | None = None
+    slab: SlabCaches, size: int, gfp: gfp_t, *, fclone: bool = False, reserve: object | None = None
 ) -> SkbHead | None:
     """``__alloc_skb(size, gfp, fclone ? SKB_ALLOC_FCLONE : 0)``: a head from
     ``skbuff_fclone_cache`` (``alloc_skb_fclone``, TCP's transmit skbs) or

@@ -65,9 +65,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PAGE_SIZE, Memory
+from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PAGE_SIZE, Memory, gfp_t
 from client.mm.gfp import serving_softirq
-from client.mm.waits import WaitFor
+from client.mm.waits import WaitFor, WaitQueue, sleep
 from client.net.device import BACKOFF_MAX, BACKOFF_MIN, FragPage, RxBuffer
 from client.net.skbuff import MAX_TCP_HEADER, SkbHead, alloc_skb
 from client.net.tcp import TCP_ATO_MIN, TCP_DELACK_MAX, TCP_RTO_MAX, VM_WAIT, TcpSock
@@ -148,7 +148,7 @@ class ModelledSocket(trio.abc.Stream):
         sndbuf: int | None = None,
         rcvbuf: int | None = None,
         latency: float = 0.0,
-        allocation: GFP = GFP_NOIO,
+        allocation: gfp_t = GFP_NOIO,
     ) -> None:
         self.stack = stack
         self.memory: Memory = stack.memory
@@ -175,29 +175,29 @@ class ModelledSocket(trio.abc.Stream):
         self._truesize = settings.rx_truesize
         self._wire: deque[tuple[float, bytearray]] = deque()  # (at the NIC at, bytes)
         self._wire_bytes = 0
-        self._wire_space = trio.lowlevel.ParkingLot()
+        self._wire_space = WaitQueue()
         self._retry_at = 0.0  # after a drop, the peer retransmits no earlier than this
         self._retry_delay = BACKOFF_MIN
         # Our ACKs: scheduled (ICSK_ACK_SCHED), the delayed-ACK timer, the failure back-off.
         self._ack_pending = False
         self._ack_retry = 0  # icsk_ack.retry
         self._delack_at = math.inf
-        self._delack_wake = trio.lowlevel.ParkingLot()
-        self._rx_ready = trio.lowlevel.ParkingLot()
-        self._space = trio.lowlevel.ParkingLot()  # sk_stream_write_space wakes writers here
+        self._delack_wake = WaitQueue()
+        self._rx_ready = WaitQueue()
+        self._space = WaitQueue()  # sk_stream_write_space wakes writers here
         self._rx_eof = False
         self._rx_error: BaseException | None = None
         self._closed = False
         # The socket lock (lock_sock) of send_all: a FIFO mutex that, unlike trio.Lock,
         # costs no scheduling round when it is free (handed over to the next waiter).
         self._send_busy = False
-        self._send_waiters = trio.lowlevel.ParkingLot()
+        self._send_waiters = WaitQueue()
         # Queued for the real stream (skbs allocated, bytes not yet written): the device.
         self._xmit: deque[bytes | memoryview] = deque()
         self._xmit_bytes = 0  # queued + being written
         self._xmit_busy = False  # a write to the real stream is in progress
-        self._xmit_wake = trio.lowlevel.ParkingLot()
-        self._xmit_drained = trio.lowlevel.ParkingLot()
+        self._xmit_wake = WaitQueue()
+        self._xmit_drained = WaitQueue()
         self._tx_error: BaseException | None = None
         self._nic_scope = trio.CancelScope()
         self._xmit_scope = trio.CancelScope()
@@ -736,9 +736,7 @@ class ModelledSocket(trio.abc.Stream):
         else:
             self._send_delayed_ack(now)
 
-    async def _park(
-        self, lot: trio.lowlevel.ParkingLot, what: WaitFor, timeout: float = math.inf
-    ) -> None:
+    async def _park(self, lot: WaitQueue, what: WaitFor, timeout: float = math.inf) -> None:
         """``memory.waits.park``, without a cancel scope when there is no timeout."""
         if timeout == math.inf:
             with self.memory.waits.waiting(what):

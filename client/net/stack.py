@@ -14,7 +14,7 @@ from typing import Protocol
 
 import trio
 
-from client.mm import GFP, Memory
+from client.mm import Memory, gfp_t
 from client.net.device import NetDevice, NicSettings
 from client.net.socket import ModelledSocket
 from client.net.tcp import TcpProto, TcpSysctls
@@ -32,7 +32,7 @@ class NetPolicy(Protocol):
 
     def socket_closed(self, sock: ModelledSocket) -> None: ...
 
-    def rx_gfp(self, memalloc_socks: int) -> GFP:
+    def rx_gfp(self, memalloc_socks: int) -> gfp_t:
         """The gfp of an RX skb allocation, made before the socket is known."""
         ...
 
@@ -105,7 +105,7 @@ class NetStack:
         """``sk_memalloc_socks()``: how many open sockets have SOCK_MEMALLOC."""
         return sum(1 for s in self.sockets.values() if s.memalloc)
 
-    def rx_gfp(self) -> GFP:
+    def rx_gfp(self) -> gfp_t:
         return self.policy.rx_gfp(self.memalloc_socks)
 
     def rx_reserve(self) -> object | None:

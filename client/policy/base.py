@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from client.mm import GFP, GFP_ATOMIC, GFP_NOIO
+from client.mm import GFP_ATOMIC, GFP_NOIO, gfp_t
 from client.mm.facts import Fact
 from client.mm.policy import NullPolicy
 
@@ -64,7 +64,7 @@ class Policy(NullPolicy):
     def socket_closed(self, sock: ModelledSocket) -> None:
         pass
 
-    def rx_gfp(self, memalloc_socks: int) -> GFP:
+    def rx_gfp(self, memalloc_socks: int) -> gfp_t:
         # __netdev_alloc_skb in softirq: GFP_ATOMIC, which reaches 3/8 of min and no further.
         return GFP_ATOMIC
 

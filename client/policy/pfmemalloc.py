@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, MAX_RECLAIM_RETRIES, PF
-from client.mm.gfp import current_task_flags
+from client.mm.gfp import current_task_flags, gfp_t
 from client.mm.process import fatal_signal_pending, killable
 from client.mm.waits import WaitFor
 from client.net.socket import ModelledSocket
@@ -62,7 +62,7 @@ class PfmemallocPolicy(Policy):
         free = sum(z.nr_free for z in self.memory.zones)
         return free > reserve // 2
 
-    async def throttle_direct_reclaim(self, gfp: GFP) -> bool:
+    async def throttle_direct_reclaim(self, gfp: gfp_t) -> bool:
         """mm/vmscan.c throttle_direct_reclaim. True if a fatal signal is pending after the
         wait (the caller then skips reclaim, "so the OOM killer is not triggered")."""
         if not self.throttle:
@@ -143,7 +143,7 @@ class PfmemallocPolicy(Policy):
         else:
             sock.allocation = GFP_NOIO
 
-    def rx_gfp(self, memalloc_socks: int) -> GFP:
+    def rx_gfp(self, memalloc_socks: int) -> gfp_t:
         return GFP_ATOMIC | GFP.MEMALLOC if memalloc_socks else GFP_ATOMIC
 
     def report(self) -> dict[str, Any]:

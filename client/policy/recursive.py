@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from client.mm import GFP, GFP_NOIO, SWAP_CLUSTER_MAX
+from client.mm import GFP_NOIO, SWAP_CLUSTER_MAX, gfp_t
 from client.policy.base import Policy
 
 
@@ -31,7 +31,7 @@ class RecursivePolicy(Policy):
         self.recursive_freed = 0
         self.recursive_failed = 0
 
-    async def memalloc_failed(self, gfp: GFP) -> bool:
+    async def memalloc_failed(self, gfp: gfp_t) -> bool:
         assert self.memory is not None
         self.recursions += 1
         sc = await self.memory.reclaimer.shrink(GFP_NOIO, SWAP_CLUSTER_MAX)

@@ -54,7 +54,7 @@ import attrs
 import trio
 
 from client.config import ReserveConfig
-from client.mm import GFP, GFP_ATOMIC, GFP_NOIO
+from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, gfp_t
 from client.mm.waits import WaitFor
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
@@ -174,7 +174,7 @@ class MemReservePolicy(Policy):
             self.memory.setup_watermarks()
 
     # -- bean counting --------------------------------------------------------------------
-    async def charge_emergency(self, gfp: GFP, reserve: object | None) -> bool:
+    async def charge_emergency(self, gfp: gfp_t, reserve: object | None) -> bool:
         if not isinstance(reserve, MemReserve):
             # Only callers that name a reserve are bean counted (kmalloc_reserve's "if
             # (res && ...)"): the VM's own PF_MEMALLOC work, and TX as posted, are not.
@@ -250,7 +250,7 @@ class MemReservePolicy(Policy):
             self.tx_pages.add(-self.config.tx_pages, -self.config.tx_pages)
             self._resize()
 
-    def rx_gfp(self, memalloc_socks: int) -> GFP:
+    def rx_gfp(self, memalloc_socks: int) -> gfp_t:
         # __alloc_skb: "Attempt emergency allocation when RX skb" only if sk_memalloc_socks().
         return GFP_ATOMIC | GFP.MEMALLOC if memalloc_socks else GFP_ATOMIC
 

@@ -31,7 +31,7 @@ class FlagsDevice:
         self.seen.append(current_task_flags())
 
 
-@pytest.mark.parametrize("submitter", [KSWAPD, PF.MEMALLOC, PF(0)])
+@pytest.mark.parametrize("submitter", [KSWAPD, PF.MEMALLOC, 0])
 async def test_a_request_reaches_the_driver_with_exactly_its_submitters_flags(
     submitter: PF,
 ) -> None:
@@ -80,15 +80,15 @@ class FlagsStream(trio.abc.Stream):
 CASES = [
     # request_fn: nbd_send_req in whoever runs the queue -- the submitter, as it is.
     ("2.6.18", KSWAPD, KSWAPD),
-    ("2.6.18", PF(0), PF(0)),
+    ("2.6.18", 0, 0),
     # nbd_thread: a kernel thread; the submitter's PF_MEMALLOC does not come along.
     ("3.5", KSWAPD, PF.KTHREAD),
-    ("3.5", PF(0), PF.KTHREAD),
+    ("3.5", 0, PF.KTHREAD),
     # nbd_thread + sock_xmit's "current->flags |= PF_MEMALLOC".
-    ("3.6", PF(0), PF.KTHREAD | PF.MEMALLOC),
+    ("3.6", 0, PF.KTHREAD | PF.MEMALLOC),
     ("3.6", KSWAPD, PF.KTHREAD | PF.MEMALLOC),
     # queue_rq in the submitter's task + __sock_xmit's memalloc_noreclaim_save().
-    ("6.1", PF(0), PF.MEMALLOC),
+    ("6.1", 0, PF.MEMALLOC),
     ("6.1", KSWAPD, KSWAPD),
 ]
 

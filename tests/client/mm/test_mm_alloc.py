@@ -80,7 +80,7 @@ async def test_nonsleeping_allocation_fails_at_min_and_is_counted(
     assert trio.current_time() == 0  # never slept
     assert m.memory.stat.alloc_fail == 1 and m.memory.stat.allocstall == 0
     [fact] = m.facts_of(AllocFailed)
-    assert fact.gfp == GFP_NOWAIT and fact.task_flags == PF(0)
+    assert fact.gfp == GFP_NOWAIT and fact.task_flags == 0
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from client.mm import (
     task_flags,
 )
 
-NONE = PF(0)
+NONE = 0
 
 
 def test_composites_are_the_kernels() -> None:

@@ -13,7 +13,6 @@ from client.mm import (
     ALLOC_WMARK_LOW,
     ALLOC_WMARK_MIN,
     GFP_ATOMIC,
-    PF,
     AllocFlags,
     Watermarks,
     Zone,
@@ -111,7 +110,7 @@ def test_zone_watermark_ok_thresholds(alloc_flags: AllocFlags, threshold: int) -
 
 
 def test_gfp_atomic_reaches_three_eighths_of_min() -> None:
-    flags = gfp_to_alloc_flags(GFP_ATOMIC, PF(0))
+    flags = gfp_to_alloc_flags(GFP_ATOMIC, 0)
     assert zone_watermark_ok(301, MIN, flags)
     assert not zone_watermark_ok(300, MIN, flags)
     assert MIN * 3 // 8 == 300

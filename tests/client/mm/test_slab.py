@@ -103,7 +103,7 @@ def test_alignment_and_min_partial_rules() -> None:
     # calculate_alignment: a 24-byte object fits in half a line (32), not a quarter
     assert calculate_alignment(SLAB.HWCACHE_ALIGN, 0, 24) == 32
     assert calculate_alignment(SLAB.HWCACHE_ALIGN, 0, 200) == 64
-    assert calculate_alignment(SLAB(0), 0, 3) == 8  # ARCH_SLAB_MINALIGN
+    assert calculate_alignment(0, 0, 3) == 8  # ARCH_SLAB_MINALIGN
     assert calculate_size(24, 32, SLAB.HWCACHE_ALIGN) == 32
     assert calculate_size(200, 64, SLAB.HWCACHE_ALIGN) == 256
     # the RCU free pointer after the object: 248 + 8 still fits 256, 252 -> 256 + 8 does not
