@@ -67,7 +67,7 @@ import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PAGE_SIZE, Memory, gfp_t
 from client.mm.gfp import serving_softirq
-from client.mm.waits import WaitFor, WaitQueue, sleep
+from client.mm.waits import WaitFor, WaitQueue
 from client.net.device import BACKOFF_MAX, BACKOFF_MIN, FragPage, RxBuffer
 from client.net.skbuff import MAX_TCP_HEADER, SkbHead, alloc_skb
 from client.net.tcp import TCP_ATO_MIN, TCP_DELACK_MAX, TCP_RTO_MAX, VM_WAIT, TcpSock
