@@ -270,5 +270,10 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, *, what: str = "-
             raise ConfigError(f"{what} {dotted}: {'.'.join(keys[:i])!r} is not a table")
         if last:
             node[key] = value
+        elif key not in node and keys[i + 1].isdigit():
+            raise ConfigError(
+                f"{what} {dotted}: the scenario has no {key!r} array to index "
+                f"(add a [[{'.'.join(keys[: i + 1])}]] table first)"
+            )
         else:
             node = node.setdefault(key, {})

@@ -63,3 +63,11 @@ def test_the_net_table_takes_three_values_in_order() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             load_scenario(SCENARIO, {key: value})
+
+
+def test_an_index_into_an_array_the_scenario_lacks_is_a_one_line_error() -> None:
+    """``--set noise.0.sockets=1`` on a scenario without ``[[noise]]`` names what is missing
+    instead of failing inside the structuring of a table made up for it."""
+    with pytest.raises(ConfigError, match=r"no 'noise' array to index \(add a \[\[noise\]\]"):
+        load_scenario(None, {"noise.0.sockets": 1})
+    assert load_scenario(SCENARIO, {"noise.0.sockets": 1}).noise[0].sockets == 1
