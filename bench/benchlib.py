@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import platform
 import re
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,21 @@ RANDOM_BLOCK = 16 * MiB
 
 class BenchError(Exception):
     """A measurement could not be taken (a tool failed, a server did not start)."""
+
+
+def stop_server(proc: subprocess.Popen[bytes], name: str) -> None:
+    """SIGTERM a server subprocess and wait; a server that does not stop on it, or exits
+    non-zero, is a benchmark error (after it has been killed)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise BenchError(f"{name} did not stop on SIGTERM") from None
+    if proc.returncode != 0:
+        raise BenchError(f"{name} exited {proc.returncode} after SIGTERM")
 
 
 def make_source(path: Path, size: int) -> None:

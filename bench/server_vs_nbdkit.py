@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from benchlib import (
     make_source,
     own_seconds,
     process_seconds,
+    stop_server,
     write_docs,
 )
 from server_vs_nbdkit_results import (
@@ -102,20 +102,9 @@ class Server:
         raise NotImplementedError
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        self.proc = None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise BenchError(f"{self.name} did not stop on SIGTERM") from None
-        if proc.returncode != 0:
-            raise BenchError(f"{self.name} exited {proc.returncode} after SIGTERM")
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_server(proc, self.name)
 
     def _wait(self, ready: Any, what: str) -> Any:
         deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from benchlib import (
     make_source,
     own_seconds,
     process_seconds,
+    stop_server,
 )
 
 from client.config import HogConfig
@@ -188,18 +188,8 @@ class NetswapServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise BenchError("netswap server did not stop on SIGTERM") from None
-        if proc.returncode != 0:
-            raise BenchError(f"netswap server exited {proc.returncode} after SIGTERM")
+        if proc is not None:
+            stop_server(proc, "netswap server")
 
 
 # -- parts 1-3: swap-out against the limit --------------------------------------------------
