@@ -1,6 +1,5 @@
-"""A FIFO lock handed from holder to waiter: the NBD client's send lock.  (The modelled
-socket's lock_sock in client/net/socket.py is the same twelve lines; it moves onto this
-once the branches rewriting client/net have landed.)
+"""A FIFO lock handed from holder to waiter: the NBD client's send lock and the modelled
+socket's ``lock_sock`` (client/net/socket.py).
 
 Like ``trio.Lock`` it is fair (released, it goes to the longest waiter, who owns it on
 waking), but taking it when it is free costs no scheduling round (``trio.Lock.acquire``

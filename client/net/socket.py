@@ -71,6 +71,7 @@ from client.mm.waits import WaitFor, WaitQueue
 from client.net.device import BACKOFF_MAX, BACKOFF_MIN, FragPage, RxBuffer
 from client.net.skbuff import MAX_TCP_HEADER, SkbHead, alloc_skb
 from client.net.tcp import TCP_ATO_MIN, TCP_DELACK_MAX, TCP_RTO_MAX, VM_WAIT, TcpSock
+from client.sync import HandoffLock
 
 if TYPE_CHECKING:
     from client.net.stack import NetStack
@@ -190,8 +191,7 @@ class ModelledSocket(trio.abc.Stream):
         self._closed = False
         # The socket lock (lock_sock) of send_all: a FIFO mutex that, unlike trio.Lock,
         # costs no scheduling round when it is free (handed over to the next waiter).
-        self._send_busy = False
-        self._send_waiters = WaitQueue()
+        self._send_lock = HandoffLock()
         # Queued for the real stream (skbs allocated, bytes not yet written): the device.
         self._xmit: deque[bytes | memoryview] = deque()
         self._xmit_bytes = 0  # queued + being written
@@ -275,19 +275,13 @@ class ModelledSocket(trio.abc.Stream):
     # -- TX -------------------------------------------------------------------------------
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        if self._send_busy:
-            await self._send_waiters.park()  # the holder hands the lock over
-        else:
-            self._send_busy = True
+        await self._send_lock.acquire()
         try:
             self._check_open()
             if len(view):
                 await self._sendmsg(view)
         finally:
-            if self._send_waiters:
-                self._send_waiters.unpark()
-            else:
-                self._send_busy = False
+            self._send_lock.release()
 
     async def _sendmsg(self, view: memoryview) -> None:
         """net/ipv4/tcp.c tcp_sendmsg_locked: fill skbs of at most ``SKB_MAX`` from the
