@@ -37,7 +37,7 @@ class MachineConfig:
     max_io_pages: int = 32
     swap_queue_depth: int = 32
     bio_pool_size: int = 2
-    bio_cache: str = "page"  # a page per bio, or "kernel": 6.1's bio-200 slab objects
+    bio_cache: str = "kernel"  # 6.1's bio-200 slab objects, or "page": a page per bio
     swappiness: int = 60  # vm.swappiness
     disk_read_latency: float = 0.0001  # seconds per readahead window from the local disk
     readahead_pages: int = 32

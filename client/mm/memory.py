@@ -89,16 +89,12 @@ class MemoryConfig:
     )
     swap_read_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     swap_read_retry_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
-    #: "page" by default, and not the kernel's "kernel", because the outcome tests and the
-    #: shipped scenarios were calibrated with a page per bio. With 256-byte bios the bio
-    #: mempool's backing allocation no longer fails under pressure (16 bios share a page,
-    #: the page allocator is not asked), so writeback is bounded only by swap_queue_depth;
-    #: every request in flight then copies its pages into TX memory the swap socket takes
-    #: from the reserves (nbd's sock_xmit under memalloc_noreclaim_save) and, in the 16 MiB
-    #: swap-over-nbd scenario, drains them to zero before the replies can be received
-    #: (pfmemalloc and recursive-with-clean-pages deadlock). The kernel bounds that TX by
-    #: sk_sndbuf (tcp_sendmsg -> sk_stream_memory_free), which is the network model's to do.
-    bio_cache: str = attrs.field(default="page", validator=attrs.validators.in_(BIO_CACHES))
+    #: "kernel" by default: 6.1's 256-byte bio-200 objects, 16 to a slab page, so the bio
+    #: mempool's backing allocation rarely asks the page allocator and writeback is bounded
+    #: by swap_queue_depth and, on the wire, by the swap socket's sk_sndbuf (tcp_sendmsg ->
+    #: sk_stream_memory_free). "page" keeps the model's cost before it had slab caches (a
+    #: page per bio, allocated and freed with it), for comparison with older results.
+    bio_cache: str = attrs.field(default="kernel", validator=attrs.validators.in_(BIO_CACHES))
 
     @property
     def nr_pages(self) -> int:

@@ -369,9 +369,9 @@ async def test_the_bio_mempool_takes_slab_objects_then_its_reserve_then_waits(
 
 
 async def test_page_sized_bios_cost_a_page_each_as_before(make_machine: MakeMachine) -> None:
-    """The default ``bio_cache`` "page": one bio per slab page, the page allocated with the bio
-    and freed with it (min_partial 0), as the bio mempool over whole pages did."""
-    machine = make_machine(1024, swap_pages=256)
+    """``bio_cache`` "page": one bio per slab page, the page allocated with the bio and freed
+    with it (min_partial 0), as the bio mempool over whole pages did."""
+    machine = make_machine(1024, swap_pages=256, bio_cache="page")
     memory = machine.memory
     assert memory.block is not None
     pool = memory.block.bio_pool
