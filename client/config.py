@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
+from client.nbd_client import NBD_ERAS  # ``[swap] nbd``: the eras nbd_client models
 from nbdproto.config import ConfigError, parse_size
 
 
@@ -83,11 +84,6 @@ def _opt_buf_size(value: str | int | None) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() == AUTOTUNED):
         return None
     return parse_size(value, what="socket buffer size (or 'auto')")
-
-
-#: ``[swap] nbd``: the same names as client/nbd_client.py NBD_ERAS (a test checks that they
-#: agree).
-NBD_ERAS = ("2.6.18", "3.5", "3.6", "6.1")
 
 
 def _nbd_era(value: str) -> str:

@@ -31,6 +31,7 @@ from client.config import (
     SwapConfig,
     WorkloadConfig,
 )
+from client.policy import POLICIES
 from nbdproto.config import ConfigError, parse_size
 from server.config import ExportConfig, ServerConfig
 
@@ -141,7 +142,7 @@ def _structure_workload(data: Any, _type: Any) -> Any:
 _converter.register_structure_hook(WorkloadConfig, _structure_workload)
 
 
-POLICY_NAMES = ("none", "recursive", "reserve", "pfmemalloc")
+POLICY_NAMES = tuple(POLICIES)  # the client's designs, in their order
 
 
 def _policy(value: str) -> str:

@@ -111,6 +111,6 @@ def test_the_default_era_is_todays_behaviour_the_submitters_context() -> None:
 
 
 def test_the_config_names_the_eras_the_driver_knows() -> None:
-    assert config.NBD_ERAS == NBD_ERAS
+    assert config.NBD_ERAS is NBD_ERAS  # one list, the driver's
     with pytest.raises(ValueError, match=r"nbd era '4\.0'"):
         nbd_xmit_context("4.0")
