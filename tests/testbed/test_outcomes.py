@@ -80,19 +80,18 @@ async def test_none_completes_without_memory_pressure(autojump_clock: trio.abc.C
 async def test_plenty_of_clean_pages_lets_recursive_complete(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Lameter's argument, on his terms: with a hot page cache beside the hogs, recursive
-    reclaim of clean pages (GFP_NOIO, no I/O) frees what the writeout path needs.  (Since
-    the receive ring, `none` completes this scenario too: the posted buffers carry the
-    replies over the floor where a fresh page per packet could not be had.)"""
+    """Lameter's argument, on his terms: with a hot page cache beside the hogs there are
+    clean pages to give, and `recursive` completes with every page verified.  Since bios
+    are 6.1's bio-200 slab objects, nothing on reclaim's writeout path fails an allocation
+    in this scenario: free pages stay above min and kswapd's ordinary reclaim of clean file
+    pages is enough, so `none` completes the same way and the recursion need not fire
+    (docs/policies.md).  The recursion itself is tested in tests/client/test_policies.py."""
     scenario = load_scenario(SCENARIO.with_name("clean-pages.toml"))
     recursive = await run_scenario(scenario, policy="recursive", transport="memory")
     assert completed_clean(recursive), recursive.reason
     assert recursive.integrity.file_pages_verified > 0
-    report = recursive.policy_report
-    # The mechanism did the work: reclaim under GFP_NOIO does no I/O, so what it freed was
-    # clean (the readers' page cache).  Whether any of it is left when the run ends depends
-    # on whether the readers finished first, so that is not asserted.
-    assert report["recursive_freed"] > 0
+    # Whenever the recursion fires here it finds clean pages to free.
+    assert recursive.policy_report["recursive_failed"] == 0
 
 
 #: How a run with no fault injected may end (DESIGN.md §5).  Which of the two a policy gets
