@@ -83,7 +83,7 @@ async def test_plenty_of_clean_pages_lets_recursive_complete(
     """Lameter's argument, on his terms: with a hot page cache beside the hogs there are
     clean pages to give, and `recursive` completes with every page verified.  Since bios
     are 6.1's bio-200 slab objects, nothing on reclaim's writeout path fails an allocation
-    in this scenario: free pages stay above min and kswapd's ordinary reclaim of clean file
+    in this scenario: free pages stay close to min and kswapd's ordinary reclaim of clean file
     pages is enough, so `none` completes the same way and the recursion need not fire
     (docs/policies.md).  The recursion itself is tested in tests/client/test_policies.py."""
     scenario = load_scenario(SCENARIO.with_name("clean-pages.toml"))
