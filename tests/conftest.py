@@ -5,7 +5,8 @@ through ``task_status``).  Every async test runs under a trio-clock deadline, so
 server that stops making progress FAILS the test instead of hanging the suite: real-clock tests
 get ``SOCKET_TEST_DEADLINE`` wall seconds, virtual-clock tests (``autojump_clock``,
 ``mock_clock``) ``VIRTUAL_TEST_DEADLINE`` virtual seconds, or what their
-``@pytest.mark.virtual_deadline(SECONDS)`` says.  Under ``autojump_clock`` a hung model
+``@pytest.mark.virtual_deadline(SECONDS)`` says; a real-clock test that runs a whole
+scenario over TCP asks for more wall seconds with ``@pytest.mark.wall_deadline(SECONDS)``.  Under ``autojump_clock`` a hung model
 reaches that deadline at once.  pytest-timeout (``timeout`` in pyproject.toml) is the
 backstop for what no trio deadline covers: sync tests, fixtures, a loop that never yields.
 Interop peers (nbdkit, nbdinfo, nbdcopy, qemu-img) are looked up with ``require_tool``: a
@@ -124,7 +125,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             marker = item.get_closest_marker("virtual_deadline")
             seconds = float(marker.args[0]) if marker else VIRTUAL_TEST_DEADLINE
         else:
-            seconds = SOCKET_TEST_DEADLINE
+            marker = item.get_closest_marker("wall_deadline")
+            seconds = float(marker.args[0]) if marker else SOCKET_TEST_DEADLINE
         item.obj = _with_deadline(func, seconds)
 
 
