@@ -232,13 +232,17 @@ class Allocator:
                 no_progress_loops = 0
                 await trio.lowlevel.checkpoint()
                 continue
-            if self._writeback_pending():
-                # should_reclaim_retry: no progress but writeback pending -> congestion_wait
-                await self._wait_for_writeback()
-                continue
+            # should_reclaim_retry: "Make sure we converge to OOM if we cannot make any
+            # progress several times in the row" -- the count comes first, so writeback
+            # that never completes delays the OOM killer by MAX_RECLAIM_RETRIES waits, no
+            # more (4.7-5.15: "if (2 * write_pending > reclaimable) {
+            # congestion_wait(BLK_RW_ASYNC, HZ/10); return true; }" after the count).
             no_progress_loops += 1
             if no_progress_loops <= MAX_RECLAIM_RETRIES:
-                await trio.lowlevel.checkpoint()  # cond_resched()
+                if self._writeback_pending():
+                    await self._wait_for_writeback()
+                else:
+                    await trio.lowlevel.checkpoint()  # cond_resched()
                 continue
             if not plan.fs and not fatal_signal_pending():
                 # out_of_memory: "The OOM killer does not compensate for IO-less reclaim";

@@ -31,6 +31,7 @@ from client.mm import (
     serving_softirq,
     task_flags,
 )
+from client.mm.alloc import CONGESTION_WAIT
 from client.mm.testing import drain, pattern_content
 
 if TYPE_CHECKING:
@@ -279,6 +280,29 @@ async def test_oom_kills_the_biggest_process_when_nothing_is_reclaimable(
         await memory.touch(big, 0, write=False, content_fn=pattern_content)
     for v in range(2000):
         await memory.touch(small, v, write=False, content_fn=pattern_content)
+
+
+async def test_writeback_that_never_completes_delays_the_oom_killer_but_does_not_stop_it(
+    make_machine: MakeMachine, autojump_clock: trio.testing.MockClock
+) -> None:
+    """should_reclaim_retry counts a loop without progress before it looks at writeback:
+    with a write in flight that never completes (a swap device that stopped answering)
+    the allocation waits HZ/10 for it MAX_RECLAIM_RETRIES times, then goes to the OOM
+    killer, which chooses "big"; its memory comes back OOM_REAPER_DELAY later."""
+    killed: list[Process] = []
+    machine = make_machine(PAGES, oom_hook=killed.append)  # no swap: nothing reclaimable
+    memory = machine.memory
+    big, small = memory.new_process("big"), memory.new_process("small")
+    async with memory.running():
+        for v in range(2500):
+            await memory.touch(big, v, write=True, content_fn=pattern_content)
+        memory.stat.nr_writeback = 1  # a page under writeback whose end_io never comes
+        for v in range(2000):
+            await memory.touch(small, v, write=True, content_fn=pattern_content)
+        assert trio.current_time() == pytest.approx(
+            MAX_RECLAIM_RETRIES * CONGESTION_WAIT + OOM_REAPER_DELAY
+        )
+    assert killed == [big] and memory.stat.oom_kill == 1 and small.rss == 2000
 
 
 async def test_oom_with_nothing_to_kill_fails(
