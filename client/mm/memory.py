@@ -34,7 +34,7 @@ from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
 from client.mm.slab import FS_BIO_SLAB, FS_BIO_SLAB_SIZE, SlabCache, SlabCaches, SlabObject
 from client.mm.swap import SWAP_RA_HITS_MAX, SwapArea, vma_readahead_window
 from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
-from client.mm.waits import IDLE, WaitFor, WaitRegistry
+from client.mm.waits import IDLE, WaitFor, WaitQueue, WaitRegistry
 from client.mm.zone import Zone, default_min_free_kbytes, setup_watermarks
 
 ContentFn = Callable[[Process, int], bytes]
@@ -203,7 +203,7 @@ class Memory:
         self._oom_hook = oom_hook
         #: queue_oom_reaper's timers, in expiry order: (expires, victim).
         self._oom_reaper_timers: deque[tuple[float, Process]] = deque()
-        self._oom_reaper_wait = trio.lowlevel.ParkingLot()
+        self._oom_reaper_wait = WaitQueue()
         self._swapin: dict[int, _SwapIn] = {}
         self._files = 0
         self._nursery: trio.Nursery | None = None

@@ -2,7 +2,7 @@
 
 A watchdog reads ``WaitRegistry.snapshot()`` to print wait-for chains such as
 ``kswapd -> mempool(bio) -> writeback(req 812)``. The wait itself is a ``WaitQueue`` (the
-kernel's wait queue; a trio ``ParkingLot`` also does) or a trio ``Event``.
+kernel's wait queue) or a trio ``Event``.
 """
 
 from __future__ import annotations
@@ -192,17 +192,13 @@ class WaitRegistry:
 
     async def park(
         self,
-        lot: WaitQueue | trio.lowlevel.ParkingLot,
+        lot: WaitQueue,
         what: WaitFor,
         timeout: float = math.inf,
     ) -> bool:
         """Sleep on ``lot`` until unparked (True) or ``timeout`` seconds pass (False)."""
-        if isinstance(lot, WaitQueue):
-            with _Waiting(self._waits, what):
-                return await lot.park_until(trio.current_time() + timeout)
-        with _Waiting(self._waits, what), trio.move_on_after(timeout) as scope:
-            await lot.park()
-        return not scope.cancelled_caught
+        with _Waiting(self._waits, what):
+            return await lot.park_until(trio.current_time() + timeout)
 
     async def wait_event(self, event: trio.Event, what: WaitFor) -> None:
         """Wait until ``event`` is set."""

@@ -29,7 +29,7 @@ import trio
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, MAX_RECLAIM_RETRIES, PF
 from client.mm.gfp import current_task_flags, gfp_t
 from client.mm.process import fatal_signal_pending, killable
-from client.mm.waits import WaitFor
+from client.mm.waits import WaitFor, WaitQueue
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
 from client.policy.base import Policy, ReclaimThrottled
@@ -44,7 +44,7 @@ class PfmemallocPolicy(Policy):
     def __init__(self, *, throttle: bool = True) -> None:
         super().__init__()
         self.throttle = throttle
-        self._pfmemalloc_wait = trio.lowlevel.ParkingLot()
+        self._pfmemalloc_wait = WaitQueue()
         self.throttled = 0
         self.throttle_wakeups = 0
 
@@ -125,14 +125,14 @@ class PfmemallocPolicy(Policy):
     def kswapd_pass(self) -> None:
         # balance_pgdat: "if (waitqueue_active(&pgdat->pfmemalloc_wait) &&
         # allow_direct_reclaim(pgdat)) wake_up_all(&pgdat->pfmemalloc_wait)"
-        if self.allow_direct_reclaim() and self._pfmemalloc_wait.statistics().tasks_waiting:
+        if self.allow_direct_reclaim() and self._pfmemalloc_wait:
             self.throttle_wakeups += 1
             self._pfmemalloc_wait.unpark_all()
 
     def prepare_kswapd_sleep(self) -> None:
         # prepare_kswapd_sleep: "if (waitqueue_active(&pgdat->pfmemalloc_wait))
         # wake_up_all(&pgdat->pfmemalloc_wait)" -- whether or not the check passes.
-        if self._pfmemalloc_wait.statistics().tasks_waiting:
+        if self._pfmemalloc_wait:
             self._pfmemalloc_wait.unpark_all()
 
     # -- the network ----------------------------------------------------------------------

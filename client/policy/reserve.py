@@ -51,11 +51,10 @@ import math
 from typing import Any
 
 import attrs
-import trio
 
 from client.config import ReserveConfig
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, gfp_t
-from client.mm.waits import WaitFor
+from client.mm.waits import WaitFor, WaitQueue
 from client.net.socket import ModelledSocket
 from client.net.stack import SWAP
 from client.policy.base import Policy, ReserveChargeFailed
@@ -79,7 +78,7 @@ class MemReserve:
     waker: str = "kswapd"  # who uncharges: the role the watchdog follows
     parent: MemReserve | None = None
     children: list[MemReserve] = attrs.field(factory=list)
-    lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    lot: WaitQueue = attrs.field(factory=WaitQueue)
 
     def add(self, pages: int, limit: int) -> None:
         """``__calc_reserve``: pages and limit change here and in every ancestor."""

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from client.mm.waits import IDLE, WaitFor, WaitRegistry
+from client.mm.waits import IDLE, WaitFor, WaitQueue, WaitRegistry
 from testbed.watchdog import Verdict, Watchdog, find_cycle, longest_chain
 
 STALL = 2.0
@@ -266,7 +266,7 @@ async def test_check_step_by_step() -> None:
 
 
 async def park_forever(registry: WaitRegistry, what: WaitFor) -> None:
-    await registry.park(trio.lowlevel.ParkingLot(), what)  # nobody unparks
+    await registry.park(WaitQueue(), what)  # nobody unparks
     raise AssertionError("unparked")
 
 
@@ -366,7 +366,7 @@ async def test_a_slow_but_progressing_run_is_not_a_deadlock(
         # waits most of the time, in what momentarily looks like a cycle, yet completes a
         # writeback every `slow` seconds
         while True:
-            await registry.park(trio.lowlevel.ParkingLot(), WRITEBACK, timeout=slow)
+            await registry.park(WaitQueue(), WRITEBACK, timeout=slow)
             counters.writebacks_completed += 1
 
     async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
