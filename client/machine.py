@@ -8,9 +8,9 @@ turns them into log events.
 
 A *controlled* machine (``controlled=True``: ``netswap client --control``) keeps running
 after its workloads end, until ``stop()``; meanwhile the control endpoint
-(testbed/control/) injects pressure and faults through the methods under "control":
-``inject_hog``, ``inject_flood``, ``set_swap_latency``, ``reset_swap``, ``set_alloc_fault``,
-``clear_faults``, ``release``, ``status``, ``stop``.
+(testbed/control/) injects pressure (client/pressure.py) and faults through the methods
+under "control": ``inject_hog``, ``inject_flood``, ``set_swap_latency``, ``reset_swap``,
+``set_alloc_fault``, ``clear_faults``, ``release``, ``status``, ``stop``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, cast
+from typing import Any
 
 import attrs
 import trio
@@ -26,9 +26,7 @@ import trio.testing
 
 from client.config import AllocFaultConfig, HogConfig, MachineConfig, Scenario
 from client.faults import ClientFaults
-from client.mm import PAGE_SIZE, Memory, MemoryConfig, OutOfMemory, Process, ProcessKilled
-from client.mm.alloc import CONGESTION_WAIT
-from client.mm.memory import ContentFn
+from client.mm import Memory, MemoryConfig, Process
 from client.mm.waits import IDLE
 from client.net.device import NicSettings
 from client.net.noise import consume, flood
@@ -36,42 +34,20 @@ from client.net.socket import ModelledSocket
 from client.net.stack import NOISE, SWAP, NetStack
 from client.net.tcp import TcpSysctls
 from client.policy import Policy, make_policy
+from client.pressure import Pressure
 from client.summary import (
     IntegritySummary,
     MachineStatus,
     MemorySummary,
     RunSummary,
     Verdict,
+    VmSample,
     ZoneSummary,
 )
 from client.swapdev import Connect, NBDSwapDevice
 from client.workload import AnonHog, FileReader, Integrity
 
 Observer = Callable[[object], None]
-
-
-@attrs.frozen
-class VmSample:
-    """The machine at one instant, every ``run.sample_interval`` seconds: what a timeline
-    plot needs (free pages against the watermarks, writeback, reserve use, drops)."""
-
-    event: ClassVar[str] = "vm.sample"
-    t: float  # seconds since the run started (the run's clock: virtual or real)
-    nr_free_pages: int
-    zones: list[dict[str, int | str]]  # name, free, min, low, high
-    nr_writeback: int
-    nr_file_pages: int  # clean page cache (reclaimable without I/O)
-    nr_slab_unreclaimable: int  # pages held by slab caches (bios, skb heads, kmalloc)
-    nr_emergency: int  # pages served below min still in use (reserve usage)
-    reserve_used: int  # the reserve policy's charged pages (0 for other policies)
-    pswpout: int
-    pswpin: int
-    allocstall: int
-    drops: int  # RX buffers dropped or failed: PFMemallocDrop + rx_alloc_fail
-    throttled: int  # pgscan_direct_throttle
-    psi_some_avg10: float
-    psi_full_avg10: float
-    pages_verified: int
 
 
 #: Runs beside the workloads (the harness's watchdog); a verdict it returns ends the run as
@@ -86,12 +62,6 @@ Supervisor = Callable[["ClientMachine"], Awaitable[Verdict | None]]
 QUIET_WAITS = frozenset({IDLE, "packet", "rx_data"})
 #: How often a controlled machine looks whether it is quiescent (the watchdog's poll).
 QUIESCENCE_POLL = 0.05
-#: Lameter's fileserver again: an injected flood's consumer reads this many bytes/s and
-#: allocates a page for each page it reads (a slow consumer, as in swap-over-nbd.toml).
-FLOOD_CONSUME_RATE = 256 * 1024
-#: Bounds on what one ``inject_hog`` may ask for (the control protocol checks them too).
-MAX_HOG_PAGES = 1 << 31
-MAX_HOG_PROCESSES = 4096
 
 
 def memory_config(m: MachineConfig) -> MemoryConfig:
@@ -120,157 +90,6 @@ class MachineStateError(Exception):
 
 def _drop(_fact: object) -> None:
     pass
-
-
-class HogMemory:
-    """What one ``AnonHog`` sees of the machine's memory (``config``, ``new_process``,
-    ``touch``, ``exit_process``), with what the harness adds around its processes:
-
-    * A page fault whose allocation an injected fault failed (``OutOfMemory`` from
-      ``Memory.touch``, the model's VM_FAULT_OOM) is retried, as the kernel retries such a
-      fault (5.16+, "mm, oom: do not trigger out_of_memory from the #PF":
-      ``pagefault_out_of_memory`` returns and the task faults again); first it waits for a
-      free page as the allocator's own retries do, so that a machine where every
-      allocation fails stalls where the watchdog sees it instead of spinning.  A real
-      OutOfMemory (nothing left to kill) is raised as before.
-    * For injected hogs (``hold``): a process that finished its round keeps its memory
-      until ``release()``; after ``release()`` each process still running exits at its
-      next touch, as on SIGKILL.  Cancelling it instead could interrupt it inside reclaim,
-      with pages isolated for writeback that would then never be written.
-    """
-
-    def __init__(self, memory: Memory, faults: ClientFaults, *, hold: bool = False) -> None:
-        self.memory = memory
-        self.config = memory.config
-        self._faults = faults
-        self._hold = hold
-        self.processes: list[Process] = []
-        self.held: list[Process] = []
-        self.released = False
-        self.exited_by_release = 0
-        self.fault_retries = 0
-
-    def new_process(self, name: str) -> Process:
-        process = self.memory.new_process(name)
-        self.processes.append(process)
-        return process
-
-    async def touch(
-        self, process: Process, vpage: int, *, write: bool, content_fn: ContentFn
-    ) -> None:
-        if self.released:
-            self._exit(process)
-            self.exited_by_release += 1
-            raise ProcessKilled(process.pid)
-        task = trio.lowlevel.current_task().name
-        self._faults.take_injected(task)  # only a failure injected from here on counts
-        while True:
-            try:
-                await self.memory.touch(process, vpage, write=write, content_fn=content_fn)
-                return
-            except OutOfMemory:
-                if not self._faults.take_injected(task):
-                    raise
-                self.fault_retries += 1
-                await self.memory.allocator.wait_for_free_pages(CONGESTION_WAIT)
-
-    def exit_process(self, process: Process) -> None:
-        if self._hold and not self.released and not process.killed:
-            self.held.append(process)
-        else:  # a killed process exits whether held or not: its memory goes now
-            self._exit(process)
-
-    def _exit(self, process: Process) -> None:
-        self.memory.exit_process(process)  # idempotent: exited already by release
-
-    def exit_held(self, process: Process) -> None:
-        """``process``, if it holds its memory here, exits now (it was killed)."""
-        if process in self.held:
-            self.held.remove(process)
-            self._exit(process)
-
-    def release(self) -> None:
-        """End the hold: held processes exit now, running ones at their next touch."""
-        self.released = True
-        held, self.held = self.held, []
-        for process in held:
-            self._exit(process)
-
-    @property
-    def resident(self) -> int:
-        return sum(p.rss for p in self.processes if not p.killed)
-
-    @property
-    def swapped(self) -> int:
-        return sum(p.swapents for p in self.processes if not p.killed)
-
-
-@attrs.define(eq=False)
-class InjectedHog:
-    """Anonymous-memory pressure injected into a running machine (``inject_hog``)."""
-
-    id: str
-    hog: AnonHog
-    memory: HogMemory
-    rate: float | None  # pages/s over all its processes; None: as fast as they can
-    done: trio.Event = attrs.field(factory=trio.Event)
-
-    @property
-    def state(self) -> str:
-        """running, holding (every process wrote and verified its pages), releasing,
-        released (every process has exited), or stopped (the run ended first)."""
-        if self.memory.released:
-            return "released" if self.done.is_set() else "releasing"
-        r = self.hog.result
-        if r.finished + r.killed + r.sigbus >= r.processes:
-            return "holding"
-        return "stopped" if self.done.is_set() else "running"
-
-    @property
-    def oom_killed(self) -> int:
-        return self.hog.result.killed - self.memory.exited_by_release
-
-    def report(self) -> dict[str, Any]:
-        r = self.hog.result
-        return {
-            "id": self.id,
-            "state": self.state,
-            "processes": r.processes,
-            "pages": r.pages_per_process * r.processes,
-            "rate": self.rate,
-            "finished": r.finished,
-            "oom_killed": self.oom_killed,
-            "sigbus": r.sigbus,
-            "resident": self.memory.resident,
-            "swapped": self.memory.swapped,
-            "fault_retries": self.memory.fault_retries,
-        }
-
-
-@attrs.define(eq=False)
-class InjectedFlood:
-    """Noise traffic injected into a running machine (``inject_flood``): a peer floods a new
-    ordinary socket for ``seconds`` while a slow consumer reads it."""
-
-    id: str
-    mbps: float
-    seconds: float
-    sock: ModelledSocket
-    scope: trio.CancelScope  # the peer's: its deadline is the end of the flood
-    state: str = "running"  # running, done, released
-
-    def report(self) -> dict[str, Any]:
-        stats = self.sock.stats
-        return {
-            "id": self.id,
-            "state": self.state,
-            "mbps": self.mbps,
-            "seconds": self.seconds,
-            "socket": self.sock.name,
-            "rx_bytes": stats.rx_bytes,
-            "rx_bufs": self.sock.rx_pages,
-            "pfmemalloc_drop": stats.pfmemalloc_drop,
-        }
 
 
 class ClientMachine:
@@ -307,12 +126,13 @@ class ClientMachine:
         if scenario.faults.latency_ms is not None:
             self.faults.latency = scenario.faults.latency_ms / 1000
         self.integrity = Integrity()
+        self.pressure = Pressure(self.memory, self.faults, self.integrity)
         # Where allocation faults may be injected (from the scenario, or later through
         # control), hogs see memory through HogMemory, which retries a page fault whose
         # allocation was failed on purpose; elsewhere they use the model directly.
         faultable = controlled or scenario.faults.alloc is not None
         self.hogs: list[AnonHog | FileReader] = [
-            AnonHog(w, self._hog_memory() if faultable else self.memory, self.integrity)
+            AnonHog(w, self.pressure.hog_memory() if faultable else self.memory, self.integrity)
             if isinstance(w, HogConfig)
             else FileReader(w, self.memory, self.integrity)
             for w in scenario.workloads
@@ -332,9 +152,6 @@ class ClientMachine:
         self.ready = trio.Event()
         self.workloads_done = False
         self.ended = False
-        self.injected_hogs: list[InjectedHog] = []
-        self.injected_floods: list[InjectedFlood] = []
-        self._injections: dict[str, int] = {}
         self._stop = trio.Event()
         self._stop_reason = ""
         self._run_nursery: trio.Nursery | None = None
@@ -342,15 +159,7 @@ class ClientMachine:
         self._cut: ModelledSocket | None = None
 
     def _oom_killed(self, victim: Process) -> None:
-        """The OOM killer chose ``victim``: if it is a held process of an injected hog, its
-        task sleeps killably (a process holding its memory sleeps in pause(2)), so SIGKILL
-        ends the sleep and it exits now."""
-        for injected in self.injected_hogs:
-            injected.memory.exit_held(victim)
-
-    def _hog_memory(self, *, hold: bool = False) -> Memory:
-        """A ``HogMemory`` for an ``AnonHog``, which takes it for the ``Memory`` it uses."""
-        return cast(Memory, HogMemory(self.memory, self.faults, hold=hold))
+        self.pressure.exit_held(victim)
 
     async def _connect_swap(self) -> trio.abc.Stream:
         """Open the swap connection as a modelled socket (``SOCK_MEMALLOC`` if the policy
@@ -583,7 +392,7 @@ class ClientMachine:
 
     def _decide(self, *, timed_out: bool) -> None:
         killed = sum(h.result.killed for h in self.hogs)
-        killed += sum(i.oom_killed for i in self.injected_hogs)
+        killed += self.pressure.oom_killed
         if self.deadlock is not None and not self.device.connected:
             # No progress because the swap server is gone, not because memory ran out:
             # an error of the testbed's world, not a deadlock of the kernel's.
@@ -601,8 +410,9 @@ class ClientMachine:
             self.outcome, self.reason = "error", f"time limit {self.scenario.run.time_limit}s"
         elif killed:
             self.outcome, self.reason = "error", f"{killed} processes OOM-killed"
-        elif sigbus := sum(h.result.sigbus for h in self.hogs if isinstance(h, AnonHog)) + sum(
-            i.hog.result.sigbus for i in self.injected_hogs
+        elif (
+            sigbus := sum(h.result.sigbus for h in self.hogs if isinstance(h, AnonHog))
+            + self.pressure.sigbus
         ):
             self.outcome, self.reason = "error", f"{sigbus} processes got SIGBUS (swap-in failed)"
         elif failed := sum(h.result.failed for h in self.hogs if isinstance(h, FileReader)):
@@ -649,16 +459,9 @@ class ClientMachine:
             net=self._net_summary(),
             policy_report=self.policy.report(),
             deadlock=self.deadlock,
-            pressure=self.pressure_report(),
+            pressure=self.pressure.report(),
             faults=self.faults.report(),
         )
-
-    def pressure_report(self) -> dict[str, Any]:
-        """The pressure injected through control: hogs and floods, with their state."""
-        return {
-            "hogs": [h.report() for h in self.injected_hogs],
-            "floods": [f.report() for f in self.injected_floods],
-        }
 
     def _net_summary(self) -> dict[str, Any]:
         if self.net is None:
@@ -680,87 +483,19 @@ class ClientMachine:
             raise MachineStateError("the machine is not running yet")
         return self._run_nursery
 
-    def _next_id(self, kind: str) -> str:
-        self._injections[kind] = n = self._injections.get(kind, 0) + 1
-        return f"{kind}{n}"
+    def _net(self) -> NetStack:
+        assert self.net is not None  # require_running checked it
+        return self.net
 
     def inject_hog(
         self, pages: int, *, rate: float | None = None, processes: int = 1
     ) -> dict[str, Any]:
-        """Start ``processes`` processes mapping ``pages`` anonymous pages between them: each
-        writes its pages (``rate`` pages/s shared between them, or as fast as it can), reads
-        and verifies them, then holds them until ``release()``.  They count in the
-        machine's integrity like the scenario's workloads."""
-        if not 0 < processes <= MAX_HOG_PROCESSES or not processes <= pages <= MAX_HOG_PAGES:
-            raise ValueError(
-                f"hog: pages {pages} must be in {processes}..{MAX_HOG_PAGES} and processes "
-                f"{processes} in 1..{MAX_HOG_PROCESSES}"
-            )
-        if rate is not None and not 0 < rate < math.inf:
-            raise ValueError(f"hog: rate {rate!r} must be > 0 and finite")
-        nursery = self.require_running()
-        hog_id = self._next_id("hog")
-        config = HogConfig(
-            name=hog_id,
-            processes=processes,
-            total=pages * PAGE_SIZE,
-            rounds=1,
-            rate=rate / processes if rate is not None else 0.0,
-        )
-        memory = self._hog_memory(hold=True)
-        hog = AnonHog(config, memory, self.integrity)
-        injected = InjectedHog(hog_id, hog, cast(HogMemory, memory), rate)
-        self.injected_hogs.append(injected)
-        nursery.start_soon(self._run_injected_hog, injected, name=f"workload {hog_id}")
-        return {
-            "id": hog_id,
-            "processes": [f"{hog_id}/{i}" for i in range(processes)],
-            "pages_per_process": hog.result.pages_per_process,
-            "pages": hog.result.pages_per_process * processes,
-        }
-
-    @staticmethod
-    async def _run_injected_hog(injected: InjectedHog) -> None:
-        try:
-            await injected.hog.run()
-        finally:
-            injected.done.set()
+        """``Pressure.hog``: ``processes`` processes write, verify and hold ``pages``."""
+        return self.pressure.hog(self.require_running, pages, rate=rate, processes=processes)
 
     def inject_flood(self, mbps: float, seconds: float) -> dict[str, Any]:
-        """A peer floods a new ordinary socket at ``mbps`` megabit/s for ``seconds``; a
-        consumer process reads it slowly (``FLOOD_CONSUME_RATE``), allocating as it goes."""
-        if not 0 < mbps < math.inf or not 0 < seconds < math.inf:
-            raise ValueError(f"flood: mbps {mbps!r} and seconds {seconds!r} must be > 0")
-        nursery = self.require_running()
-        assert self.net is not None
-        flood_id = self._next_id("flood")
-        peer, local = trio.testing.lockstep_stream_pair()
-        sock = self.net.socket(local, flood_id, NOISE)
-        scope = trio.CancelScope(deadline=trio.current_time() + seconds)
-        injected = InjectedFlood(flood_id, mbps, seconds, sock, scope)
-        self.injected_floods.append(injected)
-        nursery.start_soon(self._run_flood, injected, peer, name=f"{flood_id} peer")
-        return {"id": flood_id, "socket": sock.name, "seconds": seconds}
-
-    async def _run_flood(self, injected: InjectedFlood, peer: trio.abc.Stream) -> None:
-        sock = injected.sock
-        consumer = f"{injected.id} consumer"
-        waits = self.memory.waits
-        waits.provide(sock.consumer_role, consumer)
-        rate = max(1, int(injected.mbps * 1_000_000 / 8))
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(consume, sock, self.memory, FLOOD_CONSUME_RATE, 1, name=consumer)
-                with injected.scope:
-                    await flood(peer, rate)
-                # Over: cut both ends.  The consumer is not cancelled (it may be inside the
-                # allocator); it frees what it holds and then reads end-of-file.
-                await trio.aclose_forcefully(peer)
-                await sock.aclose()
-        finally:
-            waits.retire(sock.consumer_role, consumer)
-            if injected.state == "running":
-                injected.state = "done"
+        """``Pressure.flood``: a peer floods a new ordinary socket for ``seconds``."""
+        return self.pressure.flood(self.require_running, self._net, mbps, seconds)
 
     def set_swap_latency(self, ms: float) -> dict[str, Any]:
         """The swap connection's latency becomes ``ms`` (this connection and the next)."""
@@ -803,17 +538,7 @@ class ClientMachine:
         """End injected pressure: hog processes exit (at once if they hold their memory,
         else at their next page) and free their memory; floods stop."""
         self.require_running()
-        hogs, floods = [], []
-        for hog in self.injected_hogs:
-            if not hog.memory.released:
-                hog.memory.release()
-                hogs.append(hog.id)
-        for fl in self.injected_floods:
-            if fl.state == "running":
-                fl.state = "released"
-                fl.scope.cancel()
-                floods.append(fl.id)
-        return {"hogs": hogs, "floods": floods, "nr_free_pages": self.memory.nr_free_pages}
+        return self.pressure.release()
 
     def status(self) -> MachineStatus:
         """The machine now: the ``vm.sample`` fact and the counters behind it."""
@@ -831,7 +556,7 @@ class ClientMachine:
             integrity=IntegritySummary(**attrs.asdict(self.integrity)),
             net=self._net_summary(),
             swap_device={"connected": self.device.connected, **attrs.asdict(self.device.stats)},
-            pressure=self.pressure_report(),
+            pressure=self.pressure.report(),
             faults=self.faults.report(),
         )
 

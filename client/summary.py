@@ -12,7 +12,7 @@ entries, and those read as None and are left out again when written.  The counte
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import cattrs
@@ -132,6 +132,30 @@ class MachineStatus:
     pressure: dict[str, Any]
     faults: dict[str, Any]
     server_faults: dict[str, Any] | None = None  # a server in the same process
+
+
+@attrs.frozen
+class VmSample:
+    """The machine at one instant, every ``run.sample_interval`` seconds: what a timeline
+    plot needs (free pages against the watermarks, writeback, reserve use, drops)."""
+
+    event: ClassVar[str] = "vm.sample"
+    t: float  # seconds since the run started (the run's clock: virtual or real)
+    nr_free_pages: int
+    zones: list[dict[str, int | str]]  # name, free, min, low, high
+    nr_writeback: int
+    nr_file_pages: int  # clean page cache (reclaimable without I/O)
+    nr_slab_unreclaimable: int  # pages held by slab caches (bios, skb heads, kmalloc)
+    nr_emergency: int  # pages served below min still in use (reserve usage)
+    reserve_used: int  # the reserve policy's charged pages (0 for other policies)
+    pswpout: int
+    pswpin: int
+    allocstall: int
+    drops: int  # RX buffers dropped or failed: PFMemallocDrop + rx_alloc_fail
+    throttled: int  # pgscan_direct_throttle
+    psi_some_avg10: float
+    psi_full_avg10: float
+    pages_verified: int
 
 
 #: Always written, even when None (the model's summary has ``"deadlock": null``).

@@ -248,7 +248,7 @@ def test_the_scan_finds_the_events_it_should() -> None:
     events = code_events()
     for name, level, path in [
         ("alloc.failed", "debug", "client/mm/facts.py"),  # a fact, at debug
-        ("vm.sample", "info", "client/machine.py"),  # a fact outside client/mm
+        ("vm.sample", "info", "client/summary.py"),  # a fact outside client/mm
         ("skb.dropped", "info", "client/net/socket.py"),  # `event = ...` without ClassVar
         ("reclaim.throttled", "info", "client/policy/base.py"),  # fields from a Fact subclass
         ("swapdev.reconnected", "info", "client/swapdev.py"),  # DeviceEvent

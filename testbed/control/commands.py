@@ -21,7 +21,7 @@ from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn, override
 
 from client.config import GFP_FILTER_NAMES, AllocFaultConfig
-from client.machine import MAX_HOG_PAGES, MAX_HOG_PROCESSES
+from client.pressure import MAX_HOG_PAGES, MAX_HOG_PROCESSES
 from nbdproto.config import ConfigError
 
 #: The longest request line accepted (bytes, without the newline).
