@@ -65,6 +65,7 @@ from client.mm.lru import Lru, inactive_ratio
 from client.mm.memory import OOM_REAPER_DELAY, ContentFn, Memory, MemoryConfig
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, Frames, Page
+from client.mm.page_io import PageIO
 from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import Process
 from client.mm.reclaim import SWAP_CLUSTER_MAX, Reclaimer, ScanControl
@@ -128,6 +129,7 @@ __all__ = [
     "OomVictimExited",
     "OutOfMemory",
     "Page",
+    "PageIO",
     "PolicyHooks",
     "Process",
     "ProcessKilled",

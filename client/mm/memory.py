@@ -27,6 +27,7 @@ from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE, GFP_KERNEL, PF, gfp_t, task
 from client.mm.lru import Lru
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
+from client.mm.page_io import PageIO
 from client.mm.pagecache import CachedFile, FileContentFn, PageCache
 from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import Process, as_current, current_process
@@ -181,10 +182,12 @@ class Memory:
             read_latency=config.disk_read_latency,
             readahead=config.readahead_pages,
         )
+        #: Swap I/O (mm/page_io.c): reclaim's writeout.
+        self.page_io = PageIO(self.allocator, self.lru, max_io_pages=config.max_io_pages)
         self.reclaimer = Reclaimer(
             self.allocator,
             self.lru,
-            max_io_pages=config.max_io_pages,
+            self.page_io,
             swappiness=config.swappiness,
             pagecache=self.pagecache,
         )
@@ -251,11 +254,11 @@ class Memory:
 
     @property
     def swap(self) -> SwapArea | None:
-        return self.reclaimer.swap
+        return self.page_io.swap
 
     @property
     def block(self) -> BlockQueue | None:
-        return self.reclaimer.block
+        return self.page_io.block
 
     def swapon(self, device: SwapDevice, nr_pages: int | None = None) -> None:
         """Use ``device`` as swap (``sys_swapon``); its size by default.
@@ -268,7 +271,7 @@ class Memory:
         kernel fills that pool at boot (init_bio); the model does it here, from free
         memory, before any workload runs.
         """
-        if self.reclaimer.swap is not None:
+        if self.page_io.swap is not None:
             raise RuntimeError("swap is already on")
         nr = device.size_bytes // PAGE_SIZE if nr_pages is None else nr_pages
         bio_slab = (
@@ -295,8 +298,8 @@ class Memory:
         )
         if self._nursery is not None:
             block.attach(self._nursery)
-        self.reclaimer.swap = SwapArea(nr)
-        self.reclaimer.block = block
+        self.page_io.swap = SwapArea(nr)
+        self.page_io.block = block
 
     def _bio_page_slab(self) -> SlabCache:
         """The "page" bio cache (``MemoryConfig.bio_cache``): fs_bio_set as if its front pad

@@ -1,10 +1,12 @@
-"""Page reclaim: shrink_page_list, pageout to swap, writeback completion, kswapd (mm/vmscan.c).
+"""Page reclaim: shrink_page_list, pageout to swap, kswapd (mm/vmscan.c).
 
 Anonymous pages and clean page cache pages. A clean file page is freed by the scan that
 finds it, with no I/O. A dirty anonymous page is freed in two scans: the first adds it to swap, unmaps
 it and starts writeback; the I/O completes later (``end_page_writeback`` rotates it to the
 inactive tail); the next scan finds it clean and frees it. Freed memory therefore lags the
 swap device's round trip, and that lag is what the reserves have to cover.
+
+The swap writeout itself, from the plug to the completion, is page_io.py's (mm/page_io.c).
 """
 
 from __future__ import annotations
@@ -13,26 +15,20 @@ import attrs
 import trio
 
 from client.mm.alloc import MAX_RECLAIM_RETRIES, Allocator
-from client.mm.block import Bio, BlockQueue
-from client.mm.facts import (
-    DirectReclaim,
-    KswapdSleep,
-    KswapdWoken,
-    SwapWritebackDone,
-    SwapWritepage,
-)
+from client.mm.block import BlockQueue
+from client.mm.facts import DirectReclaim, KswapdSleep, KswapdWoken
 from client.mm.gfp import (
     ALLOC_WMARK_HIGH,
     ALLOC_WMARK_LOW,
     GFP,
     GFP_KERNEL,
-    GFP_NOIO,
     PF,
     gfp_t,
     task_flags,
 )
 from client.mm.lru import Lru
 from client.mm.page import Page
+from client.mm.page_io import PageIO
 from client.mm.pagecache import PageCache
 from client.mm.swap import SwapArea
 from client.mm.waits import IDLE, WaitFor, WaitQueue
@@ -65,34 +61,39 @@ class ScanControl:
 
 
 class Reclaimer:
-    """Reclaim for one node: the LRU, the swap area and block queue, kswapd."""
+    """Reclaim for one node: the LRU scan, pageout to swap (through ``page_io``), kswapd."""
 
     def __init__(
         self,
         allocator: Allocator,
         lru: Lru,
+        page_io: PageIO,
         *,
-        max_io_pages: int = 32,
         swappiness: int = DEFAULT_SWAPPINESS,
         pagecache: PageCache | None = None,
     ) -> None:
-        if max_io_pages < 1:
-            raise ValueError("max_io_pages must be >= 1")
         if not 0 <= swappiness <= 200:
             raise ValueError("swappiness must be 0..200")
         self.allocator = allocator
         self.lru = lru
-        self.max_io_pages = max_io_pages
+        self.page_io = page_io  # swap writeout (pageout's swap_writepage) and its completion
         self.swappiness = swappiness  # vm.swappiness
         self.pagecache = pagecache
-        self.swap: SwapArea | None = None
-        self.block: BlockQueue | None = None
         self.stat = allocator.stat
         self.kswapd_failures = 0  # pgdat->kswapd_failures
         self.kswapd_awake = False
         self._kswapd_pending = False
         self._kswapd_wait = WaitQueue()  # pgdat->kswapd_wait
-        self._writeback_wait = WaitQueue()
+
+    @property
+    def swap(self) -> SwapArea | None:
+        """The swap area, None before ``swapon`` (it is ``page_io``'s)."""
+        return self.page_io.swap
+
+    @property
+    def block(self) -> BlockQueue | None:
+        """The swap device's block queue, None before ``swapon`` (it is ``page_io``'s)."""
+        return self.page_io.block
 
     # -- the LRU scan ------------------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class Reclaimer:
             self.lru.reclaim_stat.recent_scanned[0] += len(pages)
             plug = self.shrink_page_list(pages, sc)
             if plug:
-                await self.flush_plug(plug)
+                await self.page_io.flush_plug(plug)
         if sc.nr_reclaimed > reclaimed_before:
             # shrink_node (4.12+, "mm: fix 100% CPU kswapd busyloop on unreclaimable nodes"):
             # "On reclaim progress, reset the failure counter. A successful direct reclaim
@@ -309,58 +310,7 @@ class Reclaimer:
         self.allocator.observer(DirectReclaim(gfp, sc.nr_scanned, sc.nr_reclaimed))
         return sc
 
-    # -- swap writeout -----------------------------------------------------------------------
-
-    async def flush_plug(self, plug: list[Page]) -> None:
-        """``blk_finish_plug``: merge pages with contiguous slots into requests of at most
-        ``max_io_pages`` and submit each (``swap_writepage`` allocates bios with GFP_NOIO)."""
-        plug.sort(key=lambda p: p.private)
-        run: list[Page] = []
-        for page in plug:
-            if run and (page.private != run[-1].private + 1 or len(run) >= self.max_io_pages):
-                await self._swap_writepage(run)
-                run = []
-            run.append(page)
-        if run:
-            await self._swap_writepage(run)
-
-    async def _swap_writepage(self, pages: list[Page]) -> None:
-        """mm/page_io.c __swap_writepage: one bio for the run; PSWPOUT counted at submit."""
-        assert self.block is not None
-        slot = pages[0].private
-        bio = await self.block.submit(
-            write=True, slot=slot, pages=pages, gfp=GFP_NOIO, end_io=self.end_swap_bio_write
-        )
-        self.stat.pswpout += len(pages)
-        self.allocator.observer(SwapWritepage(bio.id, slot, len(pages)))
-
-    def end_swap_bio_write(self, bio: Bio) -> None:
-        """mm/page_io.c end_swap_bio_write, then end_page_writeback for each page."""
-        error = bio.error
-        for page in bio.pages:
-            if error is not None:
-                # "Re-dirty the page in order to avoid it being reclaimed." + ClearPageReclaim
-                page.dirty = True
-                page.reclaim = False
-            self.end_page_writeback(page)
-        if error is None:
-            self.allocator.progress.writebacks_completed += 1
-        else:
-            self.stat.swap_write_errors += len(bio.pages)
-        err = None if error is None else str(error) or type(error).__name__
-        self.allocator.observer(SwapWritebackDone(bio.id, bio.slot, len(bio.pages), err))
-        self._writeback_wait.unpark_all()
-
-    def end_page_writeback(self, page: Page) -> None:
-        """mm/filemap.c end_page_writeback: rotate a PG_reclaim page to the inactive tail
-        (``rotate_reclaimable_page``) so the next scan frees it, then clear writeback."""
-        if page.reclaim:
-            page.reclaim = False
-            if page.lru and not page.active and not page.dirty:
-                self.lru.rotate_to_tail(page)
-                self.stat.pgrotated += 1
-        page.writeback = False
-        self.stat.nr_writeback -= 1
+    # -- waiting for writeback ---------------------------------------------------------------
 
     def writeback_wait_for(self) -> WaitFor:
         name = self.block.inflight_name() if self.block is not None else "swap"
@@ -369,7 +319,7 @@ class Reclaimer:
     async def wait_for_writeback(self, timeout: float) -> bool:
         """Sleep until a swap write completes (True) or ``timeout`` passes (False)."""
         what = self.writeback_wait_for()
-        return await self.allocator.waits.park(self._writeback_wait, what, timeout)
+        return await self.allocator.waits.park(self.page_io.writeback_wait, what, timeout)
 
     # -- kswapd ------------------------------------------------------------------------------
 

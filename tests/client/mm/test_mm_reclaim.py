@@ -176,7 +176,7 @@ async def test_freed_memory_lags_writeback_completion(
         device.gate = trio.Event()
         free = memory.nr_free_pages
         plug = memory.reclaimer.shrink_page_list(pages, ScanControl(GFP_KERNEL))
-        await memory.reclaimer.flush_plug(plug)
+        await memory.page_io.flush_plug(plug)
         await trio.sleep(1)
         assert memory.stat.nr_writeback == 64
         # two bios, bio-200 objects from the slab page that holds the mempool's reserve:
@@ -206,7 +206,7 @@ async def test_failed_write_redirties_the_page(
         _, [page] = await populate(memory, 1)
         isolate_as_inactive(memory, [page])
         free = memory.nr_free_pages
-        await memory.reclaimer.flush_plug(
+        await memory.page_io.flush_plug(
             memory.reclaimer.shrink_page_list([page], ScanControl(GFP_KERNEL))
         )
         await trio.sleep(1)
@@ -234,7 +234,7 @@ async def test_neighbours_are_written_in_one_request(
         _, pages = await populate(memory, 64)
         isolate_as_inactive(memory, pages)
         plug = memory.reclaimer.shrink_page_list(pages, ScanControl(GFP_KERNEL))
-        await memory.reclaimer.flush_plug(plug)
+        await memory.page_io.flush_plug(plug)
         await trio.sleep(1)
     writes = sorted(device.writes(), key=lambda w: w.slot)  # trio starts tasks in any order
     assert [w.nr_pages for w in writes] == [64 // requests] * requests
