@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from client.mm.alloc import Allocator
-from client.mm.block import Bio, BlockQueue, SwapDevice
+from client.mm.block import BlockQueue, SwapDevice
 from client.mm.errors import IntegrityError, OutOfMemory, ProcessKilled, SwapReadError
 from client.mm.facts import (
     IntegrityFailure,
@@ -19,15 +19,13 @@ from client.mm.facts import (
     OomKill,
     OomReaped,
     OomVictimExited,
-    SwapReadDone,
-    SwapReadpage,
     drop,
 )
 from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE, GFP_KERNEL, PF, gfp_t, task_flags
 from client.mm.lru import Lru
 from client.mm.mempool import Mempool
 from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
-from client.mm.page_io import PageIO
+from client.mm.page_io import PageIO, SwapIn
 from client.mm.pagecache import CachedFile, FileContentFn, PageCache
 from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import Process, as_current, current_process
@@ -123,19 +121,6 @@ class MemoryConfig:
         return sized
 
 
-@attrs.define(eq=False)
-class _SwapIn:
-    """A swap-in read in flight for one slot (stands in for the locked swap-cache page)."""
-
-    page: Page
-    owner: str  # the faulting task that allocates and submits the read
-    readahead: bool = False  # read for a neighbour's fault, not its own
-    done: trio.Event = attrs.field(factory=trio.Event)
-    bio: Bio | None = None  # None until the read is submitted
-    error: bool = False  # the read failed (the slot still holds the data)
-    waiters: int = 0  # faults waiting for it (each holds the page, as lookup_swap_cache)
-
-
 #: select_bad_process's "oc->chosen = (void *)-1UL": a victim is pending, choose nobody.
 _OOM_ABORT = object()
 
@@ -182,7 +167,7 @@ class Memory:
             read_latency=config.disk_read_latency,
             readahead=config.readahead_pages,
         )
-        #: Swap I/O (mm/page_io.c): reclaim's writeout.
+        #: Swap I/O (mm/page_io.c): reclaim's writeout and the fault path's reads.
         self.page_io = PageIO(self.allocator, self.lru, max_io_pages=config.max_io_pages)
         self.reclaimer = Reclaimer(
             self.allocator,
@@ -207,7 +192,6 @@ class Memory:
         #: queue_oom_reaper's timers, in expiry order: (expires, victim).
         self._oom_reaper_timers: deque[tuple[float, Process]] = deque()
         self._oom_reaper_wait = WaitQueue()
-        self._swapin: dict[int, _SwapIn] = {}
         self._files = 0
         self._nursery: trio.Nursery | None = None
         self.set_policy(NullPolicy() if policy is None else policy)
@@ -468,9 +452,9 @@ class Memory:
 
         Returns the mapped page, or None when the page table changed while waiting (retry).
         """
-        swap, block = self.swap, self.block
-        assert swap is not None and block is not None
-        pending = self._swapin.get(slot)
+        swap = self.swap
+        assert swap is not None
+        pending = self.page_io.swapin.get(slot)
         if pending is not None:  # someone is reading it: wait_on_page_locked
             pending.waiters += 1
             await self._wait_swapin(pending, slot)
@@ -479,7 +463,7 @@ class Memory:
             return None  # look again: mapped from the swap cache, or read anew if cancelled
         page = swap.cache.get(slot)
         if page is None:
-            await self._swapin_readahead(process, vpage, slot, swap, block)
+            await self._swapin_readahead(process, vpage, slot, swap)
             return None  # look again: it is in the swap cache now (or was reclaimed)
         # Minor fault: the page is still in the swap cache.
         assert page.mapping is None, page
@@ -503,7 +487,7 @@ class Memory:
             page.dirty = True
         return page
 
-    async def _wait_swapin(self, pending: _SwapIn, slot: int) -> None:
+    async def _wait_swapin(self, pending: SwapIn, slot: int) -> None:
         if pending.bio is not None:
             what = WaitFor("swapin", f"slot {slot} {pending.bio.name}", waker="swap device")
         else:  # not submitted yet: its owner is still allocating pages or a bio
@@ -511,7 +495,7 @@ class Memory:
         await self.waits.wait_event(pending.done, what)
 
     async def _swapin_readahead(
-        self, process: Process, vpage: int, slot: int, swap: SwapArea, block: BlockQueue
+        self, process: Process, vpage: int, slot: int, swap: SwapArea
     ) -> None:
         """mm/swap_state.c swapin_readahead and the fault's wait.
 
@@ -528,7 +512,8 @@ class Memory:
         them, up to ``max_io_pages``). Only the faulting page is waited for. Unlike the
         kernel, which walks the window in order, the faulting page is allocated first, so
         that a concurrent fault on it waits for this read instead of starting another.
-        Bookkeeping at completion is done by ``_end_swap_bio_read``.
+        The reads go out with ``PageIO.swap_readpage``; bookkeeping at completion is done
+        by ``PageIO.end_swap_bio_read``.
         """
         page = await self._alloc_user_page(process)
         if process.swapped.get(vpage) != slot or slot in swap.cache:
@@ -536,8 +521,8 @@ class Memory:
             return
         swap.add_to_swap_cache(page, slot)
         owner = trio.lowlevel.current_task().name
-        pending = _SwapIn(page, owner)
-        self._swapin[slot] = pending
+        pending = SwapIn(page, owner)
+        self.page_io.swapin[slot] = pending
         reads = [(slot, pending)]
         self.stat.pgmajfault += 1
         try:
@@ -555,32 +540,16 @@ class Memory:
                     self.allocator.free_page(ra_page)
                     continue
                 swap.add_to_swap_cache(ra_page, offset)
-                self._swapin[offset] = ra = _SwapIn(ra_page, owner, readahead=True)
+                self.page_io.swapin[offset] = ra = SwapIn(ra_page, owner, readahead=True)
                 reads.append((offset, ra))
             reads.sort(key=lambda read: read[0])
-            while reads:
-                run = self._next_read_run(reads)
-                bio = await block.submit(
-                    write=False,
-                    slot=run[0][0],
-                    pages=[r.page for _, r in run],
-                    gfp=GFP_KERNEL,
-                    end_io=self._end_swap_bio_read,
-                )
-                del reads[: len(run)]
-                nr_ra = 0
-                for _, r in run:
-                    r.bio = bio
-                    nr_ra += r.readahead
-                self.stat.pswpin += len(run)  # swap_readpage: count_vm_event(PSWPIN), a page
-                self.stat.swap_ra += nr_ra
-                self.observer(SwapReadpage(bio.id, bio.slot, len(run), nr_ra))
+            await self.page_io.swap_readpage(reads)
         except BaseException:
             # Cancelled (or killed) before these reads started: undo; a fault waiting for
             # one of them looks again (and reads it itself), as for a page truncated while
             # it waited. Not a read error: nothing was read.
             for offset, r in reads:
-                del self._swapin[offset]
+                del self.page_io.swapin[offset]
                 swap.delete_from_swap_cache(r.page)
                 self.allocator.free_page(r.page)
                 r.done.set()
@@ -607,45 +576,6 @@ class Memory:
         for s in swap.readahead_window(slot, self.config.page_cluster):
             if s != slot and swap.readahead_candidate(s):
                 yield s, None
-
-    def _next_read_run(self, reads: list[tuple[int, _SwapIn]]) -> list[tuple[int, _SwapIn]]:
-        """The first run of consecutive slots in ``reads`` (sorted), up to max_io_pages."""
-        n = 1
-        limit = min(len(reads), self.config.max_io_pages)
-        while n < limit and reads[n][0] == reads[0][0] + n:
-            n += 1
-        return reads[:n]
-
-    def _end_swap_bio_read(self, bio: Bio) -> None:
-        """mm/page_io.c end_swap_bio_read, for each page of the request: uptodate (LRU,
-        inactive) or, on error, dropped from the swap cache and freed."""
-        swap = self.swap
-        assert swap is not None
-        ok = bio.error is None
-        done = []
-        for i, page in enumerate(bio.pages):
-            pending = self._swapin.pop(bio.slot + i)
-            done.append(pending)
-            if ok:
-                self.progress.swapins_completed += 1
-                # The faulting task maps its page next; referenced stands in for the page
-                # lock and the reference it holds, so a scan in between activates rather
-                # than frees it. A readahead page is PG_readahead and unreferenced, unless
-                # a fault already waits for it (it holds the page as the faulting one does).
-                page.referenced = not pending.readahead or pending.waiters > 0
-                page.readahead = pending.readahead
-                page.active = False
-                self.lru.add(page)  # lru_cache_add_anon
-            else:
-                pending.error = True
-                swap.delete_from_swap_cache(page)
-                self.allocator.free_page(page)
-        if not ok:
-            self.stat.swap_read_errors += 1
-        err = None if ok else str(bio.error) or type(bio.error).__name__
-        self.observer(SwapReadDone(bio.id, bio.slot, len(bio.pages), err))
-        for pending in done:
-            pending.done.set()
 
     # -- the page cache ----------------------------------------------------------------------
 

@@ -197,7 +197,7 @@ async def test_a_fault_cancelled_between_two_runs_leaves_nothing_behind(
         # The waiter read its page itself, once: not a read error, no retry.
         assert second_run in process.present
         assert memory.stat.swap_read_errors == memory.stat.swap_read_retries == 0
-        assert not memory._swapin
+        assert not memory.page_io.swapin
         assert all(swap.cache[s].mapping is None for s in window if s in swap.cache
                    and s != window[3] and by_slot[s] not in process.present)  # fmt: skip
         assert _accounted(memory) == 1024
@@ -225,7 +225,7 @@ async def test_a_failed_merged_read_drops_every_page_and_the_fault_reads_again(
         retry = set(range(slot & ~3, (slot & ~3) + 4))
         assert not reads[-1].failed and reads[-1].nr_pages == 4 and 16 in process.present
         assert {s for s in window if s in swap.cache} == retry
-        assert not memory._swapin
+        assert not memory.page_io.swapin
 
 
 async def test_a_fault_that_waits_for_a_readahead_page_counts_one_hit(
