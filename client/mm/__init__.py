@@ -70,6 +70,7 @@ from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import Process
 from client.mm.reclaim import SWAP_CLUSTER_MAX, Reclaimer, ScanControl
 from client.mm.swap import SwapArea, SwapMap
+from client.mm.swap_state import SwapReadahead
 from client.mm.vmstat import Progress, Psi, PsiLine, PsiMemory, VmStat
 from client.mm.waits import WaitFor, WaitRegistry
 from client.mm.zone import (
@@ -145,6 +146,7 @@ __all__ = [
     "SwapMap",
     "SwapReadDone",
     "SwapReadError",
+    "SwapReadahead",
     "SwapReadpage",
     "SwapWritebackDone",
     "SwapWritepage",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -31,7 +31,8 @@ from client.mm.policy import NullPolicy, PolicyHooks
 from client.mm.process import Process, as_current, current_process
 from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
 from client.mm.slab import FS_BIO_SLAB, FS_BIO_SLAB_SIZE, SlabCache, SlabCaches, SlabObject
-from client.mm.swap import SWAP_RA_HITS_MAX, SwapArea, vma_readahead_window
+from client.mm.swap import SWAP_RA_HITS_MAX, SwapArea
+from client.mm.swap_state import SwapReadahead
 from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
 from client.mm.waits import IDLE, WaitFor, WaitQueue, WaitRegistry
 from client.mm.zone import Zone, default_min_free_kbytes, setup_watermarks
@@ -169,6 +170,13 @@ class Memory:
         )
         #: Swap I/O (mm/page_io.c): reclaim's writeout and the fault path's reads.
         self.page_io = PageIO(self.allocator, self.lru, max_io_pages=config.max_io_pages)
+        #: Swap-in readahead (mm/swap_state.c): the pages a major fault reads.
+        self.swap_readahead = SwapReadahead(
+            self.allocator,
+            self.page_io,
+            mode=config.swap_readahead,
+            page_cluster=config.page_cluster,
+        )
         self.reclaimer = Reclaimer(
             self.allocator,
             self.lru,
@@ -463,7 +471,15 @@ class Memory:
             return None  # look again: mapped from the swap cache, or read anew if cancelled
         page = swap.cache.get(slot)
         if page is None:
-            await self._swapin_readahead(process, vpage, slot, swap)
+            # Major fault: swapin_readahead, then wait for the page (lock_page_or_retry);
+            # a failed read is do_swap_page's "!PageUptodate(page)", VM_FAULT_SIGBUS. The
+            # faulting page is allocated first, here (see SwapReadahead.swapin_readahead).
+            page = await self._alloc_user_page(process)
+            pending = await self.swap_readahead.swapin_readahead(process, vpage, slot, swap, page)
+            if pending is not None:
+                await self._wait_swapin(pending, slot)
+                if pending.error:
+                    raise SwapReadError(process.pid, vpage, slot)
             return None  # look again: it is in the swap cache now (or was reclaimed)
         # Minor fault: the page is still in the swap cache.
         assert page.mapping is None, page
@@ -493,89 +509,6 @@ class Memory:
         else:  # not submitted yet: its owner is still allocating pages or a bio
             what = WaitFor("swapin", f"slot {slot} bio", waker=pending.owner)
         await self.waits.wait_event(pending.done, what)
-
-    async def _swapin_readahead(
-        self, process: Process, vpage: int, slot: int, swap: SwapArea
-    ) -> None:
-        """mm/swap_state.c swapin_readahead and the fault's wait.
-
-        ``swap_readahead`` "cluster" (swap_cluster_readahead, the only kind before 4.14 and
-        after it the one for rotational devices) reads neighbouring *slots*, whoever's
-        pages they hold: a window of ``swapin_nr_pages`` slots around ``slot``, aligned.
-        "vma" (swap_vma_readahead, 4.14+ for other devices: NBD sets QUEUE_FLAG_NONROT)
-        reads the slots that the swap ptes of neighbouring *addresses* of the faulting
-        process name, a window from its mapping's ``swap_readahead_info``.
-
-        Each slot to read that a swap pte points at and that has no swap-cache page gets a page
-        (``__read_swap_cache_async``: allocated with the fault's gfp, added to the swap
-        cache), and reads of neighbouring slots go out as one request (the plug merges
-        them, up to ``max_io_pages``). Only the faulting page is waited for. Unlike the
-        kernel, which walks the window in order, the faulting page is allocated first, so
-        that a concurrent fault on it waits for this read instead of starting another.
-        The reads go out with ``PageIO.swap_readpage``; bookkeeping at completion is done
-        by ``PageIO.end_swap_bio_read``.
-        """
-        page = await self._alloc_user_page(process)
-        if process.swapped.get(vpage) != slot or slot in swap.cache:
-            self.allocator.free_page(page)
-            return
-        swap.add_to_swap_cache(page, slot)
-        owner = trio.lowlevel.current_task().name
-        pending = SwapIn(page, owner)
-        self.page_io.swapin[slot] = pending
-        reads = [(slot, pending)]
-        self.stat.pgmajfault += 1
-        try:
-            for offset, pte in self._readahead_slots(process, vpage, slot, swap):
-                ra_page = await self.allocator.alloc_page(GFP_HIGHUSER_MOVABLE)
-                if process.killed:  # meanwhile: no reads for it, undone below
-                    if ra_page is not None:
-                        self.allocator.free_page(ra_page)
-                    raise ProcessKilled(process.pid)
-                if ra_page is None:
-                    continue  # "if (!page) continue": no memory for this one
-                if not swap.readahead_candidate(offset) or (  # it changed while we allocated
-                    pte is not None and process.swapped.get(pte) != offset
-                ):
-                    self.allocator.free_page(ra_page)
-                    continue
-                swap.add_to_swap_cache(ra_page, offset)
-                self.page_io.swapin[offset] = ra = SwapIn(ra_page, owner, readahead=True)
-                reads.append((offset, ra))
-            reads.sort(key=lambda read: read[0])
-            await self.page_io.swap_readpage(reads)
-        except BaseException:
-            # Cancelled (or killed) before these reads started: undo; a fault waiting for
-            # one of them looks again (and reads it itself), as for a page truncated while
-            # it waited. Not a read error: nothing was read.
-            for offset, r in reads:
-                del self.page_io.swapin[offset]
-                swap.delete_from_swap_cache(r.page)
-                self.allocator.free_page(r.page)
-                r.done.set()
-            raise
-        await self._wait_swapin(pending, slot)
-        if pending.error:
-            raise SwapReadError(process.pid, vpage, slot)
-
-    def _readahead_slots(
-        self, process: Process, vpage: int, slot: int, swap: SwapArea
-    ) -> Iterator[tuple[int, int | None]]:
-        """The slots swap readahead reads besides ``slot``, one at a time as the caller
-        allocates (a slot is looked at when its turn comes): (slot, the virtual page whose
-        swap pte names it, for VMA readahead; None for cluster readahead)."""
-        if self.config.swap_readahead == "vma":
-            window, process.swap_ra = vma_readahead_window(
-                process.swap_ra, vpage, self.config.page_cluster
-            )
-            for v in window:
-                s = process.swapped.get(v)  # a swap pte, not present, not none
-                if v != vpage and s is not None and swap.readahead_candidate(s):
-                    yield s, v
-            return
-        for s in swap.readahead_window(slot, self.config.page_cluster):
-            if s != slot and swap.readahead_candidate(s):
-                yield s, None
 
     # -- the page cache ----------------------------------------------------------------------
 

@@ -55,8 +55,9 @@ class PageIO:
         self.stat = allocator.stat
         self.swap: SwapArea | None = None
         self.block: BlockQueue | None = None
-        #: The swap-in reads in flight, by slot: each from the fault that adds its page to
-        #: the swap cache until ``end_swap_bio_read`` (or the fault's undo) takes it out.
+        #: The swap-in reads in flight, by slot: each from when swap readahead adds its
+        #: page to the swap cache until ``end_swap_bio_read`` (or readahead's undo) takes
+        #: it out.
         self.swapin: dict[int, SwapIn] = {}
         #: Woken whenever a swap write completes (``Reclaimer.wait_for_writeback`` sleeps
         #: on it).
