@@ -62,8 +62,9 @@ from client.mm.gfp import (
     task_flags_names,
 )
 from client.mm.lru import Lru, inactive_ratio
-from client.mm.memory import OOM_REAPER_DELAY, ContentFn, Memory, MemoryConfig
+from client.mm.memory import ContentFn, Memory, MemoryConfig
 from client.mm.mempool import Mempool
+from client.mm.oom_kill import OOM_REAPER_DELAY, OomKiller
 from client.mm.page import PAGE_SIZE, Frames, Page
 from client.mm.page_io import PageIO
 from client.mm.policy import NullPolicy, PolicyHooks
@@ -126,6 +127,7 @@ __all__ = [
     "NullPolicy",
     "Observer",
     "OomKill",
+    "OomKiller",
     "OomReaped",
     "OomVictimExited",
     "OutOfMemory",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,25 +15,24 @@ from client.mm.errors import IntegrityError, OutOfMemory, ProcessKilled, SwapRea
 from client.mm.facts import (
     IntegrityFailure,
     Observer,
-    OomKill,
-    OomReaped,
     OomVictimExited,
     drop,
 )
-from client.mm.gfp import GFP, GFP_HIGHUSER_MOVABLE, GFP_KERNEL, PF, gfp_t, task_flags
+from client.mm.gfp import GFP_HIGHUSER_MOVABLE, GFP_KERNEL, gfp_t
 from client.mm.lru import Lru
 from client.mm.mempool import Mempool
+from client.mm.oom_kill import OomKiller
 from client.mm.page import PAGE_SIZE, ZERO_PAGE, Frames, Page
 from client.mm.page_io import PageIO, SwapIn
 from client.mm.pagecache import CachedFile, FileContentFn, PageCache
 from client.mm.policy import NullPolicy, PolicyHooks
-from client.mm.process import Process, as_current, current_process
+from client.mm.process import Process, as_current
 from client.mm.reclaim import DEFAULT_SWAPPINESS, Reclaimer
 from client.mm.slab import FS_BIO_SLAB, FS_BIO_SLAB_SIZE, SlabCache, SlabCaches, SlabObject
 from client.mm.swap import SWAP_RA_HITS_MAX, SwapArea
 from client.mm.swap_state import SwapReadahead
 from client.mm.vmstat import Progress, Psi, PsiMemory, VmStat
-from client.mm.waits import IDLE, WaitFor, WaitQueue, WaitRegistry
+from client.mm.waits import WaitFor, WaitRegistry
 from client.mm.zone import Zone, default_min_free_kbytes, setup_watermarks
 
 ContentFn = Callable[[Process, int], bytes]
@@ -45,10 +43,6 @@ PAGE_CLUSTER = 3  # mm/swap.c page_cluster (vm.page-cluster): swap readahead of 
 #: Swap readahead: by swap slot ("cluster", swap_cluster_readahead) or by address ("vma",
 #: swap_vma_readahead, 4.14+; /sys/kernel/mm/swap/vma_ra_enabled).
 SWAP_READAHEAD = ("cluster", "vma")
-#: mm/oom_kill.c (5.18+, "mm/oom_kill.c: futex: delay the OOM reaper to allow time for proper
-#: futex cleanup"): ``#define OOM_REAPER_DELAY (2*HZ)``: the reaper looks at a victim this
-#: many seconds after it was chosen, if it has not exited by then.
-OOM_REAPER_DELAY = 2.0
 #: What a bio costs (``MemoryConfig.bio_cache``): "kernel", a 256-byte object of fs_bio_set's
 #: bio-200 slab, as in 6.1; "page", a whole page per bio, the model's cost before slab caches
 #: (a bio_set whose front pad fills the page: its "bio-4096" slab holds one bio).
@@ -122,10 +116,6 @@ class MemoryConfig:
         return sized
 
 
-#: select_bad_process's "oc->chosen = (void *)-1UL": a victim is pending, choose nobody.
-_OOM_ABORT = object()
-
-
 class Memory:
     """The assembled memory manager of one client machine. Build with ``from_config``."""
 
@@ -185,8 +175,6 @@ class Memory:
             pagecache=self.pagecache,
         )
         self.allocator.reclaimer = self.reclaimer
-        self.allocator.out_of_memory = self.out_of_memory
-        self.allocator.oom_wait = self._oom_wait
         #: The slab caches of a booted kernel (``memory.slab["skbuff_head_cache"]``).
         self.slab = SlabCaches(self.allocator, self.stat)
         self.min_free_kbytes = (
@@ -196,10 +184,17 @@ class Memory:
         )
         self.processes: dict[int, Process] = {}
         self._pids = itertools.count(1000)
-        self._oom_hook = oom_hook
-        #: queue_oom_reaper's timers, in expiry order: (expires, victim).
-        self._oom_reaper_timers: deque[tuple[float, Process]] = deque()
-        self._oom_reaper_wait = WaitQueue()
+        #: The OOM killer and its reaper (mm/oom_kill.c).
+        self.oom = OomKiller(
+            self.processes,
+            self.stat,
+            self.waits,
+            unmap=self._unmap_anon,
+            observer=observer,
+            hook=oom_hook,
+        )
+        self.allocator.out_of_memory = self.oom.out_of_memory
+        self.allocator.oom_wait = self.oom.oom_wait
         self._files = 0
         self._nursery: trio.Nursery | None = None
         self.set_policy(NullPolicy() if policy is None else policy)
@@ -314,7 +309,7 @@ class Memory:
             self.block.attach(nursery)
         self.psi.start()
         await nursery.start(self.reclaimer.kswapd, name="kswapd0")
-        await nursery.start(self.oom_reaper, name="oom_reaper")
+        await nursery.start(self.oom.oom_reaper, name="oom_reaper")
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Memory]:
@@ -597,136 +592,6 @@ class Memory:
         process.present.clear()
         process.swapped.clear()
         return unmapped, freed, swapents
-
-    # -- the OOM killer (mm/oom_kill.c, 6.1) -----------------------------------------------
-
-    def out_of_memory(self, gfp: gfp_t) -> bool:
-        """mm/oom_kill.c out_of_memory: True if the allocation may retry (a victim was chosen,
-        one is still pending, or the task itself is dying), False if there is nothing to
-        kill (where the kernel panics: "System is deadlocked on memory").
-
-        The victim's memory is not freed here: its tasks get SIGKILL and ALLOC_OOM and free
-        it when they reach exit; the oom_reaper frees its anonymous memory
-        ``OOM_REAPER_DELAY`` later if they have not.
-        """
-        current = current_process()
-        # "If current has a pending SIGKILL or is exiting, then automatically select it.
-        # The goal is to allow it to allocate so that it may quickly exit and free its
-        # memory."
-        if current is not None and self._task_will_free_mem(current):
-            self._mark_oom_victim(current)
-            return True
-        if not gfp & GFP.FS:  # "The OOM killer does not compensate for IO-less reclaim"
-            return True
-        chosen = self._select_bad_process()
-        if chosen is None:
-            return False
-        if isinstance(chosen, Process):  # not _OOM_ABORT
-            self._oom_kill_process(chosen)
-        return True
-
-    @staticmethod
-    def _task_will_free_mem(process: Process) -> bool:
-        """mm/oom_kill.c task_will_free_mem: it still has its mm, is being killed
-        (SIGNAL_GROUP_EXIT), and its mm is not MMF_OOM_SKIP."""
-        return process.killed and not process.exited and not process.oom_skip
-
-    def _select_bad_process(self) -> Process | object | None:
-        """mm/oom_kill.c select_bad_process: the process of highest oom_badness, or
-        ``_OOM_ABORT`` while a victim is pending, or None if there is none.
-
-        oom_evaluate_task: "This task already has access to memory reserves and is being
-        killed. Don't allow any other task to have access to the reserves unless the task
-        has MMF_OOM_SKIP because chances that it would release any memory is quite low" --
-        abort the selection; a victim with MMF_OOM_SKIP is passed over, as oom_badness
-        passes over any MMF_OOM_SKIP mm. The first of equal badness wins (the kernel's
-        ``points < chosen_points`` test lets the last one win).
-        """
-        chosen: Process | None = None
-        for process in self.processes.values():
-            if process.oom_victim and not process.oom_skip:
-                return _OOM_ABORT
-            if process.oom_skip:
-                continue
-            if chosen is None or process.oom_badness() > chosen.oom_badness():
-                chosen = process
-        return chosen
-
-    def _oom_kill_process(self, victim: Process) -> None:
-        """mm/oom_kill.c oom_kill_process and __oom_kill_process."""
-        # oom_kill_process: "If the task is already exiting, don't alarm the sysadmin or
-        # kill its children or threads, just give it access to memory reserves"
-        if self._task_will_free_mem(victim):
-            self._mark_oom_victim(victim)
-            return
-        # __oom_kill_process: count_vm_event(OOM_KILL); SIGKILL, which wakes its tasks'
-        # killable sleeps; mark_oom_victim; queue_oom_reaper
-        self.stat.oom_kill += 1
-        self.observer(OomKill(victim.pid, victim.name, victim.rss, victim.swapents))
-        victim.kill()
-        self._mark_oom_victim(victim)
-        if self._oom_hook is not None:
-            self._oom_hook(victim)
-
-    def _mark_oom_victim(self, victim: Process) -> None:
-        """mark_oom_victim (``signal->oom_mm``: tsk_is_oom_victim, ALLOC_OOM) and
-        queue_oom_reaper (5.18+): once per mm (MMF_OOM_REAP_QUEUED), a timer that hands the
-        victim to the oom_reaper ``OOM_REAPER_DELAY`` from now."""
-        if not victim.oom_victim:
-            victim.oom_victim = True
-            victim.oom_victim_since = trio.current_time()
-        if victim.oom_reap_queued:
-            return
-        victim.oom_reap_queued = True
-        self._oom_reaper_timers.append((trio.current_time() + OOM_REAPER_DELAY, victim))
-        self._oom_reaper_wait.unpark_all()
-
-    def _oom_wait(self) -> WaitFor | None:
-        """What an allocation retrying after the OOM killer waits for: the pending victim."""
-        for process in self.processes.values():
-            if process.oom_victim and not process.oom_skip:
-                return WaitFor("oom_victim", process.name, waker=process.name)
-        return None
-
-    async def oom_reaper(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """The oom_reaper kernel thread (mm/oom_kill.c ``oom_reaper``), with the victims'
-        timers (``wake_oom_reaper``): reap each victim when its timer expires."""
-        idle = WaitFor(IDLE, "oom_reaper", waker="oom_kill")
-        with task_flags(PF.KTHREAD):
-            task_status.started()
-            timers = self._oom_reaper_timers
-            while True:
-                if not timers:
-                    await self.waits.park(self._oom_reaper_wait, idle)
-                    continue
-                expires, victim = timers[0]
-                now = trio.current_time()
-                if now < expires:
-                    await self.waits.park(self._oom_reaper_wait, idle, expires - now)
-                    continue
-                timers.popleft()
-                self.oom_reap_task(victim)
-                await trio.lowlevel.checkpoint()
-
-    def oom_reap_task(self, victim: Process) -> None:
-        """mm/oom_kill.c oom_reap_task: unmap the victim's anonymous memory, then set
-        MMF_OOM_SKIP ("Hide this mm from OOM killer because it has been either reaped or
-        somebody can't call mmap_write_unlock(mm)").
-
-        wake_oom_reaper and oom_reap_task_mm do nothing for an mm already MMF_OOM_SKIP (the
-        victim exited first). The model has no mmap_lock to fail the trylock on, so the first
-        attempt always succeeds (no MAX_OOM_REAP_RETRIES), and only anonymous memory to
-        reap: __oom_reap_task_mm unmaps anonymous and private vmas, and the page cache pages
-        a process reads are not mapped by it.
-        """
-        if victim.oom_skip:
-            return
-        unmapped, freed, swapents = self._unmap_anon(victim)
-        victim.oom_skip = True
-        since = trio.current_time() - (victim.oom_victim_since or 0.0)
-        self.observer(OomReaped(victim.pid, victim.name, unmapped, freed, swapents, since))
 
     # -- inspection --------------------------------------------------------------------------
 

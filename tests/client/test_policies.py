@@ -474,7 +474,7 @@ async def test_pfmemalloc_oom_kill_ends_the_throttle_of_its_victim(
             await trio.sleep(5)
             assert wait_of(memory, "victim") == "pfmemalloc_wait" and not ended
             assert memory.stat.allocstall == 0
-            assert memory.out_of_memory(GFP_KERNEL)
+            assert memory.oom.out_of_memory(GFP_KERNEL)
     assert ended == [("killed", 5.0)] and victim.killed
     assert memory.stat.pgscan_direct_throttle == 1 and policy.throttled == 1
     assert memory.stat.oom_kill == 1 and memory.stat.allocstall == MAX_RECLAIM_RETRIES + 1

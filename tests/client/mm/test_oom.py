@@ -53,7 +53,7 @@ async def test_a_victim_allocates_below_min_down_to_half_of_min(
     await drain(memory, GFP_NOWAIT)
     assert memory.nr_free_pages == MIN
     victim = memory.new_process("victim")
-    assert memory.out_of_memory(GFP_KERNEL)  # the only process: chosen
+    assert memory.oom.out_of_memory(GFP_KERNEL)  # the only process: chosen
     assert victim.killed and victim.oom_victim and memory.stat.oom_kill == 1
     with as_current(victim):
         pages = await drain(memory, GFP_KERNEL)
@@ -72,7 +72,7 @@ async def test_a_victims_atomic_allocation_keeps_its_three_eighths(
     memory = m.memory
     await drain(memory, GFP_NOWAIT)
     victim = memory.new_process("victim")
-    assert memory.out_of_memory(GFP_KERNEL)
+    assert memory.oom.out_of_memory(GFP_KERNEL)
     with as_current(victim):
         pages = await drain(memory, GFP_ATOMIC)
     assert len(pages) == MIN - MIN * 3 // 8 == 500
@@ -89,7 +89,7 @@ async def test_no_second_victim_while_one_is_pending(
     memory = m.memory
     await drain(memory, GFP_NOWAIT)
     victim = memory.new_process("victim")
-    assert memory.out_of_memory(GFP_KERNEL) and victim.oom_victim
+    assert memory.oom.out_of_memory(GFP_KERNEL) and victim.oom_victim
     other = memory.new_process("other")
     got: list[Page | None] = []
 
@@ -101,7 +101,7 @@ async def test_no_second_victim_while_one_is_pending(
         nursery.start_soon(allocate, name="other")
         await trio.sleep(1)
         assert memory.waits.snapshot()["other"] == WaitFor("oom_victim", "victim", "victim")
-        assert memory.out_of_memory(GFP_KERNEL)  # aborted: True, and nobody killed
+        assert memory.oom.out_of_memory(GFP_KERNEL)  # aborted: True, and nobody killed
         nursery.cancel_scope.cancel()
     assert got == [] and memory.nr_free_pages == MIN
     assert memory.stat.oom_kill == 1 and len(m.facts_of(OomKill)) == 1 and not other.killed
@@ -174,7 +174,7 @@ async def test_the_reaper_frees_a_stuck_victim_after_two_seconds(
             assert memory.waits.snapshot()["stuck"].kind == "swapin"
             killed_at = trio.current_time()
             rss, swapents, free = stuck.rss, stuck.swapents, memory.nr_free_pages
-            assert memory.out_of_memory(GFP_KERNEL) and stuck.killed
+            assert memory.oom.out_of_memory(GFP_KERNEL) and stuck.killed
             await trio.sleep_until(killed_at + OOM_REAPER_DELAY - 0.01)
             assert machine.facts_of(OomReaped) == [] and stuck.rss == rss and not ended
             await trio.sleep_until(killed_at + OOM_REAPER_DELAY)
@@ -185,7 +185,7 @@ async def test_the_reaper_frees_a_stuck_victim_after_two_seconds(
             assert stuck.oom_skip and stuck.rss == stuck.swapents == 0 and not ended
             assert memory.nr_free_pages == free + rss
             # MMF_OOM_SKIP: the victim no longer blocks a selection; nobody else is left.
-            assert not memory.out_of_memory(GFP_KERNEL)
+            assert not memory.oom.out_of_memory(GFP_KERNEL)
             device.gate.set()
         # the read finishes after the device's latency; then the task exits
         assert ended == [pytest.approx(killed_at + OOM_REAPER_DELAY + device.latency)]
@@ -203,7 +203,7 @@ async def test_selection_proceeds_once_the_victim_is_mmf_oom_skip(
     the allocation that has waited all along fails: nothing is left to kill."""
     kills: list[tuple[str, float]] = []
     memory = m.memory
-    memory._oom_hook = lambda victim: kills.append((victim.name, trio.current_time()))
+    memory.oom.hook = lambda victim: kills.append((victim.name, trio.current_time()))
     ghosts = [memory.new_process("ghost0"), memory.new_process("ghost1")]
     async with memory.running():
         await drain(memory, GFP_NOWAIT)
