@@ -29,6 +29,13 @@ class Verdict:
     stalled_for: float | None = None  # seconds without progress
     blocked_tasks: list[dict[str, Any]] | None = None  # a guest's (sysrq w)
 
+    def chain(self) -> str:
+        """The wait-for path as printed: ``a -> b -> a``, or, when the tasks wait in a chain
+        that ends outside the machine rather than in a cycle (every retransmission of a
+        reply dropped, say), the chain marked as such: no progress, but no deadlock proper."""
+        path = " -> ".join(self.cycle or [])
+        return path if self.has_cycle else f"{path} (no cycle: a stall)"
+
 
 @attrs.frozen
 class ZoneSummary:

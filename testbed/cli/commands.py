@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_summary(args.summary, unstructure_summary(summary))
     print_outcome(summary)
     if summary.deadlock:
-        print("deadlock: " + " -> ".join(summary.deadlock.cycle or []))
+        print("deadlock: " + summary.deadlock.chain())
     return exit_code(summary.outcome)
 
 

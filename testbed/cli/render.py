@@ -71,7 +71,7 @@ def compare_table(runs: list[RunSummary]) -> str:
     for r in runs:
         deadlock = r.deadlock
         if deadlock and deadlock.cycle:
-            lines.append(f"{r.policy}: " + " -> ".join(deadlock.cycle))
+            lines.append(f"{r.policy}: {deadlock.chain()}")
         elif deadlock:  # a guest's: no wait-for graph, the blocked tasks of sysrq w
             waits = "; ".join(f"{t}: {w}" for t, w in (deadlock.waiting or {}).items())
             lines.append(f"{r.policy}: blocked: {waits}")

@@ -67,3 +67,14 @@ def test_a_seed_is_written_only_when_set() -> None:
     summary = RunSummary(machine="m", policy="none", outcome="completed", reason="", duration=1.0)
     assert "seed" not in unstructure_summary(summary)
     assert unstructure_summary(attrs.evolve(summary, seed=3))["seed"] == 3
+
+
+def test_a_chain_that_ends_outside_the_machine_is_printed_as_a_stall() -> None:
+    """The watchdog ends a run with no progress whether its wait-for path closes or not; only
+    a path that closes is printed as a plain cycle."""
+    cycle = Verdict(["kswapd0", "mempool(bio)", "eth0.rx", "kswapd0"], True, {})
+    assert cycle.chain() == "kswapd0 -> mempool(bio) -> eth0.rx -> kswapd0"
+    chain = Verdict(["kswapd0", "mempool(bio)", "eth0.rx", "packet(eth0)", "peer"], False, {})
+    assert chain.chain() == (
+        "kswapd0 -> mempool(bio) -> eth0.rx -> packet(eth0) -> peer (no cycle: a stall)"
+    )
