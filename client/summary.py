@@ -36,6 +36,18 @@ class Verdict:
         path = " -> ".join(self.cycle or [])
         return path if self.has_cycle else f"{path} (no cycle: a stall)"
 
+    def also_waiting(self) -> list[tuple[str, list[str]]]:
+        """For each resource on the path (every other entry, from the second), the tasks off
+        the path that wait for it too: the victims, such as kswapd when the path is the
+        refill worker's, which the shortest cycle leaves out."""
+        path = self.cycle or []
+        on_path = set(path[0::2])
+        return [
+            (resource, tasks)
+            for resource in dict.fromkeys(path[1::2])
+            if (tasks := [t for t, w in self.waiting.items() if w == resource and t not in on_path])
+        ]
+
 
 @attrs.frozen
 class ZoneSummary:

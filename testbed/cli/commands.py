@@ -199,6 +199,10 @@ async def _run_controlled(
     return summary[0]
 
 
+#: How many of the tasks that wait for a resource of the deadlock's path ``run`` names.
+ALSO_WAITING_SHOWN = 6
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = scenario_from(args)
     logsetup.configure(log_file=args.log_file, log_format=args.log_format, level=args.log_level)
@@ -207,6 +211,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_outcome(summary)
     if summary.deadlock:
         print("deadlock: " + summary.deadlock.chain())
+        for resource, tasks in summary.deadlock.also_waiting():
+            shown = ", ".join(tasks[:ALSO_WAITING_SHOWN])
+            more = len(tasks) - ALSO_WAITING_SHOWN
+            print(
+                f"  also waiting for {resource}: {shown}"
+                + (f" and {more} more" if more > 0 else "")
+            )
     return exit_code(summary.outcome)
 
 

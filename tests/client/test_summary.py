@@ -78,3 +78,21 @@ def test_a_chain_that_ends_outside_the_machine_is_printed_as_a_stall() -> None:
     assert chain.chain() == (
         "kswapd0 -> mempool(bio) -> eth0.rx -> packet(eth0) -> peer (no cycle: a stall)"
     )
+
+
+def test_the_tasks_off_the_path_that_wait_for_its_resources_are_named() -> None:
+    """6.1's hang as the model prints it: the shortest cycle is the refill worker's and
+    NAPI's; kswapd and the writer wait for the same bio off the path."""
+    verdict = Verdict(
+        ["eth0.refill", "mempool(bio)", "eth0.rx", "napi_disabled(eth0)", "eth0.refill"],
+        True,
+        {
+            "eth0.refill": "mempool(bio)",
+            "eth0.rx": "napi_disabled(eth0)",
+            "kswapd0": "mempool(bio)",
+            "hog/0": "mempool(bio)",
+            "hog/1": "pfmemalloc_wait(Normal)",
+        },
+    )
+    assert verdict.also_waiting() == [("mempool(bio)", ["kswapd0", "hog/0"])]
+    assert Verdict(["a", "x", "a"], True, {"a": "x"}).also_waiting() == []
