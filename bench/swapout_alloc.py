@@ -46,7 +46,7 @@ class FastPath:
 
 def fast_path_once(pairs: int, batches: int) -> FastPath:
     size = 256 * MiB
-    memory = Memory.from_config(MemoryConfig(total_bytes=size))
+    memory = Memory(MemoryConfig(total_bytes=size))
     try_alloc = memory.allocator.try_alloc
     free_page = memory.free_page
     for _ in range(10_000):  # warm up: the first page object is created lazily
@@ -138,7 +138,7 @@ def _timed_pass(size: int) -> tuple[float, float, float, int, int, Cpu]:
     gc.collect()
     with CpuMeter() as cpu:
         t0 = time.perf_counter()
-        memory = Memory.from_config(MemoryConfig(total_bytes=size))
+        memory = Memory(MemoryConfig(total_bytes=size))
         construct = time.perf_counter() - t0
         t0 = time.perf_counter()
         pages = _take_all(memory)
@@ -159,7 +159,7 @@ def _nogc_pass(size: int) -> float:
     gc.collect()
     gc.disable()
     try:
-        memory = Memory.from_config(MemoryConfig(total_bytes=size))
+        memory = Memory(MemoryConfig(total_bytes=size))
         t0 = time.perf_counter()
         pages = _take_all(memory)
         seconds = (time.perf_counter() - t0) / len(pages)
@@ -175,7 +175,7 @@ def _memory_pass(size: int, taken: int) -> tuple[int, int, int]:
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        memory = Memory.from_config(MemoryConfig(total_bytes=size))
+        memory = Memory(MemoryConfig(total_bytes=size))
         current, peak = tracemalloc.get_traced_memory()
         construct_peak = peak - base
         before = current

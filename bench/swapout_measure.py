@@ -468,7 +468,7 @@ class FloorRun:
 
 
 def floor_once(scenario: ScenarioConfig) -> FloorRun:
-    memory = Memory.from_config(memory_config(scenario.machine))
+    memory = Memory(memory_config(scenario.machine))
     device = MemorySwapDevice(nr_pages=EXPORT_SIZE // PAGE, latency=0)  # answers at once
     memory.swapon(device)
     integrity = Integrity()

@@ -323,7 +323,7 @@ counts.  The time includes the loop itself (an empty loop of the same shape:
 
 ### Cost per page as modelled RAM grows
 
-For each size: a fresh `Memory.from_config(MemoryConfig(total_bytes=SIZE))`, every free
+For each size: a fresh `Memory(MemoryConfig(total_bytes=SIZE))`, every free
 page above the low watermark taken once with `try_alloc` (a frame's `Page` object is
 created on its first allocation), then all of them freed.  Times come from a pass
 without tracemalloc ("gc off": a separate pass with Python's cyclic GC disabled);

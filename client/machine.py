@@ -108,7 +108,7 @@ class ClientMachine:
         self.observer = observer
         self._connect = connect
         m = scenario.machine
-        self.memory = Memory.from_config(
+        self.memory = Memory(
             memory_config(m), policy=self.policy, observer=observer, oom_hook=self._oom_killed
         )
         s = scenario.swap

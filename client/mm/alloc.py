@@ -103,7 +103,7 @@ class Reclaim(Protocol):
 
 class Allocator:
     """The page allocator of one node. Wire ``reclaimer`` and ``out_of_memory`` after
-    construction (``Memory.from_config`` does); without them the slow path cannot reclaim."""
+    construction (``Memory`` does); without them the slow path cannot reclaim."""
 
     def __init__(
         self,

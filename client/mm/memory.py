@@ -117,7 +117,7 @@ class MemoryConfig:
 
 
 class Memory:
-    """The assembled memory manager of one client machine. Build with ``from_config``."""
+    """The assembled memory manager of one client machine, with no swap yet (``swapon``)."""
 
     def __init__(
         self,
@@ -198,22 +198,6 @@ class Memory:
         self._files = 0
         self._nursery: trio.Nursery | None = None
         self.set_policy(NullPolicy() if policy is None else policy)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: MemoryConfig,
-        *,
-        policy: PolicyHooks | None = None,
-        observer: Observer = drop,
-        clock: Callable[[], float] = trio.current_time,
-        waits: WaitRegistry | None = None,
-        oom_hook: Callable[[Process], None] | None = None,
-    ) -> Memory:
-        """The memory of a machine described by ``config``, with no swap yet (``swapon``)."""
-        return cls(
-            config, policy=policy, observer=observer, clock=clock, waits=waits, oom_hook=oom_hook
-        )
 
     # -- configuration -----------------------------------------------------------------------
 

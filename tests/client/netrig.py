@@ -108,7 +108,7 @@ def net_factory(nursery: trio.Nursery) -> MakeNet:
     def make(policy: Policy | None = None, tcp: TcpSysctls | None = None, **nic: Any) -> Net:
         policy = NonePolicy() if policy is None else policy
         facts: list[object] = []
-        memory = Memory.from_config(MemoryConfig(total_bytes=NR_PAGES * PAGE_SIZE), policy=policy)
+        memory = Memory(MemoryConfig(total_bytes=NR_PAGES * PAGE_SIZE), policy=policy)
         settings = {"ring_size": RING, "bandwidth": math.inf, "softirq_cost": 0.0, **nic}
         stack = NetStack(
             memory, policy, nursery, observer=facts.append, nic=NicSettings(**settings), tcp=tcp

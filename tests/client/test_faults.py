@@ -182,9 +182,7 @@ def test_faults_table_is_strict() -> None:
 # -- against the memory model --------------------------------------------------------------
 def model(nr_pages: int = 1024) -> tuple[Memory, ClientFaults, list[object]]:
     facts: list[object] = []
-    memory = Memory.from_config(
-        MemoryConfig(total_bytes=nr_pages * PAGE_SIZE), observer=facts.append
-    )
+    memory = Memory(MemoryConfig(total_bytes=nr_pages * PAGE_SIZE), observer=facts.append)
     memory.swapon(MemorySwapDevice(nr_pages=4 * nr_pages))
     return memory, ClientFaults(memory, seed=3, observer=facts.append), facts
 
@@ -232,7 +230,7 @@ async def test_task_filter_against_the_model(autojump_clock: trio.abc.Clock) -> 
 
 async def test_the_same_seed_fails_the_same_allocations(autojump_clock: trio.abc.Clock) -> None:
     async def run(seed: int) -> list[bool]:
-        memory = Memory.from_config(MemoryConfig(total_bytes=256 * PAGE_SIZE))
+        memory = Memory(MemoryConfig(total_bytes=256 * PAGE_SIZE))
         faults = ClientFaults(memory, seed=seed, observer=lambda fact: None)
         faults.set_alloc(AllocFaultConfig(probability=0.5))
         async with memory.running():

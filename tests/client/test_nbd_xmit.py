@@ -38,7 +38,7 @@ async def test_a_request_reaches_the_driver_with_exactly_its_submitters_flags(
     """submit_bio hands the request to the driver in the submitter's task: kswapd's flags
     for its writeback, a direct reclaimer's PF_MEMALLOC, nothing for a faulting process --
     set from ``Bio.submitter_flags``, whatever the task that runs the request inherited."""
-    memory = Memory.from_config(MemoryConfig(total_bytes=256 * PAGE_SIZE))
+    memory = Memory(MemoryConfig(total_bytes=256 * PAGE_SIZE))
     device = FlagsDevice()
     memory.swapon(device)
     async with memory.running():

@@ -105,9 +105,7 @@ MakeRig = Callable[..., Rig]
 @pytest.fixture
 def make_rig(nursery: trio.Nursery) -> MakeRig:
     def make(policy: Policy, *, swap_pages: int | None = None, **config: Any) -> Rig:
-        memory = Memory.from_config(
-            MemoryConfig(total_bytes=NR_PAGES * PAGE_SIZE, **config), policy=policy
-        )
+        memory = Memory(MemoryConfig(total_bytes=NR_PAGES * PAGE_SIZE, **config), policy=policy)
         device = None
         if swap_pages is not None:
             device = MemorySwapDevice(nr_pages=swap_pages, latency=0.01)

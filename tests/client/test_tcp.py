@@ -84,7 +84,7 @@ def test_sysctls_from_ram_as_tcp_init_computes_them(
     limit, 2 * limit/4*3]; tcp_init: "no more than 1/128 the pressure threshold":
     tcp_wmem[2] = max(64K, min(4M, pages << 5)), tcp_rmem[2] = max(128K, min(6M, that));
     the defaults 16K and 128K."""
-    memory = Memory.from_config(MemoryConfig(total_bytes=mib << 20))
+    memory = Memory(MemoryConfig(total_bytes=mib << 20))
     assert boot_free_buffer_pages(memory) == free_buffer_pages
     sysctls = TcpSysctls.for_memory(memory)
     assert sysctls.tcp_mem == tcp_mem
@@ -108,8 +108,8 @@ class _ReservesMin(NullPolicy):
 def test_sysctls_are_computed_at_boot_before_a_policy_raises_min() -> None:
     """tcp_init runs at boot: a reserve that raises min later (Zijlstra's var_free_kbytes)
     does not move tcp_mem."""
-    plain = Memory.from_config(MemoryConfig(total_bytes=64 << 20))
-    raised = Memory.from_config(MemoryConfig(total_bytes=64 << 20), policy=_ReservesMin())
+    plain = Memory(MemoryConfig(total_bytes=64 << 20))
+    raised = Memory(MemoryConfig(total_bytes=64 << 20), policy=_ReservesMin())
     assert raised.zones[0].watermarks.high > plain.zones[0].watermarks.high
     assert TcpSysctls.for_memory(raised) == TcpSysctls.for_memory(plain) == SYSCTLS_64M
 

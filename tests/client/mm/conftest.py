@@ -40,7 +40,7 @@ def make_machine() -> MakeMachine:
         **config: Any,
     ) -> Machine:
         facts: list[Fact] = []
-        memory = Memory.from_config(
+        memory = Memory(
             MemoryConfig(total_bytes=nr_pages * PAGE_SIZE, **config),
             observer=facts.append,
             oom_hook=oom_hook,

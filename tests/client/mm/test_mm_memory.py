@@ -192,7 +192,7 @@ async def test_exit_frees_pages_and_slots(
 
 
 async def test_running_propagates_exceptions_unwrapped() -> None:
-    memory = Memory.from_config(MemoryConfig(total_bytes=1 << 20))
+    memory = Memory(MemoryConfig(total_bytes=1 << 20))
     with pytest.raises(KeyError):
         async with memory.running():
             raise KeyError("from the body")
@@ -210,13 +210,13 @@ def test_config_zones_by_fraction_and_bytes() -> None:
 
 
 def test_default_min_free_kbytes_follows_memory_size() -> None:
-    memory = Memory.from_config(MemoryConfig(total_bytes=1 << 30))
+    memory = Memory(MemoryConfig(total_bytes=1 << 30))
     assert memory.min_free_kbytes == 4096
     assert memory.zones[0].watermarks.min == 1024
 
 
 def test_vmstat_names() -> None:
-    memory = Memory.from_config(MemoryConfig(total_bytes=1 << 20))
+    memory = Memory(MemoryConfig(total_bytes=1 << 20))
     stats = memory.vmstat()
     for name in (
         "nr_free_pages", "nr_writeback", "nr_anon_pages", "nr_swapcached", "nr_active_anon",
@@ -232,7 +232,7 @@ def test_a_4_gib_machine_costs_nothing_per_frame_until_used() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        memory = Memory.from_config(MemoryConfig(total_bytes=4 << 30))
+        memory = Memory(MemoryConfig(total_bytes=4 << 30))
         built = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -241,7 +241,7 @@ def test_a_4_gib_machine_costs_nothing_per_frame_until_used() -> None:
 
 
 async def _bytes_per_page(nr_ram_pages: int, touched: int) -> float:
-    memory = Memory.from_config(MemoryConfig(total_bytes=nr_ram_pages * PAGE_SIZE))
+    memory = Memory(MemoryConfig(total_bytes=nr_ram_pages * PAGE_SIZE))
     process = memory.new_process("hog")
     tracemalloc.start()
     try:
