@@ -32,7 +32,7 @@ from benchlib import (
 )
 
 from client.config import HogConfig
-from client.machine import ClientMachine, memory_config
+from client.machine import ClientMachine
 from client.mm import Memory, SwapReadpage, SwapWritepage
 from client.mm.testing import MemorySwapDevice
 from client.summary import RunSummary
@@ -468,7 +468,7 @@ class FloorRun:
 
 
 def floor_once(scenario: ScenarioConfig) -> FloorRun:
-    memory = Memory(memory_config(scenario.machine))
+    memory = Memory(scenario.machine.memory_config())
     device = MemorySwapDevice(nr_pages=EXPORT_SIZE // PAGE, latency=0)  # answers at once
     memory.swapon(device)
     integrity = Integrity()

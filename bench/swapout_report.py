@@ -297,7 +297,7 @@ The verdict is for the whole-run ratio (the script prints it and exits 0 either 
 
 #### The model alone
 
-The same scenario's memory model and hogs (`client.machine.memory_config`, `AnonHog`) in
+The same scenario's memory model and hogs (`MachineConfig.memory_config`, `AnonHog`) in
 this process, with `client.mm.testing.MemorySwapDevice(latency=0)` as swap: a dict that
 stores each page and answers at once, with no network, no NBD, no server and no modelled
 socket. The write phase is measured as above ({FLOOR_ROUNDS} runs per setting, the median

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
+from client.mm import MemoryConfig
 from client.nbd_client import NBD_ERAS  # ``[swap] nbd``: the eras nbd_client models
 from nbdproto.config import ConfigError, parse_size
 
@@ -46,32 +47,28 @@ class MachineConfig:
     swap_readahead: str = "cluster"  # by swap slot ("cluster") or by address ("vma", 4.14+)
 
     def __attrs_post_init__(self) -> None:
-        if not 0 <= self.swappiness <= 200:
-            raise ConfigError(f"machine.swappiness {self.swappiness}: must be 0..200")
-        if self.disk_read_latency < 0 or self.readahead_pages < 1:
-            raise ConfigError("machine.disk_read_latency must be >= 0, readahead_pages >= 1")
         if self.memory < 1 << 20:
             raise ConfigError(f"machine.memory {self.memory}: at least 1M")
-        if not 0 <= self.page_cluster <= 10:
-            raise ConfigError(
-                f"machine.page_cluster {self.page_cluster}: must be 0..10 (0: no swap readahead)"
-            )
-        if self.bio_cache not in ("page", "kernel"):
-            raise ConfigError(
-                f"machine.bio_cache {self.bio_cache!r}: must be 'page' (a page per bio) or "
-                "'kernel' (objects of the bio-200 slab)"
-            )
-        if self.swap_readahead not in ("cluster", "vma"):
-            raise ConfigError(
-                f"machine.swap_readahead {self.swap_readahead!r}: must be 'cluster' (by swap "
-                "slot) or 'vma' (by address)"
-            )
         if not 1 <= self.max_io_pages <= 256:
             raise ConfigError(f"machine.max_io_pages {self.max_io_pages}: must be 1..256")
-        if self.swap_queue_depth < 1 or self.bio_pool_size < 1:
-            raise ConfigError("machine.swap_queue_depth and bio_pool_size must be >= 1")
-        if self.min_free_kbytes is not None and self.min_free_kbytes < 0:
-            raise ConfigError("machine.min_free_kbytes must not be negative")
+        try:  # every other value is checked once, by the memory model's own validators
+            self.memory_config().zone_pages()
+        except (ValueError, TypeError) as exc:
+            # attrs' in_ validator adds the attribute and the options to args: the first says it
+            raise ConfigError(f"[machine] {exc.args[0] if exc.args else exc}") from None
+
+    def memory_config(self) -> MemoryConfig:
+        """The memory model's configuration: the same keys, ``memory`` as ``total_bytes``."""
+        return MemoryConfig(
+            total_bytes=self.memory,
+            **{key: getattr(self, key) for key in _MEMORY_KEYS},
+        )
+
+
+#: The ``[machine]`` keys that are the memory model's (``MemoryConfig``'s) under one name.
+_MEMORY_KEYS = tuple(
+    f.name for f in attrs.fields(MemoryConfig) if f.name in attrs.fields_dict(MachineConfig)
+)
 
 
 #: What a socket buffer key takes to leave the buffer to the kernel (TOML has no null).

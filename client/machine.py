@@ -24,9 +24,9 @@ import attrs
 import trio
 import trio.testing
 
-from client.config import AllocFaultConfig, HogConfig, MachineConfig, Scenario
+from client.config import AllocFaultConfig, HogConfig, Scenario
 from client.faults import ClientFaults
-from client.mm import Memory, MemoryConfig, Process
+from client.mm import Memory, Process
 from client.mm.waits import IDLE
 from client.net.device import NicSettings
 from client.net.noise import consume, flood
@@ -64,25 +64,6 @@ QUIET_WAITS = frozenset({IDLE, "packet", "rx_data"})
 QUIESCENCE_POLL = 0.05
 
 
-def memory_config(m: MachineConfig) -> MemoryConfig:
-    """The memory model's configuration for the scenario's ``[machine]``."""
-    return MemoryConfig(
-        total_bytes=m.memory,
-        zones=m.zones,
-        min_free_kbytes=m.min_free_kbytes,
-        watermark_scale_factor=m.watermark_scale_factor,
-        max_io_pages=m.max_io_pages,
-        swap_queue_depth=m.swap_queue_depth,
-        bio_pool_size=m.bio_pool_size,
-        bio_cache=m.bio_cache,
-        swappiness=m.swappiness,
-        disk_read_latency=m.disk_read_latency,
-        readahead_pages=m.readahead_pages,
-        page_cluster=m.page_cluster,
-        swap_readahead=m.swap_readahead,
-    )
-
-
 class MachineStateError(Exception):
     """A control request the machine cannot act on now (not started, ended, no swap
     connection to cut); ``str()`` is one line for the control peer."""
@@ -109,7 +90,7 @@ class ClientMachine:
         self._connect = connect
         m = scenario.machine
         self.memory = Memory(
-            memory_config(m), policy=self.policy, observer=observer, oom_hook=self._oom_killed
+            m.memory_config(), policy=self.policy, observer=observer, oom_hook=self._oom_killed
         )
         s = scenario.swap
         self.device = NBDSwapDevice(

@@ -65,7 +65,9 @@ class MemoryConfig:
 
     total_bytes: int = attrs.field(validator=attrs.validators.ge(PAGE_SIZE))
     zones: tuple[tuple[str, float | int], ...] = (("Normal", 1.0),)
-    min_free_kbytes: int | None = None
+    min_free_kbytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
     watermark_scale_factor: int = attrs.field(default=10, validator=_positive)
     max_io_pages: int = attrs.field(default=32, validator=_positive)
     swap_queue_depth: int = attrs.field(default=32, validator=_positive)

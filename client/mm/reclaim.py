@@ -72,8 +72,6 @@ class Reclaimer:
         swappiness: int = DEFAULT_SWAPPINESS,
         pagecache: PageCache | None = None,
     ) -> None:
-        if not 0 <= swappiness <= 200:
-            raise ValueError("swappiness must be 0..200")
         self.allocator = allocator
         self.lru = lru
         self.page_io = page_io  # swap writeout (pageout's swap_writepage) and its completion

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 from nbdproto.config import ConfigError
@@ -71,3 +72,37 @@ def test_an_index_into_an_array_the_scenario_lacks_is_a_one_line_error() -> None
     with pytest.raises(ConfigError, match=r"no 'noise' array to index \(add a \[\[noise\]\]"):
         load_scenario(None, {"noise.0.sockets": 1})
     assert load_scenario(SCENARIO, {"noise.0.sockets": 1}).noise[0].sockets == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("machine.swappiness", 300, "'swappiness' must be <= 200: 300"),
+        ("machine.min_free_kbytes", -1, "'min_free_kbytes' must be >= 0: -1"),
+        ("machine.bio_cache", "slab", "'bio_cache' must be in ('page', 'kernel') (got 'slab')"),
+        ("machine.swap_readahead", "ahead", "'swap_readahead' must be in ('cluster', 'vma')"),
+        ("machine.page_cluster", 11, "'page_cluster' must be <= 10: 11"),
+        ("machine.readahead_pages", 0, "readahead_pages must be >= 1, got 0"),
+        ("machine.max_io_pages", 300, "machine.max_io_pages 300: must be 1..256"),
+    ],
+)
+def test_a_bad_machine_value_is_checked_once_by_the_memory_model(
+    key: str, value: object, needle: str
+) -> None:
+    """``[machine]`` is the memory model's configuration under the scenario's names: its
+    values are checked by ``MemoryConfig``'s validators, and a bad one is one line naming
+    the key and the value."""
+    with pytest.raises(ConfigError) as caught:
+        load_scenario(SCENARIO, {key: value})
+    message = str(caught.value)
+    assert needle in message and "\n" not in message, message
+
+
+def test_the_memory_model_gets_every_machine_key_it_has() -> None:
+    machine = load_scenario(
+        SCENARIO, {"machine.swappiness": 100, "machine.bio_cache": "page", "machine.memory": "32M"}
+    ).machine
+    config = machine.memory_config()
+    assert (config.total_bytes, config.swappiness, config.bio_cache) == (32 << 20, 100, "page")
+    shared = set(attrs.fields_dict(type(config))) & set(attrs.fields_dict(type(machine)))
+    assert shared and all(getattr(config, k) == getattr(machine, k) for k in shared)
