@@ -15,7 +15,6 @@ import attrs
 import trio
 
 from client.mm.alloc import MAX_RECLAIM_RETRIES, Allocator
-from client.mm.block import BlockQueue
 from client.mm.facts import DirectReclaim, KswapdSleep, KswapdWoken
 from client.mm.gfp import (
     ALLOC_WMARK_HIGH,
@@ -83,16 +82,6 @@ class Reclaimer:
         self._kswapd_pending = False
         self._kswapd_wait = WaitQueue()  # pgdat->kswapd_wait
 
-    @property
-    def swap(self) -> SwapArea | None:
-        """The swap area, None before ``swapon`` (it is ``page_io``'s)."""
-        return self.page_io.swap
-
-    @property
-    def block(self) -> BlockQueue | None:
-        """The swap device's block queue, None before ``swapon`` (it is ``page_io``'s)."""
-        return self.page_io.block
-
     # -- the LRU scan ------------------------------------------------------------------------
 
     def shrink_active_list(self, nr_to_scan: int, sc: ScanControl, *, file: bool = False) -> None:
@@ -117,7 +106,7 @@ class Reclaimer:
         Each page is freed, or put back (kept or activated). Returns the pages whose
         writeback was started (``pageout``); the caller submits them (``blk_finish_plug``).
         """
-        swap = self.swap
+        swap = self.page_io.swap
         may_io = bool(sc.gfp & GFP.IO)
         plug: list[Page] = []
         for page in pages:
@@ -186,8 +175,9 @@ class Reclaimer:
         """An unmapped page no swap pte points at (an exited process's)."""
         if not page.swapcache:
             return True
-        assert self.swap is not None
-        return self.swap.map.pte_refs(page.private) == 0
+        swap = self.page_io.swap
+        assert swap is not None
+        return swap.map.pte_refs(page.private) == 0
 
     def _keep(self, page: Page) -> None:
         self.lru.add(page)  # putback_inactive_pages: back to the head of its list
@@ -234,7 +224,8 @@ class Reclaimer:
         """
         lru = self.lru
         nr_file = lru.nr_file
-        if self.swap is None or self.swap.map.nr_free == 0:
+        swap = self.page_io.swap
+        if swap is None or swap.map.nr_free == 0:
             return 0, SWAP_CLUSTER_MAX if nr_file else 0
         if nr_file == 0:
             return SWAP_CLUSTER_MAX, 0
@@ -311,7 +302,8 @@ class Reclaimer:
     # -- waiting for writeback ---------------------------------------------------------------
 
     def writeback_wait_for(self) -> WaitFor:
-        name = self.block.inflight_name() if self.block is not None else "swap"
+        block = self.page_io.block
+        name = block.inflight_name() if block is not None else "swap"
         return WaitFor("writeback", name, waker="swap device")
 
     async def wait_for_writeback(self, timeout: float) -> bool:
