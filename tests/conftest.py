@@ -6,8 +6,8 @@ server that stops making progress FAILS the test instead of hanging the suite: r
 get ``SOCKET_TEST_DEADLINE`` wall seconds, virtual-clock tests (``autojump_clock``,
 ``mock_clock``) ``VIRTUAL_TEST_DEADLINE`` virtual seconds, or what their
 ``@pytest.mark.virtual_deadline(SECONDS)`` says; a real-clock test that runs a whole
-scenario over TCP asks for more wall seconds with ``@pytest.mark.wall_deadline(SECONDS)``.  Under ``autojump_clock`` a hung model
-reaches that deadline at once.  pytest-timeout (``timeout`` in pyproject.toml) is the
+scenario over TCP asks for more wall seconds with ``@pytest.mark.wall_deadline(SECONDS)``.
+Under ``autojump_clock`` a hung model reaches that deadline at once.  pytest-timeout (``timeout`` in pyproject.toml) is the
 backstop for what no trio deadline covers: sync tests, fixtures, a loop that never yields.
 Interop peers (nbdkit, nbdinfo, nbdcopy, qemu-img) are looked up with ``require_tool``: a
 missing one skips the test locally and FAILS it when ``CI`` is set.  Usage errors of the

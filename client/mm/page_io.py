@@ -47,8 +47,6 @@ class PageIO:
     """Swap I/O for one machine: writeout for reclaim, reads for the fault path."""
 
     def __init__(self, allocator: Allocator, lru: Lru, *, max_io_pages: int = 32) -> None:
-        if max_io_pages < 1:
-            raise ValueError("max_io_pages must be >= 1")
         self.allocator = allocator
         self.lru = lru
         self.max_io_pages = max_io_pages
