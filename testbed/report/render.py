@@ -4,8 +4,13 @@ read."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from testbed.report.facts import RunFacts, facts_json, run_facts
 from testbed.report.log import UNFINISHED, LogRuns, Run
@@ -64,26 +69,43 @@ def _fmt(value: object, missing: str = "?") -> str:
     return str(value)
 
 
+#: No edges, no lines between columns; under the header (format_table), a rule of dashes.
+_PLAIN = box.Box("    \n    \n    \n    \n    \n    \n    \n    \n", ascii=True)
+_RULED = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
+
+
+def _table_lines(
+    rows: Sequence[Sequence[str]], right: Sequence[bool], *, header: bool, indent: str = ""
+) -> list[str]:
+    """Rows of cells as a rich table rendered to plain text: columns two spaces apart,
+    left- or right-aligned, never wrapped; trailing spaces removed."""
+    table = Table(
+        box=_RULED if header else _PLAIN,
+        show_header=header,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        header_style="",
+    )
+    first = rows[0] if header else [""] * len(right)
+    for title, r in zip(first, right, strict=True):
+        table.add_column(title, justify="right" if r else "left", no_wrap=True)
+    for row in rows[1:] if header else rows:
+        table.add_row(*row)
+    out = io.StringIO()
+    Console(file=out, width=100_000, color_system=None, highlight=False).print(table)
+    return [(indent + line).rstrip() for line in out.getvalue().splitlines()]
+
+
 def _columns(rows: Sequence[Sequence[str]], right: Sequence[bool], indent: str = "") -> list[str]:
     """Rows of cells as aligned columns (two spaces apart), trailing spaces removed."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(right))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(w) if r else cell.ljust(w)
-            for cell, w, r in zip(row, widths, right, strict=True)
-        ]
-        lines.append((indent + "  ".join(cells)).rstrip())
-    return lines
+    return _table_lines(rows, right, header=False, indent=indent)
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
     """A header row, a rule of dashes under it, then the rows: left-aligned columns two
     spaces apart (the tables of ``netswap compare`` and ``netswap report``)."""
-    lines = _columns(rows, [False] * len(rows[0]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
+    return _table_lines(rows, [False] * len(rows[0]), header=True)
 
 
 def _overview(facts: Sequence[RunFacts]) -> list[str]:
