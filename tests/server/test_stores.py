@@ -163,3 +163,45 @@ def test_pages_populated_ahead_of_a_sequential_writer_stay_holes() -> None:
     assert store.pread(written - len(data), len(data)) == data
     store.close()
     assert store._populator is None and store.allocated_bytes == 0
+
+
+#: Whether this kernel has transparent huge pages at all (MADV_HUGEPAGE is EINVAL without).
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+
+
+def _follow_runs(store: MemoryStore, starts: list[int], length: int) -> tuple[int, bool]:
+    """Write ``length`` bytes sequentially (128 KiB at a time) from each start; the huge page
+    ranges the populator advised, once its thread has done everything asked of it."""
+    data = os.urandom(128 << 10)
+    for start in starts:
+        for offset in range(start, start + length, len(data)):
+            store.pwrite(offset, data)
+    populator = store._populator
+    assert populator is not None
+    populator.stop()
+    populator._thread.join()
+    store._populator = None
+    return populator.huge_ranges, populator.huge
+
+
+def test_a_followed_run_is_advised_huge_pages_as_one_range() -> None:
+    """The window ahead of a sequential writer ends on a huge page boundary, so the ranges
+    advised MADV_HUGEPAGE as the run goes on continue each other: one range, not one per
+    window (each separate range can cost the process one more VMA)."""
+    store = MemoryStore(64 << 20)
+    ranges, huge = _follow_runs(store, [0], 16 << 20)
+    assert (ranges, huge) == (1, True) if THP else not huge
+    assert store.pread(0, 128 << 10) != bytes(128 << 10)
+    store.close()
+
+
+def test_separate_runs_stop_being_advised_after_max_huge_ranges(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("server.stores.MAX_HUGE_RANGES", 2)
+    store = MemoryStore(64 << 20)
+    ranges, huge = _follow_runs(store, [0, 20 << 20, 40 << 20], 8 << 20)
+    assert not huge
+    assert ranges == (2 if THP else 1)
+    assert store.allocated_bytes == 3 * (8 << 20)
+    store.close()
