@@ -35,14 +35,12 @@ import random
 from collections.abc import Mapping
 
 import attrs
-import structlog
 import trio
 
 from nbdproto import Errno
 
 from .config import FAULT_COMMANDS, FAULT_ERRNOS, FaultConfig, FaultErrorConfig
-
-log = structlog.get_logger()
+from .events import ServerFaultCleared, ServerFaultDelayed, ServerFaultFired, emit
 
 #: Command number → the name faults use for it ("write", "block_status", ...).
 _NAMES: dict[int, str] = {int(cmd): name for name, cmd in FAULT_COMMANDS.items()}
@@ -169,7 +167,7 @@ class Faults:
         self._stalled = False
         self._resume.set()
         self._rearm()
-        log.info("fault.cleared", kind="stall", export=self.export, reason=reason)
+        emit(ServerFaultCleared(export=self.export, reason=reason))
 
     def _rearm(self) -> None:
         self.armed = bool(self._delay or self._errors or self._stalled)
@@ -181,7 +179,7 @@ class Faults:
         """Count a fault that fired and log it (``fault.fired``)."""
         key = kind if errno is None else f"{kind}.{command}.{errno}"
         self.counts[key] = self.counts.get(key, 0) + 1
-        log.info("fault.fired", kind=kind, export=self.export, command=command, errno=errno, **kw)
+        emit(ServerFaultFired(kind, self.export, command, errno, detail=kw))
 
     async def wait_while_stalled(self) -> bool:
         """Hold the caller while a stall lasts; True when it had to wait."""
@@ -199,12 +197,12 @@ class Faults:
     async def sleep_delay(self, command: int) -> None:
         """The configured delay, counted (and logged at debug level: one per request)."""
         self.counts["delay"] = self.counts.get("delay", 0) + 1
-        log.debug(
-            "fault.fired",
-            kind="delay",
-            export=self.export,
-            command=_NAMES.get(command, str(command)),
-            seconds=self._delay,
+        emit(
+            ServerFaultDelayed(
+                export=self.export,
+                command=_NAMES.get(command, str(command)),
+                seconds=self._delay,
+            )
         )
         await trio.sleep(self._delay)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 
-import structlog
 import trio
 
 from nbdproto import (
@@ -20,7 +19,7 @@ from nbdproto import (
     TransmissionStarted,
 )
 
-log = structlog.get_logger()
+from .events import NbdAborted, NbdOption, NbdOptionRefused, emit
 
 
 async def run_handshake(
@@ -36,13 +35,14 @@ async def run_handshake(
             conn.receive_data(await stream.receive_some(65536))
             continue
         if isinstance(event, OptionHandled):
-            log.debug("nbd.option", option=event.option, reply=event.reply, detail=event.detail)
+            emit(NbdOption(option=event.option, reply=event.reply, detail=event.detail))
             if event.reply is not None and event.reply & (1 << 31):
-                log.info(
-                    "nbd.option_refused",
-                    option=event.option,
-                    reply=event.reply.name if event.reply else None,
-                    detail=event.detail,
+                emit(
+                    NbdOptionRefused(
+                        option=event.option,
+                        reply=event.reply.name if event.reply else None,
+                        detail=event.detail,
+                    )
                 )
         elif isinstance(event, TransmissionStarted):
             out = conn.data_to_send()
@@ -52,7 +52,7 @@ async def run_handshake(
         elif isinstance(event, ConnectionClosed):
             return None
         elif isinstance(event, Aborted):
-            log.info("nbd.aborted")
+            emit(NbdAborted())
             await send_quietly(stream, conn)  # the peer may not wait for the ACK
             return None
 

@@ -24,12 +24,29 @@ import trio
 from nbdproto import ProtocolError, ServerConnection, TransmissionStarted
 
 from .config import ServerConfig, is_loopback
+from .events import (
+    NbdHandshakeTimeout,
+    NbdProtocolError,
+    NbdTransmissionStarted,
+    ServerAcceptFailed,
+    ServerConnectionClosed,
+    ServerConnectionLost,
+    ServerConnectionOpened,
+    ServerConnectionRefused,
+    ServerConnectionsDropped,
+    ServerListening,
+    ServerRemoteBind,
+    ServerRestarted,
+    ServerShutdownStarted,
+    ServerStatsReport,
+    ServerStopped,
+    ServerStoreCloseFailed,
+    emit,
+)
 from .exports import Export, open_store
 from .handshake import run_handshake, send_quietly
 from .stats import Counters, Stats
 from .transmission import serve_transmission
-
-log = structlog.get_logger()
 
 
 class NBDServer:
@@ -71,7 +88,7 @@ class NBDServer:
     ) -> None:
         host, port = self.config.address
         if not is_loopback(host):
-            log.warning("server.remote_bind", host=host, note="listening beyond loopback")
+            emit(ServerRemoteBind(host=host))
         listeners = await trio.open_tcp_listeners(port, host=host)
         sockname = listeners[0].socket.getsockname()
         self.address = (sockname[0], sockname[1])
@@ -82,31 +99,28 @@ class NBDServer:
                         acceptors.start_soon(self._accept_loop, listener, connections)
                     if self.config.stats_interval > 0:
                         acceptors.start_soon(self._stats_loop)
-                    log.info(
-                        "server.listening",
-                        host=self.address[0],
-                        port=self.address[1],
-                        exports=[
-                            {
-                                "name": e.info.name,
-                                "size": e.info.size,
-                                "backend": e.config.backend,
-                                "read_only": e.config.read_only,
-                            }
-                            for e in self.exports.values()
-                        ],
-                        max_payload=self.config.max_payload,
+                    emit(
+                        ServerListening(
+                            host=self.address[0],
+                            port=self.address[1],
+                            exports=[
+                                {
+                                    "name": e.info.name,
+                                    "size": e.info.size,
+                                    "backend": e.config.backend,
+                                    "read_only": e.config.read_only,
+                                }
+                                for e in self.exports.values()
+                            ],
+                            max_payload=self.config.max_payload,
+                        )
                     )
                     task_status.started(self.address)
                     await self._shutdown.wait()
                     acceptors.cancel_scope.cancel()
                 for listener in listeners:
                     await listener.aclose()
-                log.info(
-                    "server.shutdown_started",
-                    live=len(self._live),
-                    grace=self.config.shutdown_grace,
-                )
+                emit(ServerShutdownStarted(live=len(self._live), grace=self.config.shutdown_grace))
                 for conn in self._live.values():
                     conn.shutting_down = True
                 with trio.move_on_after(self.config.shutdown_grace):
@@ -124,19 +138,19 @@ class NBDServer:
                 self._shutdown.set()
                 async with self._restarting:
                     await self._close_stores()
-            log.info("server.stopped", **attrs.asdict(self.stats))
+            emit(ServerStopped(**attrs.asdict(self.stats)))
 
     async def _close_stores(self) -> None:
         for export in self.exports.values():
             try:
                 await trio.to_thread.run_sync(export.store.close)
             except OSError as exc:
-                log.error("server.store_close_failed", export=export.info.name, error=str(exc))
+                emit(ServerStoreCloseFailed(export=export.info.name, error=str(exc)))
 
     async def _stats_loop(self) -> None:
         while True:
             await trio.sleep(self.config.stats_interval)
-            log.info("server.stats", **attrs.asdict(self.stats))
+            emit(ServerStatsReport(**attrs.asdict(self.stats)))
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -146,16 +160,16 @@ class NBDServer:
                 # Out of descriptors or buffers: back off instead of spinning (like trio's
                 # serve_listeners); anything else is a real error.
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    log.error("server.accept_failed", error=str(exc))
+                    emit(ServerAcceptFailed(error=str(exc)))
                     await trio.sleep(0.1)
                     continue
                 raise
             if len(self._live) >= self.config.max_connections:
                 self.stats.refused += 1
-                log.warning(
-                    "server.connection_refused",
-                    reason="max_connections",
-                    limit=self.config.max_connections,
+                emit(
+                    ServerConnectionRefused(
+                        reason="max_connections", limit=self.config.max_connections
+                    )
                 )
                 await stream.aclose()
                 continue
@@ -189,7 +203,7 @@ class NBDServer:
         counters = Counters()
         scope = self._scopes[cid] = trio.CancelScope()
         with structlog.contextvars.bound_contextvars(conn=cid):
-            log.info("server.connection_opened", peer=peer_s)
+            emit(ServerConnectionOpened(peer=peer_s))
             try:
                 with scope:
                     reason = await self._serve_connection(stream, conn, counters)
@@ -198,12 +212,12 @@ class NBDServer:
             except ProtocolError as exc:
                 reason = "protocol_error"
                 self.stats.protocol_errors += 1
-                log.warning("nbd.protocol_error", error=str(exc), phase=conn.phase.value)
+                emit(NbdProtocolError(error=str(exc), phase=conn.phase.value))
                 # A hard disconnect; send whatever reply was already decided (best effort).
                 await send_quietly(stream, conn)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = "connection_lost"
-                log.info("server.connection_lost", error=str(exc) or type(exc).__name__)
+                emit(ServerConnectionLost(error=str(exc) or type(exc).__name__))
             finally:
                 del self._live[cid]
                 del self._scopes[cid]
@@ -213,7 +227,7 @@ class NBDServer:
                 with trio.move_on_after(1) as cs:
                     cs.shield = True
                     await stream.aclose()
-                log.info("server.connection_closed", reason=reason, **attrs.asdict(counters))
+                emit(ServerConnectionClosed(reason=reason, **attrs.asdict(counters)))
 
     async def _serve_connection(
         self, stream: trio.abc.Stream, conn: ServerConnection, counters: Counters
@@ -229,14 +243,15 @@ class NBDServer:
             if reason == "eof":
                 reason = "handshake_timeout"
                 self.stats.handshake_timeouts += 1
-                log.warning("nbd.handshake_timeout", timeout=self.config.handshake_timeout)
+                emit(NbdHandshakeTimeout(timeout=self.config.handshake_timeout))
         else:
-            log.info(
-                "nbd.transmission_started",
-                export=started.export_name,
-                structured=started.structured_replies,
-                via=started.via.name,
-                flags=int(started.flags),
+            emit(
+                NbdTransmissionStarted(
+                    export=started.export_name,
+                    structured=started.structured_replies,
+                    via=started.via.name,
+                    flags=int(started.flags),
+                )
             )
             reason = await serve_transmission(
                 stream, conn, self.exports[started.export_name], counters, self.stats
@@ -251,7 +266,7 @@ class NBDServer:
         connections were cut."""
         per_export = self._cut(export)
         cut = sum(per_export.values())
-        log.warning("server.connections_dropped", count=cut, export=export)
+        emit(ServerConnectionsDropped(count=cut, export=export))
         for name, n in per_export.items():
             if name is not None:
                 self.exports[name].faults.fired("drop", connections=n)
@@ -308,7 +323,7 @@ class NBDServer:
                 backend=export.config.backend,
                 connections=cut.get(export.info.name, 0),
             )
-        log.info("server.restarted", connections=sum(cut.values()))
+        emit(ServerRestarted(connections=sum(cut.values())))
 
     def fault_counts(self) -> dict[str, dict[str, int]]:
         """Per export, how often each fault fired (for summaries)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 
-import structlog
 import trio
 
 from nbdproto import (
@@ -29,13 +28,12 @@ from nbdproto import (
     ServerConnection,
 )
 
+from .events import NbdRequestRejected, NbdStoreError, emit
 from .exports import Export
 from .faults import Faults
 from .stats import Counters, Stats
 from .stores import FileStore, MemoryStore, Store, StoreError
 from .wire import FIRST_RECEIVE_SIZE, RECEIVE_SIZE, SocketWire, Wire, wire_for
-
-log = structlog.get_logger()
 
 #: Queue at most this much READ data before sending it, so that a peer pipelining huge reads
 #: cannot make the server hold more than this (plus one request's worth).
@@ -171,25 +169,27 @@ async def _serve_requests(
                         await _other(conn, store, req, durable)
                 except (OSError, StoreError) as exc:
                     err = nbd_errno(exc)
-                    log.warning(
-                        "nbd.store_error",
-                        command=Cmd(cmd).name,
-                        offset=req.offset,
-                        length=req.length,
-                        error=str(exc),
-                        nbd_error=err.name,
+                    emit(
+                        NbdStoreError(
+                            command=Cmd(cmd).name,
+                            offset=req.offset,
+                            length=req.length,
+                            error=str(exc),
+                            nbd_error=err.name,
+                        )
                     )
                     reply(req, err, message=str(exc))
             elif cls is RequestRejected:
                 rej: RequestRejected = event  # type: ignore[assignment]
                 counters.rejected += 1
                 stats.rejected += 1
-                log.info(
-                    "nbd.request_rejected",
-                    cookie=rej.cookie,
-                    command=rej.command,
-                    error=rej.error.name,
-                    reason=rej.reason,
+                emit(
+                    NbdRequestRejected(
+                        cookie=rej.cookie,
+                        command=rej.command,
+                        error=rej.error.name,
+                        reason=rej.reason,
+                    )
                 )
             elif cls is Disconnect:
                 reason, done = "disconnect", True

@@ -67,6 +67,7 @@ class Emitted:
 class _FactClass:
     name: str
     event: str | None
+    level: str | None
     fields: set[str]
     bases: list[str]
     path: str
@@ -98,12 +99,14 @@ def _is_classvar(annotation: ast.AST) -> bool:
 
 
 def _class_info(node: ast.ClassDef, path: str) -> _FactClass:
-    event = None
+    event = level = None
     fields: set[str] = set()
     for stmt in node.body:
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             if stmt.target.id == "event":
                 event = _str_constant(stmt.value) or event
+            elif stmt.target.id == "level":
+                level = _str_constant(stmt.value) or level
             elif not _is_classvar(stmt.annotation) and not stmt.target.id.startswith("_"):
                 fields.add(stmt.target.id)
         elif isinstance(stmt, ast.Assign):
@@ -111,7 +114,7 @@ def _class_info(node: ast.ClassDef, path: str) -> _FactClass:
                 if isinstance(target, ast.Name) and target.id == "event":
                     event = _str_constant(stmt.value) or event
     bases = [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
-    return _FactClass(node.name, event, fields, bases, path, node.lineno)
+    return _FactClass(node.name, event, level, fields, bases, path, node.lineno)
 
 
 def _callee(call: ast.Call) -> str | None:
@@ -185,11 +188,20 @@ def code_events() -> dict[str, Emitted]:
                 out |= all_fields(classes[base], seen | {cls.name})
         return out
 
+    def class_level(cls: _FactClass, event: str) -> str:
+        """The class's ``level``, or its base's (in its own package), or by name."""
+        if cls.level is not None:
+            return cls.level
+        for base in cls.bases:
+            if base in classes and classes[base].path.split("/")[0] == cls.path.split("/")[0]:
+                return class_level(classes[base], event)
+        return fact_level(event)
+
     for cls in classes.values():
         if cls.event is None or not EVENT_NAME.match(cls.event):
             continue
         e = events[cls.event]
-        e.levels.add(fact_level(cls.event))
+        e.levels.add(class_level(cls, cls.event))
         e.files.add(cls.path)
         e.fields.update(all_fields(cls) - NOT_FIELDS)
         e.where.append(f"{cls.path}:{cls.lineno} ({cls.name})")
@@ -252,7 +264,7 @@ def test_the_scan_finds_the_events_it_should() -> None:
         ("skb.dropped", "info", "client/net/socket.py"),  # `event = ...` without ClassVar
         ("reclaim.throttled", "info", "client/policy/base.py"),  # fields from a Fact subclass
         ("swapdev.reconnected", "info", "client/swapdev.py"),  # DeviceEvent
-        ("server.connection_opened", "info", "server/serve.py"),  # a direct call
+        ("server.connection_opened", "info", "server/events.py"),  # a server fact
         ("watchdog.deadlock", "warning", "testbed/scenario.py"),
         ("control.error", "error", "testbed/control/endpoint.py"),  # .exception() logs at error
     ]:
