@@ -34,6 +34,7 @@ import trio
 
 from client.config import GFP_FILTER_NAMES, AllocFaultConfig
 from client.mm import GFP, PAGE_SIZE, Memory, gfp_names, gfp_t
+from client.mm.facts import FLATTEN, Fact
 
 #: Which allocations each ``gfp`` filter name lets a fault fail.
 GFP_FILTERS: dict[str, Callable[[gfp_t], bool]] = {
@@ -56,18 +57,20 @@ FAULT_KINDS = ("alloc", "latency", "reset")
 
 
 @attrs.frozen
-class FaultFired:
+class FaultFired(Fact):
     """An injected fault took effect: an allocation failed, the swap connection's latency
-    changed, the swap connection was cut."""
+    changed, the swap connection was cut.  ``detail`` holds the kind's own fields."""
 
     event: ClassVar[str] = "fault.fired"
     kind: str
     # An injected allocation failure's ``gfp`` is a plain int: the log names its bits.
-    detail: dict[str, Any] = attrs.field(factory=dict, metadata={"render": {"gfp": gfp_names}})
+    detail: dict[str, Any] = attrs.field(
+        factory=dict, metadata={**FLATTEN, "render": {"gfp": gfp_names}}
+    )
 
 
 @attrs.frozen
-class FaultsCleared:
+class FaultsCleared(Fact):
     """Every client fault was removed (the swap latency is the scenario's again)."""
 
     event: ClassVar[str] = "fault.cleared"

@@ -18,6 +18,8 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn
 
+from client.mm.facts import Fact
+
 
 @attrs.frozen
 class Verdict:
@@ -154,7 +156,7 @@ class MachineStatus:
 
 
 @attrs.frozen
-class VmSample:
+class VmSample(Fact):
     """The machine at one instant, every ``run.sample_interval`` seconds: what a timeline
     plot needs (free pages against the watermarks, writeback, reserve use, drops)."""
 

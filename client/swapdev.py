@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import trio
 
 from client.mm.block import SwapIOError
+from client.mm.facts import Fact, Observer
 from client.nbd_client import Disconnected, NBDClient, NBDError, nbd_xmit_context
 from nbdproto import Errno, ProtocolError
 
@@ -37,12 +38,42 @@ PAGE = 4096
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
 
 
+# -- facts for the observer: the NBD connection under the model, which sees only slow requests
 @attrs.frozen
-class DeviceEvent:
-    """A fact about the device for the observer: reconnects, remaps, retries."""
+class SwapdevConnectionLost(Fact):
+    """The swap connection broke, a request outlived ``io_timeout``, or the server answered
+    ESHUTDOWN: the slots whose writes were in flight on it are fenced (remapped), and the
+    device reconnects in the background."""
 
-    event: str
-    detail: dict[str, Any] = attrs.field(factory=dict)
+    event: ClassVar[str] = "swapdev.connection_lost"
+    reason: str
+    fenced_slots: int  # slots whose write was in flight, now remapped
+
+
+@attrs.frozen
+class SwapdevReconnectFailed(Fact):
+    """One reconnection attempt failed; it is retried after ``retry_in`` seconds."""
+
+    event: ClassVar[str] = "swapdev.reconnect_failed"
+    error: str
+    retry_in: float
+
+
+@attrs.frozen
+class SwapdevReconnected(Fact):
+    """A new connection is up after a loss; the requests in flight are resubmitted on it."""
+
+    event: ClassVar[str] = "swapdev.reconnected"
+    connects: int  # connections made so far, the first one included
+
+
+@attrs.frozen
+class SwapdevFenceExhausted(Fact):
+    """A slot had to be fenced but no spare block was left: it keeps its place, and
+    correctness then depends on the server having finished the stale write."""
+
+    event: ClassVar[str] = "swapdev.fence_exhausted"
+    slot: int
 
 
 @attrs.define
@@ -69,7 +100,7 @@ class NBDSwapDevice:
         io_timeout: float = 30.0,
         spare_pages: int | None = None,
         quarantine_seconds: float = 30.0,
-        observer: Callable[[DeviceEvent], None] = lambda _e: None,
+        observer: Observer = lambda _fact: None,
         structured: bool = True,
         nbd: str = "2.6.18",
     ) -> None:
@@ -156,9 +187,7 @@ class NBDSwapDevice:
         slots = self._inflight_writes.pop(epoch, set())
         for slot in slots:
             self._fence(slot)
-        self._observer(
-            DeviceEvent("swapdev.connection_lost", {"reason": why, "fenced_slots": len(slots)})
-        )
+        self._observer(SwapdevConnectionLost(reason=why, fenced_slots=len(slots)))
         assert self._nursery is not None
         self._nursery.start_soon(self._reconnect, client)
 
@@ -171,14 +200,12 @@ class NBDSwapDevice:
                 await self._open()
             except (OSError, NBDError, ProtocolError, trio.BrokenResourceError) as exc:
                 self.stats.reconnect_failures += 1
-                self._observer(
-                    DeviceEvent("swapdev.reconnect_failed", {"error": str(exc), "retry_in": delay})
-                )
+                self._observer(SwapdevReconnectFailed(error=str(exc), retry_in=delay))
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             self.stats.reconnects += 1
-            self._observer(DeviceEvent("swapdev.reconnected", {"connects": self.stats.connects}))
+            self._observer(SwapdevReconnected(connects=self.stats.connects))
 
     # -- fencing --------------------------------------------------------------------------
     def _fence(self, slot: int) -> None:
@@ -188,7 +215,7 @@ class NBDSwapDevice:
         if not self._free_spare:
             # Out of spare blocks: keep the mapping; correctness then depends on the server
             # having finished the stale write, so say so loudly.
-            self._observer(DeviceEvent("swapdev.fence_exhausted", {"slot": slot}))
+            self._observer(SwapdevFenceExhausted(slot=slot))
             return
         self._remap[slot] = self._free_spare.popleft()
         self._quarantine.append((trio.current_time() + self.quarantine_seconds, old))

@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import IO, Any, Literal, TextIO, cast
 
+import attrs
 import structlog
 
 LogFormat = Literal["json", "console"]
@@ -120,67 +121,63 @@ def get_logger(**initial: Any) -> Any:
     return structlog.get_logger(**initial)
 
 
-#: High-volume facts (one per page) are logged at debug level; the rest at info.
-_DEBUG_EVENTS = frozenset(
-    {
-        "swap.readpage",
-        "swap.read_done",
-        "alloc.failed",
-        "alloc.emergency",
-        "kswapd.sleep",
-        "tcp.ack_delayed",
-    }
-)
+_Shape = tuple[str, str, bool, tuple[tuple[str, Any], ...], tuple[str, ...]]
+_SHAPES: dict[type, _Shape] = {}
 
 
-_RENDERERS: dict[type, tuple[tuple[str, Any], ...]] = {}
-
-
-def _renderers(cls: type) -> tuple[tuple[str, Any], ...]:
-    """The fields of the attrs class ``cls`` whose metadata names a renderer (once a class)."""
-    found = _RENDERERS.get(cls)
+def _shape(cls: type) -> _Shape:
+    """What :func:`emit` needs of the fact class ``cls`` (once a class): its event, level,
+    whether it carries a traceback, the fields whose metadata names a renderer, and the
+    fields flattened into the event (``metadata["flatten"]``)."""
+    found = _SHAPES.get(cls)
     if found is None:
-        import attrs
-
-        found = _RENDERERS[cls] = tuple(
-            (f.name, f.metadata["render"]) for f in attrs.fields(cls) if "render" in f.metadata
+        fields = attrs.fields(cls)
+        found = _SHAPES[cls] = (
+            cls.event,  # type: ignore[attr-defined]
+            getattr(cls, "level", "info"),
+            getattr(cls, "exc_info", False),
+            tuple((f.name, f.metadata["render"]) for f in fields if "render" in f.metadata),
+            tuple(f.name for f in fields if f.metadata.get("flatten")),
         )
     return found
 
 
-def fact_observer(logger: Any | None = None) -> Any:
-    """An observer for the model and the swap device: each fact becomes one log event
-    named by its ``event`` attribute, its fields as the event's fields."""
-    import attrs
+def emit(fact: Any, log: Any | None = None) -> None:
+    """Log ``fact`` (a frozen attrs class with an ``event`` class attribute): one event
+    named by its ``event``, at its ``level`` (``info`` if it has none), with its fields as
+    the event's fields.  The one way the testbed logs an event; the model's facts come here
+    through :func:`fact_observer`."""
+    if log is None:
+        log = structlog.get_logger()
+    cls = type(fact)
+    if not attrs.has(cls):
+        log.info(getattr(fact, "event", None) or cls.__name__, fact=repr(fact))
+        return
+    name, level, exc_info, renderers, flattened = _shape(cls)
+    fields = attrs.asdict(fact, recurse=False)
+    # Flags are plain ints in a fact; a field's metadata["render"] names their bits
+    # (client/mm/gfp.py), for a dict field one renderer per key.
+    for field_name, render in renderers:
+        value = fields[field_name]
+        if isinstance(render, dict) and isinstance(value, dict):
+            fields[field_name] = {k: render[k](v) if k in render else v for k, v in value.items()}
+        else:
+            fields[field_name] = render(value)
+    for field_name in flattened:
+        fields.update(fields.pop(field_name))
+    for key, value in fields.items():
+        if isinstance(value, enum.Enum):
+            fields[key] = value.name if value.name else str(value.value)
+    if exc_info:
+        fields["exc_info"] = True
+    getattr(log, level)(name, **fields)
 
+
+def fact_observer(logger: Any | None = None) -> Any:
+    """An observer for the model and the swap device: :func:`emit` on ``logger``."""
     log = logger if logger is not None else structlog.get_logger()
 
     def observe(fact: Any) -> None:
-        name = getattr(fact, "event", None) or type(fact).__name__
-        if attrs.has(type(fact)):
-            fields = attrs.asdict(fact, recurse=False)
-            # Flags are plain ints in a fact; a field's metadata["render"] names their bits
-            # (client/mm/gfp.py), for a dict field one renderer per key.
-            for field_name, render in _renderers(type(fact)):
-                value = fields[field_name]
-                if isinstance(render, dict) and isinstance(value, dict):
-                    fields[field_name] = {
-                        k: render[k](v) if k in render else v for k, v in value.items()
-                    }
-                else:
-                    fields[field_name] = render(value)
-            fields.pop("event", None)
-            detail = fields.pop("detail", None)
-            if isinstance(detail, dict):
-                fields.update(detail)
-        else:
-            fields = {"fact": repr(fact)}
-        for key, value in fields.items():
-            if isinstance(value, enum.Enum):
-                fields[key] = value.name if value.name else str(value.value)
-        if name in _DEBUG_EVENTS:
-            log.debug(name, **fields)
-        else:
-            log.info(name, **fields)
+        emit(fact, log)
 
     return observe

@@ -125,28 +125,15 @@ def _callee(call: ast.Call) -> str | None:
     return None
 
 
-def _debug_events(modules: tuple[tuple[str, ast.Module], ...]) -> set[str]:
-    """The names ``fact_observer`` logs at debug level (``_DEBUG_EVENTS``)."""
-    tree = dict(modules)["testbed/log.py"]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == "_DEBUG_EVENTS" for t in targets):
-                assert node.value is not None
-                return {s for n in ast.walk(node.value) if (s := _str_constant(n)) is not None}
-    raise AssertionError("testbed/log.py no longer defines _DEBUG_EVENTS")
-
-
 @functools.cache
 def code_events() -> dict[str, Emitted]:
     """Every event name the code can emit, with its levels, files and named fields."""
     modules = _sources()
-    debug = _debug_events(modules)
     events: dict[str, Emitted] = defaultdict(Emitted)
     classes: dict[str, _FactClass] = {}
 
     def fact_level(name: str) -> str:
-        return "debug" if name in debug else "info"
+        return "info"
 
     for path, tree in modules:
         for node in ast.walk(tree):
@@ -345,7 +332,7 @@ def test_event_sets_in_testbed_log_are_events() -> None:
     """The names testbed/log.py singles out (``_DEBUG_EVENTS``, ``RUN_EVENTS``) exist."""
     modules = _sources()
     tree = dict(modules)["testbed/log.py"]
-    named: set[str] = _debug_events(modules)
+    named: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "RUN_EVENTS" for t in node.targets

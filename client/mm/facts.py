@@ -1,7 +1,11 @@
 """Facts: small frozen records the model hands to its observer (it never logs).
 
-``testbed/log.py`` turns them into namespaced structlog events (``alloc.failed``, ...); the
-``event`` class attribute names the event each fact becomes.
+``testbed/log.py`` turns them into namespaced structlog events (``alloc.failed``, ...): the
+``event`` class attribute names the event each fact becomes, ``level`` its level, its attrs
+fields are the event's fields, and its docstring says when it happens (docs/events.md
+documents each; tests/test_events_doc.py checks it against the classes).  The facts of the
+rest of the client (the network stack, the swap device, faults, samples) derive from
+:class:`Fact` too.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ from client.mm.gfp import alloc_flags_names, gfp_names, gfp_t, task_flags_names
 _GFP = {"render": gfp_names}
 _ALLOC_FLAGS = {"render": alloc_flags_names}
 _TASK_FLAGS = {"render": task_flags_names}
+#: A field with this metadata is a dict of extra fields, merged into the event.
+FLATTEN = {"flatten": True}
 
 
 @attrs.frozen
 class Fact:
-    """Base of every fact."""
+    """Base of every fact of the client (never emitted itself: it names no event)."""
 
-    event: ClassVar[str] = "mm.fact"
+    event: ClassVar[str]
+    #: The log level: "info", or "debug" for the high-volume facts (one per page).
+    level: ClassVar[str] = "info"
 
 
 @attrs.frozen
@@ -32,6 +40,7 @@ class AllocFailed(Fact):
     """An allocation returned no page (``warn_alloc``; counted as ``alloc_fail``)."""
 
     event: ClassVar[str] = "alloc.failed"
+    level: ClassVar[str] = "debug"
     gfp: gfp_t = attrs.field(metadata=_GFP)
     alloc_flags: int = attrs.field(metadata=_ALLOC_FLAGS)
     task_flags: int = attrs.field(metadata=_TASK_FLAGS)
@@ -43,6 +52,7 @@ class AllocEmergency(Fact):
     """A page was served below the min watermark (ALLOC_NO_WATERMARKS; ``page->pfmemalloc``)."""
 
     event: ClassVar[str] = "alloc.emergency"
+    level: ClassVar[str] = "debug"
     gfp: gfp_t = attrs.field(metadata=_GFP)
     task_flags: int = attrs.field(metadata=_TASK_FLAGS)
     zone: str
@@ -64,6 +74,7 @@ class KswapdSleep(Fact):
     """kswapd went back to sleep: ``balanced`` (all zones above high) or gave up."""
 
     event: ClassVar[str] = "kswapd.sleep"
+    level: ClassVar[str] = "debug"
     balanced: bool
     nr_reclaimed: int
 
@@ -106,6 +117,7 @@ class SwapReadpage(Fact):
     for by the fault."""
 
     event: ClassVar[str] = "swap.readpage"
+    level: ClassVar[str] = "debug"
     req: int
     slot: int
     nr_pages: int
@@ -117,6 +129,7 @@ class SwapReadDone(Fact):
     """A swap read completed (``end_swap_bio_read``); ``error`` is None on success."""
 
     event: ClassVar[str] = "swap.read_done"
+    level: ClassVar[str] = "debug"
     req: int
     slot: int
     nr_pages: int

@@ -48,12 +48,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import attrs
 import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_KERNEL, PAGE_SIZE, PF, Memory, Page
+from client.mm.facts import Fact
 from client.mm.gfp import gfp_t, serving_softirq, task_flags
 from client.mm.slab import SKBUFF_HEAD_CACHE, SlabCache, SlabObject
 from client.mm.waits import WaitFor, WaitQueue, sleep
@@ -112,10 +113,10 @@ class NicSettings:
 
 
 @attrs.frozen
-class RefillFailed:
+class RefillFailed(Fact):
     """A refill of the receive ring got fewer buffers than it wanted (a fact for the log)."""
 
-    event = "nic.refill_failed"
+    event: ClassVar[str] = "nic.refill_failed"
     device: str
     context: str  # "napi" (GFP_ATOMIC, softirq) or "refill_work" (GFP_KERNEL, a worker)
     posted: int  # buffers in the ring after the attempt

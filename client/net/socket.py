@@ -60,12 +60,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PAGE_SIZE, Memory, gfp_t
+from client.mm.facts import Fact
 from client.mm.gfp import serving_softirq
 from client.mm.waits import WaitFor, WaitQueue
 from client.net.device import BACKOFF_MAX, BACKOFF_MIN, FragPage, RxBuffer
@@ -84,20 +85,21 @@ SK_FRAG_MIN = 32
 
 
 @attrs.frozen
-class SkbDropped:
+class SkbDropped(Fact):
     """A received packet dropped before its socket took it (a fact for the log)."""
 
-    event = "skb.dropped"
+    event: ClassVar[str] = "skb.dropped"
     sock: str
     reason: str  # "pfmemalloc" (sk_filter), "proto_mem" (tcp_data_queue) or "no_memory"
     what: str  # "data" or "ack"
 
 
 @attrs.frozen
-class AckDelayed:
+class AckDelayed(Fact):
     """An ACK could not be allocated; the delayed-ACK timer tries again (a fact for the log)."""
 
-    event = "tcp.ack_delayed"
+    event: ClassVar[str] = "tcp.ack_delayed"
+    level: ClassVar[str] = "debug"
     sock: str
     retry: int  # icsk_ack.retry after this failure
     delay: float  # seconds until the timer tries again

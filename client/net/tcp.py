@@ -34,11 +34,12 @@ them, and the tests check them line by line.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
 from client.mm import PAGE_SIZE
+from client.mm.facts import Fact
 from client.mm.page import PAGE_SHIFT
 from client.mm.zone import calculate_watermarks
 from client.net.skbuff import MAX_TCP_HEADER, SKB_HEAD_TRUESIZE, SKB_SHINFO_SIZE, skb_truesize
@@ -152,10 +153,10 @@ class TcpSysctls:
 
 
 @attrs.frozen
-class TcpMemoryPressure:
+class TcpMemoryPressure(Fact):
     """TCP entered or left memory pressure (a fact for the log)."""
 
-    event = "tcp.memory_pressure"
+    event: ClassVar[str] = "tcp.memory_pressure"
     entered: bool  # True: tcp_enter_memory_pressure; False: tcp_leave_memory_pressure
     allocated: int  # tcp_memory_allocated then, pages (the global counter)
     tcp_mem: Triple
