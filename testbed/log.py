@@ -2,7 +2,9 @@
 
 Every event is one JSON object per line with ``event``, ``timestamp`` and ``level``, to a
 file or to stderr; on a terminal the default is structlog's console renderer instead.
-Library code only calls ``structlog.get_logger()`` and binds context variables.
+Library code logs typed facts (``testbed/events.py``, the client's facts) through
+:func:`emit`, the server's through ``server.events.emit``; it calls
+``structlog.get_logger()`` only to bind context variables.
 """
 
 from __future__ import annotations
@@ -149,11 +151,7 @@ def emit(fact: Any, log: Any | None = None) -> None:
     through :func:`fact_observer`."""
     if log is None:
         log = structlog.get_logger()
-    cls = type(fact)
-    if not attrs.has(cls):
-        log.info(getattr(fact, "event", None) or cls.__name__, fact=repr(fact))
-        return
-    name, level, exc_info, renderers, flattened = _shape(cls)
+    name, level, exc_info, renderers, flattened = _shape(type(fact))
     fields = attrs.asdict(fact, recurse=False)
     # Flags are plain ints in a fact; a field's metadata["render"] names their bits
     # (client/mm/gfp.py), for a dict field one renderer per key.

@@ -24,7 +24,8 @@ from server import Export, NBDServer
 from server.config import ExportConfig, ServerConfig
 from testbed.config import ScenarioConfig
 from testbed.determinism import seeded_scheduling
-from testbed.log import fact_observer
+from testbed.events import ClientRunStarted, RunStarted, RunSummarised, WatchdogDeadlock
+from testbed.log import emit, fact_observer
 from testbed.watchdog import Watchdog
 
 Transport = Literal["tcp", "memory"]
@@ -36,14 +37,16 @@ def watchdog_supervisor(stall_seconds: float, log: Any) -> Supervisor:
     async def supervise(machine: ClientMachine) -> Verdict | None:
         watchdog = Watchdog(machine.progress, machine.memory.waits, stall_seconds=stall_seconds)
         verdict = await watchdog.run()
-        log.warning(
-            "watchdog.deadlock",
-            cycle=verdict.path,
-            has_cycle=verdict.cycle is not None,
-            description=verdict.describe(),
-            stalled_for=round(verdict.stalled_for, 3),
-            waiting=verdict.waiting,
-            progress=list(verdict.progress),
+        emit(
+            WatchdogDeadlock(
+                cycle=verdict.path,
+                has_cycle=verdict.cycle is not None,
+                description=verdict.describe(),
+                stalled_for=round(verdict.stalled_for, 3),
+                waiting=verdict.waiting,
+                progress=list(verdict.progress),
+            ),
+            log,
         )
         return Verdict(
             cycle=verdict.path,
@@ -141,17 +144,18 @@ async def run_machine(
     *,
     transport: Transport,
     runner: Runner = _plain,
-    **start: Any,
+    server: str | None = None,
+    control: str | None = None,
 ) -> RunSummary:
-    """``run.start`` (with ``start``'s fields), the machine under the watchdog, and
-    ``run.summary``: one run, logged, whatever the machine's server and transport."""
-    log.info(
-        "run.start",
-        transport=transport,
-        memory=scenario.machine.memory,
-        description=scenario.description,
-        **start,
-    )
+    """``run.start``, the machine under the watchdog, and ``run.summary``: one run, logged,
+    whatever the machine's server and transport.  ``server`` and ``control`` (``netswap
+    client``'s ``--server`` and ``--control``) go into ``run.start``."""
+    memory, description = scenario.machine.memory, scenario.description
+    if server is None:
+        start = RunStarted(transport, memory, description)
+    else:
+        start = ClientRunStarted(transport, memory, description, server=server, control=control)
+    emit(start, log)
     summary = await runner(machine, watchdog_supervisor(scenario.run.stall_seconds, log))
-    log.info("run.summary", **unstructure_summary(summary))
+    emit(RunSummarised(unstructure_summary(summary)), log)
     return summary

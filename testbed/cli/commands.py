@@ -39,6 +39,7 @@ from testbed.config import (
     load_server_config,
     parse_export_spec,
 )
+from testbed.events import ClientSignal, ServerSignal
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -78,9 +79,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
                 async def watch() -> None:
                     async for signum in signals:
-                        structlog.get_logger().info(
-                            "server.signal", signal=signal.Signals(signum).name
-                        )
+                        logsetup.emit(ServerSignal(signal=signal.Signals(signum).name))
                         server.shutdown()
 
                 nursery.start_soon(watch)
@@ -187,7 +186,7 @@ async def _run_controlled(
             async def watch() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
-                    log.info("client.signal", signal=name)
+                    logsetup.emit(ClientSignal(signal=name), log)
                     machine.stop(f"stopped by {name}")
 
             async def run() -> None:

@@ -34,6 +34,17 @@ from testbed.control.commands import (
     Stop,
     parse_command,
 )
+from testbed.events import (
+    ControlCommand,
+    ControlConnectionClosed,
+    ControlConnectionOpened,
+    ControlError,
+    ControlLineTooLong,
+    ControlListening,
+    ControlRefused,
+    ControlRemote,
+)
+from testbed.log import emit
 
 #: ``--control HOST`` without a port.
 DEFAULT_CONTROL_PORT = 10810
@@ -89,7 +100,7 @@ class Endpoint:
         conn = next(self._conns)
         log = self.log.bind(control_conn=conn)
         self.connections += 1
-        log.debug("control.connection_opened")
+        emit(ControlConnectionOpened(), log)
         buf = bytearray()
         scanned = 0
         try:
@@ -97,7 +108,7 @@ class Endpoint:
                 end = buf.find(b"\n", scanned)
                 if end < 0:
                     if len(buf) > MAX_LINE:
-                        log.warning("control.line_too_long", bytes=len(buf))
+                        emit(ControlLineTooLong(bytes=len(buf)), log)
                         await stream.send_all(
                             encode_answer(error_answer(f"request longer than {MAX_LINE} bytes"))
                         )
@@ -113,9 +124,9 @@ class Endpoint:
                 scanned = 0
                 answer, after = await self.execute(line)
                 if answer["ok"]:
-                    log.info("control.command", cmd=answer["cmd"])
+                    emit(ControlCommand(cmd=answer["cmd"]), log)
                 else:
-                    log.info("control.refused", error=answer["error"])
+                    emit(ControlRefused(error=answer["error"]), log)
                 await stream.send_all(encode_answer(answer))
                 if after is not None:
                     after()
@@ -124,10 +135,10 @@ class Endpoint:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:  # a bug here must not take the machine down with it
-            log.exception("control.error")
+            emit(ControlError(), log)
         finally:
             self.connections -= 1
-            log.debug("control.connection_closed")
+            emit(ControlConnectionClosed(), log)
             await trio.aclose_forcefully(stream)
 
 
@@ -214,7 +225,7 @@ async def serve_control(
     bound address is logged (``control.listening``) and reported through ``task_status``."""
     log = endpoint.log
     if not is_loopback(host):
-        log.warning("control.remote", host=host, note="accepting commands from the network")
+        emit(ControlRemote(host=host), log)
     listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0 and len(listeners) > 1:
         # Port 0 on a name with several addresses binds a different port on each: keep one.
@@ -223,6 +234,6 @@ async def serve_control(
         listeners = listeners[:1]
     sockname = listeners[0].socket.getsockname()
     address = (str(sockname[0]), int(sockname[1]))
-    log.info("control.listening", host=address[0], port=address[1])
+    emit(ControlListening(host=address[0], port=address[1]), log)
     task_status.started(address)
     await trio.serve_listeners(endpoint.handle_stream, listeners)

@@ -31,6 +31,22 @@ import trio
 from nbdproto.config import ConfigError
 from nbdproto.constants import CLIENT_FLAGS, GREETING, IHAVEOPT, NBDMAGIC, ClientFlags, Opt
 from testbed.config import ScenarioConfig
+from testbed.events import (
+    KernelBadRecord,
+    KernelBlockedTasks,
+    KernelBoot,
+    KernelConsole,
+    KernelExit,
+    KernelHungTask,
+    KernelImage,
+    KernelImageBuild,
+    KernelMonitorFailed,
+    KernelRunStarted,
+    KernelStall,
+    KernelStep,
+    KernelVmSample,
+    RunSummarised,
+)
 from testbed.kernel.guest import INIT_SCRIPT, GuestSettings
 from testbed.kernel.image import (
     GuestImage,
@@ -53,6 +69,7 @@ from testbed.kernel.parse import (
 )
 from testbed.kernel.plan import guest_settings, memory_mib
 from testbed.kernel.qemu import Monitor, QemuGuest, choose_accel
+from testbed.log import emit
 
 #: The counters whose change is progress (the model's watchdog counts pages written,
 #: swapped and verified, never mere activity).
@@ -126,7 +143,7 @@ async def run_kernel(
                 lambda: build_image(
                     kcfg.kernel_flavour,
                     cache=cache,
-                    progress=lambda m: log.info("kernel.image_build", message=m),
+                    progress=lambda m: emit(KernelImageBuild(message=m), log),
                 )
             )
         except ImageError as exc:
@@ -144,12 +161,14 @@ async def run_kernel(
             "(set kernel.flavour = generic)"
         )
     log = log.bind(machine=image.release, policy="kernel", trial=trial)
-    log.info(
-        "kernel.image",
-        release=image.release,
-        flavour=image.flavour,
-        packages=image.packages,
-        modules=list(image.modules),
+    emit(
+        KernelImage(
+            release=image.release,
+            flavour=image.flavour,
+            packages=image.packages,
+            modules=list(image.modules),
+        ),
+        log,
     )
     extra: list[Path] = []
     colocated = kcfg.server != "host"
@@ -182,7 +201,7 @@ async def run_kernel(
         nursery.cancel_scope.cancel()
     if trial is not None:
         summary["trial"] = trial
-    log.info("run.summary", **summary)
+    emit(RunSummarised(summary), log)
     return summary
 
 
@@ -275,17 +294,19 @@ async def _run_guest(
             samples_socket=work / "samples.sock",
             monitor_socket=work / "monitor.sock",
         )
-        log.info(
-            "run.start",
-            transport="kernel",
-            memory=scenario.machine.memory,
-            description=scenario.description,
-            nic=kcfg.nic,
-            accel=accel,
+        emit(
+            KernelRunStarted(
+                transport="kernel",
+                memory=scenario.machine.memory,
+                description=scenario.description,
+                nic=kcfg.nic,
+                accel=accel,
+            ),
+            log,
         )
         async with _unix_listener(guest.samples_socket) as listener:
             argv = guest.argv()
-            log.info("kernel.boot", argv=argv)
+            emit(KernelBoot(argv=argv), log)
             process = await trio.lowlevel.open_process(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -312,7 +333,7 @@ async def _run_guest(
                     if process.returncode is None:
                         process.kill()
                     await process.wait()
-            log.info("kernel.exit", returncode=process.returncode)
+            emit(KernelExit(returncode=process.returncode), log)
     return _summary(scenario, settings, image, state, outcome, time.monotonic() - started_wall)
 
 
@@ -339,10 +360,10 @@ async def _console(stream: Any, state: _State, log: Any) -> None:
         state.console.append(line)
         del state.console[:-CONSOLE_KEPT]
         state.console_at = time.monotonic()
-        log.info("kernel.console", line=strip_printk(line))
+        emit(KernelConsole(line=strip_printk(line)), log)
         hung = hung_task(line)
         if hung is not None:
-            log.warning("kernel.hung_task", task=hung[0], pid=hung[1], seconds=hung[2])
+            emit(KernelHungTask(task=hung[0], pid=hung[1], seconds=hung[2]), log)
         fatal = fatal_line(line)
         if fatal and state.fatal is None:
             state.fatal = fatal
@@ -357,14 +378,14 @@ async def _records(
             try:
                 sample = parse_sample(line)
             except ValueError:
-                log.warning("kernel.bad_record", line=line[:200])
+                emit(KernelBadRecord(line=line[:200]), log)
                 continue
             state.last = sample
             free = sample.counter("nr_free_pages")
             state.min_free = free if state.min_free is None else min(state.min_free, free)
             if state.first is None:
                 state.first = sample
-            log.info("vm.sample", **sample.fields(state.verified))
+            emit(KernelVmSample(sample.fields(state.verified)), log)
             _note_progress(state)
         elif kind == "@":
             _step(rest.split(), state, log)
@@ -400,7 +421,7 @@ def _step(words: list[str], state: _State, log: Any) -> None:
         state.ended = True
     elif what == "error":
         state.error = " ".join(words[1:]) or "the guest reported an error"
-    log.info("kernel.step", step=what, args=words[1:])
+    emit(KernelStep(step=what, args=words[1:]), log)
 
 
 def _note_progress(state: _State) -> None:
@@ -449,19 +470,23 @@ async def _supervise(
             return {"outcome": "error", "reason": f"time limit {kcfg.time_limit:g} s"}
         if state.started and now - state.progress_at > kcfg.stall_seconds:
             stalled = now - state.progress_at
-            log.warning("kernel.stall", stalled_for=round(stalled, 1), sysrq=list(STALL_SYSRQ))
+            emit(KernelStall(stalled_for=round(stalled, 1), sysrq=list(STALL_SYSRQ)), log)
             monitor = Monitor(guest.monitor_socket)
             try:
                 await monitor.sysrq(STALL_SYSRQ)
             except OSError as exc:
-                log.warning("kernel.monitor_failed", error=str(exc))
+                emit(KernelMonitorFailed(error=str(exc)), log)
             finally:
                 await monitor.aclose()
             await _settle(state, quiet=5.0, limit=60.0)
             tasks = blocked_tasks(state.console)
-            log.warning(
-                "kernel.blocked_tasks",
-                tasks=[{"task": t.task, "state": t.state, "stack": list(t.stack)} for t in tasks],
+            emit(
+                KernelBlockedTasks(
+                    tasks=[
+                        {"task": t.task, "state": t.state, "stack": list(t.stack)} for t in tasks
+                    ]
+                ),
+                log,
             )
             return {
                 "outcome": "deadlock",

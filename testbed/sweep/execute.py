@@ -25,11 +25,11 @@ import traceback
 from pathlib import Path
 
 import attrs
-import structlog
 
 from client.summary import RunSummary
 from testbed import log as logsetup
 from testbed.config import ScenarioConfig
+from testbed.events import SweepRunRaised
 
 _ONE_AT_A_TIME = threading.Lock()
 
@@ -69,9 +69,7 @@ def execute(job: Job) -> RunResult:
             first = _leaves(exc)[0]  # the error itself, not the nursery's group around it
             error = f"{type(first).__name__}: {first}"
             trace = traceback.format_exc()
-            structlog.get_logger().error(
-                "sweep.run_raised", policy=job.policy, error=error, traceback=trace
-            )
+            logsetup.emit(SweepRunRaised(policy=job.policy, error=error, traceback=trace))
         wall = time.perf_counter() - started
         return RunResult(
             key=job.key,
