@@ -114,15 +114,7 @@ class MemoryStore:
         the export stays sparse to within that.  Side by side with nbdkit, 128 KiB writes
         at depth 16 into a fresh 1 GiB export, other processes keeping both CPUs busy:
         1.07 and 1.57 of its rate (medians of two runs of 3 rounds) instead of 0.69 and
-        0.78.
-
-        The window ahead ends on a huge page boundary (HUGE_PAGE), and the populator asks
-        for transparent huge pages over the whole huge pages in it (_Populator): a
-        sequential run is memory that will be written anyway, and one fault per 2 MiB
-        instead of 512 took the first write of 1 GiB from 0.76 s to 0.07 s of CPU on a
-        2-CPU VM (page faults there cost ~3 us each).  Only followed runs are advised, so
-        an export written at random stays sparse to the 4 KiB page; a run that stops
-        leaves at most POPULATE_AHEAD + HUGE_PAGE populated beyond its end."""
+        0.78."""
         if offset != self._run_end:  # a new run
             self._run_start = offset
             self._run_end = self._populated = end
@@ -131,13 +123,13 @@ class MemoryStore:
         ahead = min(end - self._run_start, POPULATE_AHEAD)
         if end + ahead // 2 <= self._populated or _libc_madvise is None:
             return
-        if self._populator is None:
-            self._populator = _Populator(self._map)
         start = max(self._populated, end)
-        stop = min(self.size, self._populator.huge_boundary(end + ahead))
+        stop = min(self.size, end + ahead)
         self._populated = stop
         first, last = start // PAGE, -(-stop // PAGE)
         if last > first and self._used.find(b"\x00", first, last) >= 0:  # holes to fill
+            if self._populator is None:
+                self._populator = _Populator(self._map)
             self._populator.populate(start, stop - start)
 
     def receive_view(self, offset: int, length: int) -> memoryview:
@@ -280,15 +272,6 @@ def _anonymous_map(size: int) -> mmap.mmap:
 POPULATE_AHEAD = 2 << 20
 #: madvise(2) advice, Linux 5.14: fault in the range writable, as a write would.
 _MADV_POPULATE_WRITE = 23
-#: madvise(2) advice: back the range with transparent huge pages where the kernel can
-#: (``/sys/kernel/mm/transparent_hugepage/enabled`` "always" or "madvise").
-_MADV_HUGEPAGE = 14
-#: A transparent huge page on x86-64 (and arm64 with 4 KiB pages).
-HUGE_PAGE = 2 << 20
-#: The most separate ranges of a mapping advised MADV_HUGEPAGE: each can split the mapping
-#: into one more VMA, and a process has at most vm.max_map_count (65,530) of them.
-#: Adjacent ranges merge back into one; a run that goes on is not counted again.
-MAX_HUGE_RANGES = 1024
 
 
 class _Populator:
@@ -304,38 +287,12 @@ class _Populator:
         self._requests: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         #: False once the kernel refused the advice: requests are dropped from then on.
         self.working = True
-        #: False once the kernel refused MADV_HUGEPAGE, or MAX_HUGE_RANGES were advised.
-        self.huge = True
-        self.huge_ranges = 0  # separate ranges advised so far
-        self._huge_end = -1  # the mapping's offset where the last advised range ended
         self._thread = threading.Thread(target=self._run, name="populate", daemon=True)
         self._thread.start()
-
-    def huge_boundary(self, offset: int) -> int:
-        """The first offset of the mapping at or after ``offset`` that is the start of a
-        huge page (the mapping itself need not start on one)."""
-        return -(-(self._base + offset) // HUGE_PAGE) * HUGE_PAGE - self._base
 
     def populate(self, offset: int, length: int) -> None:
         if self.working:
             self._requests.put((offset, length))
-
-    def _advise_huge(self, offset: int, length: int) -> None:
-        """Ask for huge pages over the whole huge pages of ``offset:offset+length``."""
-        start = self.huge_boundary(offset)
-        stop = self.huge_boundary(offset + length + 1) - HUGE_PAGE
-        if stop <= start or not self.huge:
-            return
-        if start != self._huge_end:  # not the continuation of the last range
-            if self.huge_ranges >= MAX_HUGE_RANGES:
-                self.huge = False
-                return
-            self.huge_ranges += 1
-        assert _libc_madvise is not None
-        if _libc_madvise(self._base + start, stop - start, _MADV_HUGEPAGE) != 0:
-            self.huge = False  # no THP in this kernel (or "never"): 4 KiB pages it is
-            return
-        self._huge_end = stop
 
     def stop(self) -> None:
         self._requests.put(None)
@@ -344,7 +301,6 @@ class _Populator:
         assert _libc_madvise is not None
         while (request := self._requests.get()) is not None:
             offset, length = request
-            self._advise_huge(offset, length)
             if _libc_madvise(self._base + offset, length, _MADV_POPULATE_WRITE) != 0:
                 self.working = False  # EINVAL before Linux 5.14: writers fault for themselves
                 return
