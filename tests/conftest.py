@@ -62,6 +62,18 @@ def require_tool(name: str) -> str:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _structlog_config_put_back() -> Iterator[None]:
+    """structlog's configuration is global: a test that sets it up (a CLI command, a run
+    that configures logging) must not change what the next test's logs look like, e.g.
+    leave a filter at info under a test that captures debug events."""
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
     """``cli(*args)``: ``netswap ARGS`` in this process, as ``main`` returns it to the

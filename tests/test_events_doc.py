@@ -271,6 +271,7 @@ def test_the_guard_sees_a_direct_call() -> None:
 def test_the_server_emitter_logs_level_fields_and_flattened_extras() -> None:
     from server.events import NbdOption, ServerFaultDelayed, ServerFaultFired, emit
 
+    structlog.reset_defaults()  # no level filter left by another test (conftest restores)
     with structlog.testing.capture_logs() as logs:
         emit(ServerFaultDelayed(export="disk", command="write", seconds=0.5))
         emit(ServerFaultFired("drop", "disk", None, None, detail={"connections": 2}))
@@ -291,6 +292,7 @@ def test_the_testbed_emitter_keeps_the_traceback_and_renders_client_facts() -> N
     from testbed.events import ControlError, RunSummarised
     from testbed.log import emit, fact_observer
 
+    structlog.reset_defaults()  # no level filter left by another test (conftest restores)
     with structlog.testing.capture_logs() as logs:
         log = structlog.get_logger().bind(machine="m")
         try:
