@@ -129,9 +129,10 @@ class SocketWire:
         straight out of poll.  Nothing else in this process runs meanwhile, so only a lone
         connection does it, and never for longer than a checkpoint interval: other tasks
         (the acceptor, timers, the control endpoint) wait at most that, as they already do
-        while data keeps arriving.  This replaces a busy poll (up to 50 us, yielding the
+        while data keeps arriving.  This replaced a busy poll (up to 50 us, yielding the
         CPU after 15 us): when other processes kept both CPUs busy, spinning only burnt
-        the time slice the client needed to send the request.
+        the time slice the client needed to send the request.  A shorter spin that backs
+        off when it misses (:meth:`_spin`) now comes first.
 
         A poll that times out means the client has gone quiet: the next waits, doubling
         up to ALONE_BACKOFF_MAX, go straight to trio; a request that comes in time resets
