@@ -70,6 +70,9 @@ cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
 if profile:
     prof.disable()
     prof.dump_stats(profile)
+if not isinstance(summary, dict):  # a typed RunSummary (since issue I §3); peers: a dict
+    from client.summary import unstructure_summary
+    summary = unstructure_summary(summary)
 vm = summary["vmstat"]
 print(json.dumps({
     "outcome": summary["outcome"], "duration": summary["duration"],
