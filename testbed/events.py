@@ -14,16 +14,16 @@ from typing import Any, ClassVar
 
 import attrs
 
-#: A field with this metadata is a dict of extra fields, merged into the event.
-FLATTEN = {"flatten": True}
+from client.mm.facts import FLATTEN
+from client.mm.facts import Fact as ClientFact
 
 
 @attrs.frozen
-class Fact:
-    """Base of the testbed's facts (never emitted itself: it names no event)."""
+class Fact(ClientFact):
+    """Base of the testbed's facts (never emitted itself: it names no event): the client's
+    facts' base (``event``, ``level``, FLATTEN), which the model needs without logging,
+    plus what only a logger needs."""
 
-    event: ClassVar[str]
-    level: ClassVar[str] = "info"
     #: True: logged with the traceback of the exception being handled (``log.exception``).
     exc_info: ClassVar[bool] = False
 
