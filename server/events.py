@@ -112,6 +112,17 @@ class ServerConnectionLost(Fact):
 
 
 @attrs.frozen
+class ServerConnectionFailed(Fact):
+    """A bug of this server ended the connection (an exception nothing expected): the
+    connection is closed, the server and its other connections go on."""
+
+    event: ClassVar[str] = "server.connection_failed"
+    level: ClassVar[str] = "error"
+    exc_info: ClassVar[bool] = True
+    error: str
+
+
+@attrs.frozen
 class ServerConnectionClosed(Fact):
     """A connection ended, whatever the reason; its own counters (``Counters``)."""
 
@@ -154,6 +165,7 @@ class _Totals(Fact):
     bytes_written: int
     protocol_errors: int
     handshake_timeouts: int
+    internal_errors: int
 
 
 @attrs.frozen

@@ -30,6 +30,7 @@ from .events import (
     NbdTransmissionStarted,
     ServerAcceptFailed,
     ServerConnectionClosed,
+    ServerConnectionFailed,
     ServerConnectionLost,
     ServerConnectionOpened,
     ServerConnectionRefused,
@@ -218,6 +219,12 @@ class NBDServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = "connection_lost"
                 emit(ServerConnectionLost(error=str(exc) or type(exc).__name__))
+            except Exception as exc:
+                # A bug here, not the peer's doing: it ends this connection only, and says
+                # so (its reason is not "eof"), with the traceback; the others go on.
+                reason = "internal_error"
+                self.stats.internal_errors += 1
+                emit(ServerConnectionFailed(error=f"{type(exc).__name__}: {exc}"))
             finally:
                 del self._live[cid]
                 del self._scopes[cid]

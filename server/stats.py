@@ -29,3 +29,5 @@ class Stats:
     bytes_written: int = 0
     protocol_errors: int = 0
     handshake_timeouts: int = 0
+    #: Connections ended by a bug of this server (an unexpected exception), not by the peer.
+    internal_errors: int = 0

@@ -108,25 +108,49 @@ def run_virtual(scenario: ScenarioConfig, policy: str | None = None) -> RunSumma
 async def _run(
     scenario: ScenarioConfig, server: NBDServer, name: str, transport: Transport, log: Any
 ) -> RunSummary:
-    async with trio.open_nursery() as nursery:
-        if transport == "tcp":
-            host, port = await nursery.start(server.serve)
+    try:
+        async with trio.open_nursery() as nursery:
+            if transport == "tcp":
+                host, port = await nursery.start(server.serve)
 
-            async def connect() -> trio.abc.Stream:
-                return await trio.open_tcp_stream(host, port)
+                async def connect() -> trio.abc.Stream:
+                    return await trio.open_tcp_stream(host, port)
 
-        else:
+            else:
 
-            async def connect() -> trio.abc.Stream:
-                client_end, server_end = trio.testing.memory_stream_pair()
-                nursery.start_soon(server.handle_stream, server_end)
-                return client_end
+                async def serve(stream: trio.abc.Stream) -> None:
+                    await server.handle_stream(stream)
+                    _check(server)  # a bug ends the run now, not after the client's retries
 
-        machine = ClientMachine(scenario, connect, observer=fact_observer(log), policy=name)
-        summary = await run_machine(machine, scenario, log, transport=transport)
-        server.shutdown()
-        nursery.cancel_scope.cancel()
+                async def connect() -> trio.abc.Stream:
+                    client_end, server_end = trio.testing.memory_stream_pair()
+                    nursery.start_soon(serve, server_end)
+                    return client_end
+
+            machine = ClientMachine(scenario, connect, observer=fact_observer(log), policy=name)
+            summary = await run_machine(machine, scenario, log, transport=transport)
+            server.shutdown()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], EmbeddedServerError):
+            raise group.exceptions[0] from None
+        raise
+    _check(server)
     return summary
+
+
+def _check(server: NBDServer) -> None:
+    """Raise if the server closed a connection on a bug of its own
+    (``server.connection_failed``): what the machine saw of it is no result."""
+    if server.stats.internal_errors:
+        raise EmbeddedServerError(
+            f"the embedded server failed {server.stats.internal_errors} connection(s) on an "
+            "internal error (server.connection_failed in the log)"
+        )
+
+
+class EmbeddedServerError(RuntimeError):
+    """The run's embedded server failed a connection on a bug of its own."""
 
 
 #: How a machine is run under its supervisor (``netswap client --control`` wraps it).

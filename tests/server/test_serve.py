@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 import trio.testing
 
@@ -358,6 +360,38 @@ async def test_bad_request_magic_is_a_hard_disconnect(nbd_server: NBDServer) -> 
     await raw.send(REQ.pack(0xDEADBEEF, 0, Cmd.READ, 1, 0, 512))
     assert await raw.closed()
     assert nbd_server.stats.protocol_errors == 1
+
+
+async def test_a_bug_in_one_connection_closes_it_and_the_server_goes_on(
+    nbd_server: NBDServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception nothing expected (a bug, here in the store's read) ends that connection
+    with reason ``internal_error`` and its traceback, not ``eof``; the server and its other
+    connections go on."""
+    good = await connect(nbd_server, nursery)
+    await good.write(0, b"before")
+    store = nbd_server.exports["disk"].store
+
+    def broken_pread(offset: int, length: int) -> bytes:
+        raise ZeroDivisionError("a bug")
+
+    raw = await Raw.open(nbd_server)
+    await raw.handshake()
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(store, "pread", broken_pread)
+        await raw.send(Request(7, Cmd.READ, 0, 512, 0, None))
+        assert await raw.closed()
+        monkeypatch.undo()
+        await good.write(4096, b"after")
+        assert await good.read(0, 6) == b"before"
+        assert await good.read(4096, 5) == b"after"
+    assert nbd_server.stats.internal_errors == 1
+    failed = [e for e in logs if e["event"] == "server.connection_failed"]
+    assert [(e["log_level"], e["error"], e["exc_info"]) for e in failed] == [
+        ("error", "ZeroDivisionError: a bug", True)
+    ]
+    closed = [e["reason"] for e in logs if e["event"] == "server.connection_closed"]
+    assert closed == ["internal_error"]
 
 
 async def test_unknown_option_is_unsupported_and_drained(nbd_server: NBDServer) -> None:

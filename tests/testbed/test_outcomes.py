@@ -380,3 +380,19 @@ def test_a_virtual_clock_run_is_a_function_of_its_seed() -> None:
     once("none", 3)  # something else in between
     again = once("pfmemalloc", 7)
     assert first == again
+
+
+async def test_a_run_whose_embedded_server_hit_a_bug_is_an_error_not_a_result(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the server closes the swap connection (``server.connection_failed``); what
+    the machine then did is no result of the policy's, so the run raises."""
+    from server.stores import MemoryStore
+    from testbed.scenario import EmbeddedServerError
+
+    def broken_pwrite(self: MemoryStore, offset: int, data: bytes) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(MemoryStore, "pwrite", broken_pwrite)
+    with pytest.raises(EmbeddedServerError, match=r"failed \d+ connection"):
+        await run("pfmemalloc")
