@@ -375,10 +375,12 @@ async def test_a_bug_in_one_connection_closes_it_and_the_server_goes_on(
     def broken_pread(offset: int, length: int) -> bytes:
         raise ZeroDivisionError("a bug")
 
-    raw = await Raw.open(nbd_server)
-    await raw.handshake()
     with structlog.testing.capture_logs() as logs:
+        # Before the handshake: a connection takes the store's methods as it starts its
+        # transmission phase (``good``'s loop has them already).
         monkeypatch.setattr(store, "pread", broken_pread)
+        raw = await Raw.open(nbd_server)
+        await raw.handshake()
         await raw.send(Request(7, Cmd.READ, 0, 512, 0, None))
         assert await raw.closed()
         monkeypatch.undo()
