@@ -597,6 +597,27 @@ def test_the_shipped_sweeps_are_valid_in_every_cell(name: str) -> None:
     assert f"netswap sweep configs/sweeps/{name} --out " in path.read_text()
 
 
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (CONFIGS / "sweeps").glob("*.toml")), ids=str
+)
+def test_every_shipped_sweep_plans_every_run_and_says_how_to_run_it(name: str) -> None:
+    """Every file in configs/sweeps/: each cell is a valid scenario, the plan has a run per
+    cell, policy and seed, and the file's comment names its own command line."""
+    from testbed.config import load_toml
+    from testbed.sweep.grid import load_sweep_file, parse_policies
+
+    path = CONFIGS / "sweeps" / name
+    sweep = load_sweep_file(path, load_toml(path))
+    policies = parse_policies(sweep.policies)
+    seeds = parse_seeds(sweep.seeds or "0")
+    plan = plan_sweep(sweep.scenario, dict(sweep.overrides), sweep.grid, policies, seeds)
+    cells = 1
+    for axis in sweep.grid:
+        cells *= len(axis.raws)
+    assert len(plan.runs) == cells * len(policies) * len(seeds)
+    assert f"netswap sweep configs/sweeps/{name} --out " in path.read_text()
+
+
 def test_the_command_line_adds_to_a_sweep_file(tmp_path: Path) -> None:
     import argparse
 
