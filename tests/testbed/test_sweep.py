@@ -579,24 +579,6 @@ def test_a_sweep_on_dask_gives_the_rows_of_a_local_sweep(
 
 
 # -- sweep files ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["sndbuf-min-free.toml", "sndbuf-min-free-16M.toml"])
-def test_the_shipped_sweeps_are_valid_in_every_cell(name: str) -> None:
-    from testbed.config import load_toml
-    from testbed.sweep.grid import load_sweep_file, parse_policies
-
-    path = CONFIGS / "sweeps" / name
-    sweep = load_sweep_file(path, load_toml(path))
-    assert Path(sweep.scenario).resolve() == Path(SCENARIO)
-    assert [a.key for a in sweep.grid] == ["swap.sndbuf", "machine.min_free_kbytes"]
-    seeds = parse_seeds(sweep.seeds or "0")
-    plan = plan_sweep(
-        sweep.scenario, dict(sweep.overrides), sweep.grid, parse_policies(sweep.policies), seeds
-    )
-    cells = len(sweep.grid[0].raws) * len(sweep.grid[1].raws)
-    assert len(plan.runs) == cells * 4 * len(seeds)
-    assert f"netswap sweep configs/sweeps/{name} --out " in path.read_text()
-
-
 @pytest.mark.parametrize(
     "name", sorted(p.name for p in (CONFIGS / "sweeps").glob("*.toml")), ids=str
 )
@@ -608,6 +590,9 @@ def test_every_shipped_sweep_plans_every_run_and_says_how_to_run_it(name: str) -
 
     path = CONFIGS / "sweeps" / name
     sweep = load_sweep_file(path, load_toml(path))
+    assert Path(sweep.scenario).resolve() == Path(SCENARIO)
+    if name.startswith("sndbuf-min-free"):
+        assert [a.key for a in sweep.grid] == ["swap.sndbuf", "machine.min_free_kbytes"]
     policies = parse_policies(sweep.policies)
     seeds = parse_seeds(sweep.seeds or "0")
     plan = plan_sweep(sweep.scenario, dict(sweep.overrides), sweep.grid, policies, seeds)
