@@ -48,16 +48,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_KERNEL, PAGE_SIZE, PF, Memory, Page
-from client.mm.facts import Fact
 from client.mm.gfp import gfp_t, serving_softirq, task_flags
 from client.mm.slab import SKBUFF_HEAD_CACHE, SlabCache, SlabObject
 from client.mm.waits import WaitFor, WaitQueue, sleep
+from client.net.facts import RefillFailed
 from client.net.skbuff import SKB_HEAD_TRUESIZE
 
 if TYPE_CHECKING:
@@ -110,17 +110,6 @@ class NicSettings:
         ``size`` the buffer less its shared info, so the buffer and
         SKB_DATA_ALIGN(sizeof(struct sk_buff))."""
         return self.rx_buffer + SKB_HEAD_TRUESIZE
-
-
-@attrs.frozen
-class RefillFailed(Fact):
-    """A refill of the receive ring got fewer buffers than it wanted (a fact for the log)."""
-
-    event: ClassVar[str] = "nic.refill_failed"
-    device: str
-    context: str  # "napi" (GFP_ATOMIC, softirq) or "refill_work" (GFP_KERNEL, a worker)
-    posted: int  # buffers in the ring after the attempt
-    wanted: int
 
 
 class FragPage:

@@ -60,16 +60,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from client.mm import GFP, GFP_ATOMIC, GFP_NOIO, PAGE_SIZE, Memory, gfp_t
-from client.mm.facts import Fact
 from client.mm.gfp import serving_softirq
 from client.mm.waits import WaitFor, WaitQueue
 from client.net.device import BACKOFF_MAX, BACKOFF_MIN, FragPage, RxBuffer
+from client.net.facts import AckDelayed, SkbDropped
 from client.net.skbuff import MAX_TCP_HEADER, SkbHead, alloc_skb
 from client.net.tcp import TCP_ATO_MIN, TCP_DELACK_MAX, TCP_RTO_MAX, VM_WAIT, TcpSock
 from client.sync import HandoffLock
@@ -82,28 +82,6 @@ XMIT_QUEUE_MAX = 1024 * 1024  # queued for the real stream beyond this: the send
 #: sk_page_frag_refill: "skb_page_frag_refill(32U, pfrag, sk->sk_allocation)" -- a page with
 #: fewer bytes left than this is replaced.
 SK_FRAG_MIN = 32
-
-
-@attrs.frozen
-class SkbDropped(Fact):
-    """A received packet dropped before its socket took it (a fact for the log)."""
-
-    event: ClassVar[str] = "skb.dropped"
-    sock: str
-    reason: str  # "pfmemalloc" (sk_filter), "proto_mem" (tcp_data_queue) or "no_memory"
-    what: str  # "data" or "ack"
-
-
-@attrs.frozen
-class AckDelayed(Fact):
-    """An ACK could not be allocated; the delayed-ACK timer tries again (a fact for the log)."""
-
-    event: ClassVar[str] = "tcp.ack_delayed"
-    level: ClassVar[str] = "debug"
-    sock: str
-    retry: int  # icsk_ack.retry after this failure
-    delay: float  # seconds until the timer tries again
-    unacked: int  # bytes received and not yet acknowledged (rcv_nxt - rcv_wup)
 
 
 @attrs.define

@@ -34,14 +34,14 @@ them, and the tests check them line by line.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import attrs
 
 from client.mm import PAGE_SIZE
-from client.mm.facts import Fact
 from client.mm.page import PAGE_SHIFT
 from client.mm.zone import calculate_watermarks
+from client.net.facts import TcpMemoryPressure
 from client.net.skbuff import MAX_TCP_HEADER, SKB_HEAD_TRUESIZE, SKB_SHINFO_SIZE, skb_truesize
 
 if TYPE_CHECKING:
@@ -150,16 +150,6 @@ class TcpSysctls:
     def for_memory(cls, memory: Memory) -> TcpSysctls:
         """What ``tcp_init`` sets at boot on ``memory``'s machine."""
         return cls.for_free_buffer_pages(boot_free_buffer_pages(memory))
-
-
-@attrs.frozen
-class TcpMemoryPressure(Fact):
-    """TCP entered or left memory pressure (a fact for the log)."""
-
-    event: ClassVar[str] = "tcp.memory_pressure"
-    entered: bool  # True: tcp_enter_memory_pressure; False: tcp_leave_memory_pressure
-    allocated: int  # tcp_memory_allocated then, pages (the global counter)
-    tcp_mem: Triple
 
 
 @attrs.define
