@@ -209,7 +209,9 @@ class NBDClient:
         machine = ClientConnection()
         await _handshake(stream, machine, export, structured)
         client = cls(stream, machine, depth, xmit)
-        nursery.start_soon(client._reader)
+        # The name trio gives the plain Python method; compiled (make compiled), the method
+        # has no qualified name for trio to read, and the task would be named by its repr.
+        nursery.start_soon(client._reader, name="client.nbd_client.NBDClient._reader")
         return client
 
     # -- requests -------------------------------------------------------------------------

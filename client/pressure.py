@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import trio
@@ -197,9 +197,9 @@ class Pressure:
         self.floods: list[InjectedFlood] = []
         self._injections: dict[str, int] = {}
 
-    def hog_memory(self, *, hold: bool = False) -> Memory:
-        """A ``HogMemory`` for an ``AnonHog``, which takes it for the ``Memory`` it uses."""
-        return cast(Memory, HogMemory(self.memory, self.faults, hold=hold))
+    def hog_memory(self, *, hold: bool = False) -> HogMemory:
+        """A ``HogMemory`` for an ``AnonHog``."""
+        return HogMemory(self.memory, self.faults, hold=hold)
 
     def exit_held(self, victim: Process) -> None:
         """The OOM killer chose ``victim``: if it is a held process of an injected hog, its
@@ -251,7 +251,7 @@ class Pressure:
         )
         memory = self.hog_memory(hold=True)
         hog = AnonHog(config, memory, self.integrity)
-        injected = InjectedHog(hog_id, hog, cast(HogMemory, memory), rate)
+        injected = InjectedHog(hog_id, hog, memory, rate)
         self.hogs.append(injected)
         nursery.start_soon(self._run_hog, injected, name=f"workload {hog_id}")
         return {

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import attrs
 import trio
 
 from client.config import FileReaderConfig, HogConfig
-from client.mm import PAGE_SIZE, Memory, Process
+from client.mm import PAGE_SIZE, Memory, MemoryConfig, Process
 from client.mm.errors import IntegrityError, OutOfMemory, ProcessKilled, SwapReadError
+from client.mm.memory import ContentFn
 from client.mm.pagecache import CachedFile
 
 _PATTERN = struct.Struct("<QQQQ")
@@ -64,10 +66,26 @@ async def _run_processes(
             nursery.start_soon(process, i, name=f"{config.name}/{i}")
 
 
+class HogMemoryView(Protocol):
+    """What an ``AnonHog`` uses of a machine's memory: the ``Memory`` itself, or the
+    harness's ``client.pressure.HogMemory`` around it."""
+
+    @property
+    def config(self) -> MemoryConfig: ...
+
+    def new_process(self, name: str) -> Process: ...
+
+    async def touch(
+        self, process: Process, vpage: int, *, write: bool, content_fn: ContentFn
+    ) -> None: ...
+
+    def exit_process(self, process: Process) -> None: ...
+
+
 class AnonHog:
     """One ``anon_hog`` workload on a machine's memory."""
 
-    def __init__(self, config: HogConfig, memory: Memory, integrity: Integrity) -> None:
+    def __init__(self, config: HogConfig, memory: HogMemoryView, integrity: Integrity) -> None:
         self.config = config
         self.memory = memory
         self.integrity = integrity

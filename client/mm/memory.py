@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 import attrs
 import trio
@@ -297,21 +297,9 @@ class Memory:
         await nursery.start(self.reclaimer.kswapd, name="kswapd0")
         await nursery.start(self.oom.oom_reaper, name="oom_reaper")
 
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[Memory]:
+    def running(self) -> MemoryRunning:
         """``async with memory.running():`` kswapd and swap I/O run inside the block."""
-        try:
-            async with trio.open_nursery() as nursery:
-                await self.start(nursery)
-                try:
-                    yield self
-                finally:
-                    nursery.cancel_scope.cancel()
-                    self._nursery = None
-        except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        return MemoryRunning(self)
 
     # -- the allocator, for other layers ----------------------------------------------------
 
@@ -600,3 +588,49 @@ class Memory:
     def pressure(self) -> PsiMemory:
         """``/proc/pressure/memory``."""
         return self.psi.snapshot()
+
+
+class MemoryRunning:
+    """``Memory.running()``: a nursery that runs the machine's kernel threads for as long
+    as the ``async with`` block does; one error leaves it as itself, not as a group.  (A
+    class rather than an ``@asynccontextmanager``: mypyc compiles no async generator.)"""
+
+    def __init__(self, memory: Memory) -> None:
+        self._memory = memory
+        self._manager = trio.open_nursery()
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self) -> Memory:
+        nursery = await self._manager.__aenter__()
+        self._nursery = nursery
+        try:
+            await self._memory.start(nursery)
+        except BaseException as exc:
+            await self._exit(exc)
+            raise
+        return self._memory
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        self._memory._nursery = None
+        return await self._exit(exc)
+
+    async def _exit(self, exc: BaseException | None) -> bool:
+        try:
+            return bool(
+                await self._manager.__aexit__(
+                    type(exc) if exc is not None else None,
+                    exc,
+                    exc.__traceback__ if exc is not None else None,
+                )
+            )
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise

@@ -20,13 +20,13 @@ import trio
 
 from client.mm.facts import SwapReadDone, SwapReadpage, SwapWritebackDone, SwapWritepage
 from client.mm.gfp import GFP_KERNEL, GFP_NOIO
+from client.mm.page import Page  # at run time too: a field of an attrs class below
 from client.mm.waits import WaitQueue
 
 if TYPE_CHECKING:
     from client.mm.alloc import Allocator
     from client.mm.block import Bio, BlockQueue
     from client.mm.lru import Lru
-    from client.mm.page import Page
     from client.mm.swap import SwapArea
 
 
