@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from nbdproto.config import ConfigError
+from testbed import compiled
 from testbed.cli.common import (
     EXIT_DEADLOCK,
     EXIT_ERROR,
@@ -67,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(with_default_command(sys.argv[1:] if argv is None else argv))
+        compiled.check()  # a stale compiled model would run other code than the sources say
         code: int = args.func(args)
         return code
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, compiled.StaleBuild) as exc:
         print(
             f"netswap: {exc}" if not str(exc).startswith("netswap") else str(exc), file=sys.stderr
         )

@@ -27,6 +27,7 @@ from pathlib import Path
 import attrs
 
 from client.summary import RunSummary
+from testbed import compiled
 from testbed import log as logsetup
 from testbed.config import ScenarioConfig
 from testbed.events import SweepRunRaised
@@ -91,16 +92,21 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def code_version() -> str:
     """A hash of the code a run executes (the Python sources of the protocol, the client,
     the server and the testbed, as this process imports them): two processes with the same
-    hash run the same model, so their runs of the same seed agree."""
+    hash run the same model, so their runs of the same seed agree.  With the compiled model
+    (``make compiled``) the client counts by the sources it was built from, and the hash
+    ends in ``+mypyc``."""
     import client
     import nbdproto
     import server
     import testbed
 
+    build = compiled.check()
     digest = hashlib.sha256()
     for package in (nbdproto, client, server, testbed):
         root = Path(package.__file__ or "").parent
+        if package is client and build is not None:
+            root = build.source
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:16] + ("+mypyc" if build is not None else "")
