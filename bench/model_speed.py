@@ -24,7 +24,10 @@ Usage::
 
     .venv/bin/python bench/model_speed.py [--peer /tmp/base538] [--scenario FILE]
         [--policy reserve] [--rounds 3] [--large bench/configs/model-1g.toml]
-        [--large-rounds 1] [--json FILE] [--profile OUT.prof]
+        [--large-rounds 1] [--json FILE] [--profile OUT.prof] [--compiled .build/compiled]
+
+``--compiled DIR`` adds a third column, "compiled": this tree with its ``client`` imported
+from ``DIR``, a build of ``make compiled`` (bench/compile_model.py) from this tree.
 
 ``--profile`` runs the scenario once under cProfile in this tree (no timing) and writes the
 stats; ``python -m pstats OUT.prof`` reads them.
@@ -93,12 +96,19 @@ def _commit(tree: Path) -> str:
     return out.stdout.strip() or "?"
 
 
+#: ``--compiled DIR``: runs labelled "compiled" import this tree's ``client`` from DIR.
+_PYTHONPATH: dict[Path, str] = {}
+
+
 def _run(tree: Path, scenario: Path, policy: str, profile: str = "") -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONPATH": _PYTHONPATH.get(tree, str(tree)), "PYTHONHASHSEED": "0"}
     args = [sys.executable, "-c", WORKER, str(scenario), policy]
     if profile:
         args.append(profile)
-    out = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    # A compiled run starts outside the tree: ``python -c`` puts the working directory first
+    # on sys.path, and the tree's client/ would hide the compiled one.
+    cwd = env["PYTHONPATH"].split(os.pathsep)[0] if tree in _PYTHONPATH else tree
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -189,12 +199,30 @@ def main() -> int:
     parser.add_argument("--large-rounds", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", default="")
+    parser.add_argument("--compiled", type=Path, default=None)
     args = parser.parse_args()
     if args.profile:
         r = _run(HERE, args.scenario.resolve(), args.policy, profile=args.profile)
         print(f"profile of {r['io']:,} page I/Os written to {args.profile}")
         return 0
     trees = {"peer": args.peer.resolve(), "this": HERE}
+    if args.compiled is not None:
+        # The same tree, its client/ from the compiled build: a path of its own (a symlink
+        # to this tree) so that the runs can tell the two apart.
+        link = Path(tempfile.mkdtemp()) / "compiled"
+        link.symlink_to(HERE)
+        trees["compiled"] = link
+        _PYTHONPATH[link] = f"{args.compiled.resolve()}{os.pathsep}{HERE}"
+        check = subprocess.run(
+            [sys.executable, "-c", "import testbed.compiled as c; assert c.check(), 'no build'"],
+            env={**os.environ, "PYTHONPATH": _PYTHONPATH[link]},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.returncode != 0:
+            print(f"--compiled {args.compiled}: {check.stderr.strip().splitlines()[-1]}")
+            return 2
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(
         f"{started}: {args.scenario.name} --policy {args.policy}, {args.rounds} rounds,"
@@ -208,9 +236,14 @@ def main() -> int:
         print()
         print(table(small, trees, args.scenario.name))
         print()
+        pairs = [("this", "peer")] + (
+            [("compiled", "peer"), ("compiled", "this")] if "compiled" in trees else []
+        )
         for key in ("cpu", "wall"):
-            ratio = throughput(small["this"], key) / throughput(small["peer"], key)
-            print(f"page I/O throughput per {key} second, this/peer: {ratio:.2f}x (target >= 2)")
+            for a, b in pairs:
+                ratio = throughput(small[a], key) / throughput(small[b], key)
+                target = " (target >= 2)" if b == "peer" else ""
+                print(f"page I/O throughput per {key} second, {a}/{b}: {ratio:.2f}x{target}")
         if args.large is not None:
             large = bench(trees, args.large.resolve(), args.policy, args.large_rounds, workdir)
             out["large"] = large
