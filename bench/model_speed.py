@@ -216,6 +216,7 @@ def main() -> int:
         check = subprocess.run(
             [sys.executable, "-c", "import testbed.compiled as c; assert c.check(), 'no build'"],
             env={**os.environ, "PYTHONPATH": _PYTHONPATH[link]},
+            cwd=args.compiled.resolve(),
             capture_output=True,
             text=True,
             check=False,
