@@ -29,6 +29,7 @@ import trio
 
 from server import Export, NBDServer
 from server.config import ExportConfig, ServerConfig
+from testbed.compiled import build as compiled_build
 from tests.processes import Cli
 
 #: Seconds a socket-touching test may take before it is failed rather than left hanging.
@@ -126,10 +127,16 @@ async def nbd_server(make_server: Callable[..., object]) -> AsyncIterator[NBDSer
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run every async test under a trio deadline, so a hang fails, not stalls: virtual
     seconds on the virtual clock, wall seconds on the real one.  ``slow`` tests are skipped
-    unless ``NETSWAP_LONG=1``."""
+    unless ``NETSWAP_LONG=1``; ``patches_model`` tests when the suite runs against the
+    compiled model (``make test-compiled``), whose classes' methods cannot be replaced."""
+    compiled = compiled_build() is not None
     for item in items:
         if item.get_closest_marker("slow") and not LONG:
             item.add_marker(pytest.mark.skip(reason="slow: opt in with NETSWAP_LONG=1"))
+        if compiled and item.get_closest_marker("patches_model"):
+            item.add_marker(
+                pytest.mark.skip(reason="replaces a method of a model object: not when compiled")
+            )
         func = getattr(item, "obj", None)
         if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(func):
             continue

@@ -20,9 +20,10 @@ def console_script() -> Path:
 def netswap(
     *args: str, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``netswap ARGS`` with no stdin; its exit status, stdout and stderr."""
+    """``netswap ARGS`` with no stdin; its exit status, stdout and stderr.  (``-P``: not the
+    working directory first on sys.path, which would hide a compiled model's client/.)"""
     return subprocess.run(
-        [sys.executable, "-m", "testbed.cli", *args],
+        [sys.executable, "-P", "-m", "testbed.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -243,7 +243,7 @@ def test_parallel_runs_stop_at_once(tmp_path: Path, how: str) -> None:
 
     scenario = str(Path(SMALL).with_name("swap-over-nbd.toml"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed.cli", "compare", scenario, "--seeds", "0-50",
+        [sys.executable, "-P", "-m", "testbed.cli", "compare", scenario, "--seeds", "0-50",
          "--jobs", "2", "--log-file", str(tmp_path / "log.jsonl")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job

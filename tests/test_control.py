@@ -694,7 +694,7 @@ def unused_port() -> Iterator[int]:
 
 async def _pressure(address: str, *args: str) -> tuple[int, dict[str, Any]]:
     result = await trio.run_process(
-        [sys.executable, "-m", "testbed.cli", "pressure", "--control", address, *args],
+        [sys.executable, "-P", "-m", "testbed.cli", "pressure", "--control", address, *args],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -736,7 +736,7 @@ async def test_client_and_pressure_as_processes(tmp_path: Path, nursery: trio.Nu
         summary_path = tmp_path / "summary.json"
         client = await trio.lowlevel.open_process(
             [
-                sys.executable, "-m", "testbed.cli", "client",
+                sys.executable, "-P", "-m", "testbed.cli", "client",
                 "--server", f"nbd://127.0.0.1:{port}/swap",
                 "--config", str(CONFIGS / "small.toml"),
                 "--set", "machine.memory=16M",
@@ -796,7 +796,7 @@ async def test_server_faults_from_the_command_line(tmp_path: Path, nursery: trio
         log_path = tmp_path / "server.jsonl"
         server = await trio.lowlevel.open_process(
             [
-                sys.executable, "-m", "testbed.cli", "server",
+                sys.executable, "-P", "-m", "testbed.cli", "server",
                 "--listen", "127.0.0.1:0", "--export", "swap:1M",
                 "--control", "127.0.0.1:0", "--log-file", str(log_path),
             ],
@@ -852,7 +852,7 @@ async def _process(
 ) -> None:
     """``netswap ARGS`` as a child process, killed when the test ends."""
     await trio.run_process(
-        [sys.executable, "-m", "testbed.cli", *args],
+        [sys.executable, "-P", "-m", "testbed.cli", *args],
         check=False,
         stdin=subprocess.DEVNULL,
         task_status=task_status,

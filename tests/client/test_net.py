@@ -47,6 +47,7 @@ from tests.client.netrig import (
 # -- TX -----------------------------------------------------------------------------------
 
 
+@pytest.mark.patches_model
 async def test_tx_pages_charged_in_senders_context_and_held_until_ack(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -129,6 +130,7 @@ async def test_send_beyond_sndbuf_waits_for_an_ack(
 # -- the ring -----------------------------------------------------------------------------
 
 
+@pytest.mark.patches_model
 async def test_ring_posted_at_open_in_page_frags_with_gfp_kernel(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -180,6 +182,7 @@ async def test_packets_use_posted_buffers_held_until_read(
     assert sock.rx_pages == 0 and net.memory.nr_free_pages == acked + 1
 
 
+@pytest.mark.patches_model
 @pytest.mark.parametrize(
     ("policy", "gfp"),
     [(NonePolicy, GFP_ATOMIC), (PfmemallocPolicy, GFP_ATOMIC | GFP.MEMALLOC)],
@@ -366,6 +369,7 @@ async def test_none_policy_buffers_are_never_pfmemalloc(
 # -- virtio_net ---------------------------------------------------------------------------
 
 
+@pytest.mark.patches_model
 async def test_virtio_refill_ignores_memalloc_sockets_and_queues_refill_work(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -474,6 +474,7 @@ async def test_a_fresh_socket_whose_first_skb_fails_sleeps_vm_wait(
     assert await peer.receive_some() == b"x" * 100
 
 
+@pytest.mark.patches_model
 async def test_skb_heads_come_from_their_caches_with_the_right_gfp(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -632,6 +633,7 @@ async def _fill_ring_from_the_reserves(net: Net, sock: Any, peer: trio.abc.Strea
     assert all(b.pfmemalloc for b in net.device.ring)
 
 
+@pytest.mark.patches_model
 async def test_a_failed_rx_head_drops_the_packet_and_counts_it(
     make_net: MakeNet, autojump_clock: trio.testing.MockClock
 ) -> None:

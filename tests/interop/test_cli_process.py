@@ -25,7 +25,7 @@ def server_command() -> list[str]:
     script = Path(sys.executable).with_name("netswap")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "testbed.cli"]
+    return [sys.executable, "-P", "-m", "testbed.cli"]
 
 
 def read_events(log: Path) -> list[dict[str, Any]]:

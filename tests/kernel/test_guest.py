@@ -115,7 +115,7 @@ def test_a_stalled_server_ends_the_run_as_a_deadlock_with_the_blocked_tasks(
     progress, the host dumps its blocked tasks through sysrq w and ends the run."""
     summary_file = tmp_path / "summary.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed.cli", "kernel", "run", str(CONFIG), *SMALL,
+        [sys.executable, "-P", "-m", "testbed.cli", "kernel", "run", str(CONFIG), *SMALL,
          "--set", "kernel.stall_seconds=20", "--set", "swap.io_timeout=900",
          "--control", "127.0.0.1:0", "--log-format", "json", "--summary", str(summary_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -445,7 +445,7 @@ def test_a_stopped_sweep_keeps_the_rows_written_and_no_worker(tmp_path: Path, ho
     running either (they die with their parent)."""
     out = tmp_path / "stopped"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed.cli", "sweep", SCENARIO, *SMALL,
+        [sys.executable, "-P", "-m", "testbed.cli", "sweep", SCENARIO, *SMALL,
          "--grid", "swap.sndbuf=16K", "--policies", "none", "--seeds", "0-99",
          "--out", str(out), "--jobs", "1"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
