@@ -17,7 +17,7 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["Build", "StaleBuild", "build", "check", "source_digest"]
+__all__ = ["Build", "StaleBuild", "build", "check", "hash_sources", "source_digest"]
 
 
 class StaleBuild(Exception):
@@ -34,12 +34,18 @@ class Build:
     modules: tuple[str, ...]  # the modules compiled, "client.mm.alloc", ...
 
 
+def hash_sources(digest: hashlib._Hash, package_dir: Path) -> None:
+    """Feed ``digest`` every Python file under ``package_dir``, by path (from the package's
+    name down) and content."""
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(str(path.relative_to(package_dir.parent)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+
+
 def source_digest(client_dir: Path) -> str:
     """A hash of every Python file under ``client_dir``, by relative path and content."""
     digest = hashlib.sha256()
-    for path in sorted(client_dir.rglob("*.py")):
-        digest.update(str(path.relative_to(client_dir)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+    hash_sources(digest, client_dir)
     return digest.hexdigest()[:16]
 
 

@@ -20,6 +20,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.processes import netswap
+
 HERE = Path(__file__).resolve().parent.parent
 SCENARIO = str(HERE / "configs/swap-over-nbd.toml")
 
@@ -65,23 +67,11 @@ def _env(*paths: Path) -> dict[str, str]:
     return env
 
 
-def _netswap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    # Not from the checkout: ``python -m`` puts the working directory first on sys.path,
-    # before PYTHONPATH, and the checkout's client/ would hide the compiled one.
-    return subprocess.run(
-        [sys.executable, "-m", "testbed.cli", *args],
-        cwd=env["PYTHONPATH"].split(os.pathsep)[0],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def _summary(env: dict[str, str], policy: str, path: Path) -> tuple[int, dict[str, object]]:
-    done = _netswap(
-        env, "run", SCENARIO, "--policy", policy, "--log-level", "warning", "--summary", str(path)
-    )
+    done = netswap(
+        "run", SCENARIO, "--policy", policy, "--log-level", "warning", "--summary", str(path),
+        env=env, timeout=600,
+    )  # fmt: skip
     summary = json.loads(path.read_text())
     summary.pop("wall_seconds")
     return done.returncode, summary
@@ -159,10 +149,10 @@ def test_a_stale_compiled_model_is_refused(compiled: Path, tmp_path: Path) -> No
     env = _env(model, HERE)
     with (source / "mm" / "alloc.py").open("a") as f:
         f.write("# changed after the build\n")
-    done = _netswap(env, "run", SCENARIO, "--policy", "none")
+    done = netswap("run", SCENARIO, "--policy", "none", env=env)
     assert done.returncode == 2
     assert "is stale" in done.stderr and str(source) in done.stderr
     assert "make compiled" in done.stderr
     shutil.rmtree(source)
-    done = _netswap(env, "run", SCENARIO, "--policy", "none")
+    done = netswap("run", SCENARIO, "--policy", "none", env=env)
     assert done.returncode == 2 and "which is gone" in done.stderr

@@ -106,7 +106,5 @@ def code_version() -> str:
         root = Path(package.__file__ or "").parent
         if package is client and build is not None:
             root = build.source
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root.parent)).encode() + b"\0")
-            digest.update(path.read_bytes() + b"\0")
+        compiled.hash_sources(digest, root)
     return digest.hexdigest()[:16] + ("+mypyc" if build is not None else "")
