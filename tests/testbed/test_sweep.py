@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import os
 import shutil
 import signal
@@ -596,9 +597,7 @@ def test_every_shipped_sweep_plans_every_run_and_says_how_to_run_it(name: str) -
     policies = parse_policies(sweep.policies)
     seeds = parse_seeds(sweep.seeds or "0")
     plan = plan_sweep(sweep.scenario, dict(sweep.overrides), sweep.grid, policies, seeds)
-    cells = 1
-    for axis in sweep.grid:
-        cells *= len(axis.raws)
+    cells = math.prod(len(axis.raws) for axis in sweep.grid)
     assert len(plan.runs) == cells * len(policies) * len(seeds)
     assert f"netswap sweep configs/sweeps/{name} --out " in path.read_text()
 
