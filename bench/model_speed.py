@@ -102,13 +102,12 @@ _PYTHONPATH: dict[Path, str] = {}
 
 def _run(tree: Path, scenario: Path, policy: str, profile: str = "") -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": _PYTHONPATH.get(tree, str(tree)), "PYTHONHASHSEED": "0"}
-    args = [sys.executable, "-c", WORKER, str(scenario), policy]
+    # -P: not the working directory first on sys.path, where the tree's own client/ would
+    # hide a compiled one.
+    args = [sys.executable, "-P", "-c", WORKER, str(scenario), policy]
     if profile:
         args.append(profile)
-    # A compiled run starts outside the tree: ``python -c`` puts the working directory first
-    # on sys.path, and the tree's client/ would hide the compiled one.
-    cwd = env["PYTHONPATH"].split(os.pathsep)[0] if tree in _PYTHONPATH else tree
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -214,9 +213,8 @@ def main() -> int:
         trees["compiled"] = link
         _PYTHONPATH[link] = f"{args.compiled.resolve()}{os.pathsep}{HERE}"
         check = subprocess.run(
-            [sys.executable, "-c", "import testbed.compiled as c; assert c.check(), 'no build'"],
+            [sys.executable, "-P", "-c", "import testbed.compiled as c; assert c.check(), 'none'"],
             env={**os.environ, "PYTHONPATH": _PYTHONPATH[link]},
-            cwd=args.compiled.resolve(),
             capture_output=True,
             text=True,
             check=False,
