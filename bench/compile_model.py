@@ -127,12 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in modules:
         path = stage / name
         path.write_text(classic_attrs(path.read_text(), name))
-    dotted = [m.removesuffix(".py").replace("/", ".") for m in modules]
     (stage / "client" / "_build.py").write_text(
         '"""Written by bench/compile_model.py: this copy of client/ is compiled."""\n\n'
         f"SOURCE = {str(HERE / 'client')!r}\n"
         f"DIGEST = {digest!r}\n"
-        f"MODULES = {tuple(dotted)!r}\n"
     )
     # mypy reads its settings from the directory it runs in; the stage has its own.
     (stage / "mypy.ini").write_text(

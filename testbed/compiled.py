@@ -31,7 +31,6 @@ class Build:
     path: Path  # its client/ directory
     source: Path  # the client/ directory it was built from
     digest: str  # source_digest(source) when it was built
-    modules: tuple[str, ...]  # the modules compiled, "client.mm.alloc", ...
 
 
 def hash_sources(digest: hashlib._Hash, package_dir: Path) -> None:
@@ -61,7 +60,6 @@ def build() -> Build | None:
         path=Path(client.__file__ or "").parent,
         source=Path(info.SOURCE),
         digest=str(info.DIGEST),
-        modules=tuple(info.MODULES),
     )
 
 
