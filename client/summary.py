@@ -177,6 +177,18 @@ class VmSample(Fact):
     psi_some_avg10: float
     psi_full_avg10: float
     pages_verified: int
+    # The network's memory now (0 before the stack is up): what holds the pages a reply
+    # needs.  ``ring_posted``: buffers posted on the NIC's receive ring; ``ring_pages``:
+    # pages holding ring buffers, posted or queued on sockets; ``rx_queued``: ring buffers
+    # held by sockets' receive queues (data not yet read); ``tx_pages``: pages of TX skbs
+    # not yet acknowledged; ``tcp_memory_allocated`` and ``tcp_memory_pressure``:
+    # ``tcp_prot``'s pages (/proc/net/sockstat "mem") and its pressure flag.
+    ring_posted: int = 0
+    ring_pages: int = 0
+    rx_queued: int = 0
+    tx_pages: int = 0
+    tcp_memory_allocated: int = 0
+    tcp_memory_pressure: bool = False
 
 
 #: Always written, even when None (the model's summary has ``"deadlock": null``).

@@ -10,7 +10,7 @@ not).  One device (``client/net/device.py``) receives for every socket, and one 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -125,6 +125,19 @@ class NetStack:
             "emergency_rx": sum(s.stats.emergency_rx for s in every),
             # tcp_data_queue could not charge the skb (tcp_mem, sk_rcvbuf)
             "TCPRcvQDrop": sum(s.stats.rcvq_drop for s in every),
+        }
+
+    def memory_now(self) -> dict[str, Any]:
+        """The network's memory at this instant, for ``vm.sample``."""
+        device, tcp = self.device, self.tcp
+        open_sockets = self.sockets.values()
+        return {
+            "ring_posted": len(device.ring),
+            "ring_pages": device.pages,
+            "rx_queued": sum(s.rx_pages for s in open_sockets),
+            "tx_pages": sum(s.tx_pages for s in open_sockets),
+            "tcp_memory_allocated": tcp.allocated,
+            "tcp_memory_pressure": tcp.memory_pressure,
         }
 
     def close(self) -> None:

@@ -460,8 +460,19 @@ async def test_aclose_frees_every_tx_page_and_rx_buffer(
     assert sock.tx_pages == 2 and sock.rx_pages == 4
     assert free_besides_slab() == free0 - 2
     assert net.stack.tcp.charged > 0
+    # vm.sample's view of the same state: the ring, what sockets hold, tcp_prot's pages.
+    assert net.stack.memory_now() == {
+        "ring_posted": RING - 4,
+        "ring_pages": net.device.pages,
+        "rx_queued": 4,
+        "tx_pages": 2,
+        "tcp_memory_allocated": net.stack.tcp.allocated,
+        "tcp_memory_pressure": False,
+    }
     await sock.aclose()
     assert sock.tx_pages == 0 and sock.rx_pages == 0
+    now = net.stack.memory_now()  # a closed socket holds nothing
+    assert (now["rx_queued"], now["tx_pages"], now["tcp_memory_allocated"]) == (0, 0, 0)
     assert free_besides_slab() == free0 + 2  # two pages' buffers all freed
     assert net.stack.tcp.charged == 0 and net.stack.tcp.sockets_allocated == 0
     assert "noise0" not in net.stack.sockets and net.stack.closed == [sock]
