@@ -13,8 +13,10 @@ clock) so the runs of a comparison can be read against each other:
    the machine was rarely under pressure: the start, with all memory free, is off scale
    and marked with its peak.
 2. pages in writeback (``nr_writeback``), pages served below min still in use
-   (``nr_emergency``), and pages charged to the reserve policy's reserves
-   (``reserve_used``).
+   (``nr_emergency``), pages charged to the reserve policy's reserves
+   (``reserve_used``), and the network's pages: the receive ring's (``ring_pages``, posted
+   or queued on sockets) and unacknowledged TX (``tx_pages``), where the samples have them
+   (a model run's since 2026-12-05; a kernel run's do not).
 3. RX drops (``PFMemallocDrop`` + ``rx_alloc_fail``, cumulative, left axis) and
    ``pswpout`` (cumulative, right axis).
 
@@ -56,6 +58,17 @@ END_COLOURS = {
 }
 ERROR_COLOUR = "tab:orange"
 
+#: The second panel's series: field, colour, label.  The network's are drawn only where
+#: the samples have them (older logs and kernel runs do not).
+PAGE_SERIES = (
+    ("nr_writeback", "tab:blue", "nr_writeback"),
+    ("nr_emergency", "tab:red", "nr_emergency (below min)"),
+    ("reserve_used", "tab:purple", "reserve_used"),
+    ("ring_pages", "tab:olive", "ring_pages (RX ring)"),
+    ("tx_pages", "tab:cyan", "tx_pages (unacked TX)"),
+)
+_OPTIONAL_PAGE_SERIES = frozenset({"ring_pages", "tx_pages"})
+
 
 @attrs.frozen
 class PlotInfo:
@@ -68,6 +81,8 @@ class PlotInfo:
     points: tuple[int, ...]
     #: Lowest and highest free pages plotted per run (None for a run without samples).
     free_pages: tuple[tuple[int, int] | None, ...]
+    #: The fields drawn in each run's pages panel (the network's only where sampled).
+    page_series: tuple[tuple[str, ...], ...]
     #: Where each run's end line is drawn (seconds of the run's clock; None: not drawn).
     ends: tuple[float | None, ...]
     #: The y-axis limits of the free-pages panels (shared by every run).
@@ -105,13 +120,12 @@ def plot_runs(
     ends = [r.end_time or 0.0 for r in chosen]
     t_max = max([*ends, *(max(r.series("t"), default=0.0) for r in chosen)])
     free_ylim = _free_ylim(chosen)
-    pages_top = _top(
-        r.series(k) for r in chosen for k in ("nr_writeback", "nr_emergency", "reserve_used")
-    )
+    pages_top = _top(r.series(k) for r in chosen for k, _colour, _label in PAGE_SERIES)
     drops_top = _top(r.series("drops") for r in chosen)
     pswpout_top = _top(r.series("pswpout") for r in chosen)
 
     titles, points, ranges = [], [], []
+    page_series: list[tuple[str, ...]] = []
     for col, run in enumerate(chosen):
         free_ax, pages_ax, net_ax = grid[0][col], grid[1][col], grid[2][col]
         first = col == 0
@@ -122,7 +136,7 @@ def plot_runs(
         free_ax.set_title(heading, fontsize=10)
         points.append(len(run.samples))
         ranges.append(_free_panel(free_ax, run, free_ylim, legend=first))
-        _pages_panel(pages_ax, run, pages_top, legend=first)
+        page_series.append(_pages_panel(pages_ax, run, pages_top, legend=first))
         _net_panel(net_ax, run, drops_top, pswpout_top, legend=first, right=col == len(chosen) - 1)
         for ax in (free_ax, pages_ax, net_ax):
             ax.set_xlim(0.0, max(t_max * 1.03, 0.1))
@@ -154,6 +168,7 @@ def plot_runs(
         runs=tuple(titles),
         points=tuple(points),
         free_pages=tuple(ranges),
+        page_series=tuple(page_series),
         ends=tuple(r.end_time for r in chosen),
         free_ylim=free_ylim,
         size=(round(width * DPI), round(HEIGHT_INCHES * DPI)),
@@ -226,19 +241,21 @@ def _free_panel(
     return int(min(free)), int(peak)
 
 
-def _pages_panel(ax: Axes, run: Run, top: float, *, legend: bool) -> None:
+def _pages_panel(ax: Axes, run: Run, top: float, *, legend: bool) -> tuple[str, ...]:
+    """Draw the pages panel; return the fields drawn."""
     ax.set_ylim(0.0, top)
     if not run.samples:
-        return
+        return ()
     t = run.series("t")
-    for field, colour, label in (
-        ("nr_writeback", "tab:blue", "nr_writeback"),
-        ("nr_emergency", "tab:red", "nr_emergency (below min)"),
-        ("reserve_used", "tab:purple", "reserve_used"),
-    ):
+    drawn = []
+    for field, colour, label in PAGE_SERIES:
+        if field in _OPTIONAL_PAGE_SERIES and not any(field in s for s in run.samples):
+            continue
         ax.plot(t, run.series(field), color=colour, linewidth=1.2, label=label)
+        drawn.append(field)
     if legend:
         ax.legend(loc="upper right", fontsize=7)
+    return tuple(drawn)
 
 
 def _net_panel(

@@ -416,6 +416,25 @@ def test_run_without_samples_gets_an_annotated_empty_panel(tmp_path: Path) -> No
     assert "0 vm.sample" in render_report(bare)
 
 
+def test_the_networks_pages_are_drawn_only_where_sampled(tmp_path: Path) -> None:
+    """The fixture predates the network's fields in vm.sample: no line for them (a zero
+    line would claim the ring was empty); a sample with them gets both."""
+    pytest.importorskip("matplotlib")
+    from testbed.plot import plot_runs
+
+    base = ("nr_writeback", "nr_emergency", "reserve_used")
+    none = [line for line in fixture_lines() if '"policy": "none"' in line]
+    assert plot_runs(load_runs(none), tmp_path / "old.png").page_series == (base,)
+    sampled = [
+        json.dumps({**event, "ring_pages": 40, "tx_pages": 3})
+        if (event := json.loads(line))["event"] == "vm.sample"
+        else line
+        for line in none
+    ]
+    info = plot_runs(load_runs(sampled), tmp_path / "new.png")
+    assert info.page_series == ((*base, "ring_pages", "tx_pages"),)
+
+
 def test_plot_of_no_runs_is_a_report_error(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from testbed.plot import plot_runs
