@@ -166,6 +166,38 @@ class DropFacts:
 
 
 @attrs.frozen
+class SocketFacts:
+    """One socket, from the summary: the ring buffers it still held, what it refused."""
+
+    name: str
+    memalloc: bool | None
+    rx_bufs: int | None  # ring buffers holding data not yet read
+    rcvq_drop: int | None  # TCPRcvQDrop: data tcp_data_queue could not charge
+    pfmemalloc_drop: int | None
+
+
+@attrs.frozen
+class NetFacts:
+    """Who held the network's memory.  The state (``ring_posted`` .. ``tcp_memory_pressure``)
+    is the last ``vm.sample``'s, at ``t``: the summary's is taken after the swap connection
+    and the ring were closed.  The peaks, failures, limits and sockets are the summary's.
+    None: not in the log (older logs, kernel runs)."""
+
+    t: float | None
+    ring_posted: int | None
+    ring_pages: int | None
+    rx_queued: int | None
+    tx_pages: int | None
+    tcp_memory_allocated: int | None
+    tcp_memory_pressure: bool | None
+    device: str | None
+    ring_pages_peak: int | None
+    refill_failed: int | None
+    tcp_mem: tuple[int, ...] | None
+    sockets: tuple[SocketFacts, ...]
+
+
+@attrs.frozen
 class IntegrityFacts:
     pages_written: int | None
     pages_verified: int | None
@@ -205,6 +237,8 @@ class RunFacts:
     psi: PsiFacts
     reserve: ReserveFacts
     net: DropFacts
+    #: None when neither the samples nor the summary say anything of the ring.
+    network: NetFacts | None
     throttled: int | None
     integrity: IntegrityFacts
     deadlock: DeadlockFacts | None
@@ -269,6 +303,7 @@ def run_facts(run: Run) -> RunFacts:
         psi=_psi(s, last),
         reserve=_reserve(samples, s),
         net=_net(s, first, last),
+        network=_network(s, last),
         throttled=counters["pgscan_direct_throttle"],
         integrity=_integrity(s, first, last),
         deadlock=_deadlock(run, s),
@@ -362,6 +397,46 @@ def _net(s: RunSummary | None, first: Mapping[str, Any], last: Mapping[str, Any]
         return DropFacts(pfmemalloc, rx_fail, (pfmemalloc or 0) + (rx_fail or 0))
     # vm.sample's drops is PFMemallocDrop + rx_alloc_fail together.
     return DropFacts(None, None, _delta(first, last, "drops"))
+
+
+def _network(s: RunSummary | None, last: Mapping[str, Any]) -> NetFacts | None:
+    net = s.net if s is not None and isinstance(s.net, dict) else {}
+    nic = net.get("nic")
+    nic = nic if isinstance(nic, dict) else {}
+    tcp = net.get("tcp")
+    tcp = tcp if isinstance(tcp, dict) else {}
+    sampled = "ring_posted" in last
+    if not sampled and not nic:
+        return None  # a log from before the model had a ring, or a kernel run
+    sockets = tuple(
+        SocketFacts(
+            name=str(sock.get("name", "?")),
+            memalloc=sock["memalloc"] if isinstance(sock.get("memalloc"), bool) else None,
+            rx_bufs=whole(sock.get("rx_bufs")),
+            rcvq_drop=whole(sock.get("rcvq_drop")),
+            pfmemalloc_drop=whole(sock.get("pfmemalloc_drop")),
+        )
+        for sock in net.get("sockets") or ()
+        if isinstance(sock, dict)
+    )
+    limits = tcp.get("tcp_mem")
+    pressure = last.get("tcp_memory_pressure")
+    return NetFacts(
+        t=number(last.get("t")) if sampled else None,
+        ring_posted=whole(last.get("ring_posted")),
+        ring_pages=whole(last.get("ring_pages")),
+        rx_queued=whole(last.get("rx_queued")),
+        tx_pages=whole(last.get("tx_pages")),
+        tcp_memory_allocated=whole(last.get("tcp_memory_allocated")),
+        tcp_memory_pressure=pressure if isinstance(pressure, bool) else None,
+        device=str(nic["name"]) if "name" in nic else None,
+        ring_pages_peak=whole(nic.get("ring_pages_peak")),
+        refill_failed=whole(nic.get("refill_failed")),
+        tcp_mem=tuple(w for x in limits if (w := whole(x)) is not None)
+        if isinstance(limits, list)
+        else None,
+        sockets=sockets,
+    )
 
 
 def _integrity(

@@ -12,7 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from testbed.report.facts import RunFacts, facts_json, run_facts
+from testbed.report.facts import NetFacts, RunFacts, facts_json, run_facts
 from testbed.report.log import UNFINISHED, LogRuns, Run
 
 
@@ -265,6 +265,7 @@ def _run_text(f: RunFacts, nruns: int) -> list[str]:
             ["throttled", _fmt(f.throttled), "pgscan_direct_throttle"],
         ],
     )
+    lines += _network_text(f.network)
     i = f.integrity
     lines += _section(
         "integrity",
@@ -285,4 +286,35 @@ def _run_text(f: RunFacts, nruns: int) -> list[str]:
         if dl.waiting:
             lines.append(f"    waiting ({len(dl.waiting)} tasks):")
             lines += _columns([[k, v] for k, v in dl.waiting.items()], [False, False], "      ")
+    return lines
+
+
+def _network_text(n: NetFacts | None) -> list[str]:
+    """Who held the network's memory: where a stuck reply's buffer went."""
+    if n is None:
+        return []
+    peak = f", peak {n.ring_pages_peak}" if n.ring_pages_peak is not None else ""
+    tcp = []
+    if n.tcp_mem:
+        tcp.append(f"tcp_mem {' '.join(map(str, n.tcp_mem))}")
+    if n.tcp_memory_pressure is not None:
+        tcp.append("in memory pressure" if n.tcp_memory_pressure else "no memory pressure")
+    when = f"the last vm.sample, t {_fmt(n.t)} s" if n.t is not None else "the summary"
+    lines = _section(
+        f"network ({when})",
+        [
+            ["ring buffers posted", _fmt(n.ring_posted), f"on {n.device or '?'}'s receive ring"],
+            ["ring pages", _fmt(n.ring_pages), f"posted or queued on sockets{peak}"],
+            ["queued on sockets", _fmt(n.rx_queued), "ring buffers of unread data"],
+            ["TX pages", _fmt(n.tx_pages), "held by skbs not yet acknowledged"],
+            ["tcp_memory_allocated", _fmt(n.tcp_memory_allocated), ", ".join(tcp)],
+            ["refills failed", _fmt(n.refill_failed), "in the run"],
+        ],
+    )
+    if n.sockets:
+        rows = [["socket (summary)", "rx_bufs", "TCPRcvQDrop", "PFMemallocDrop"]]
+        for sock in n.sockets:
+            name = sock.name + (" (memalloc)" if sock.memalloc else "")
+            rows.append([name, *map(_fmt, (sock.rx_bufs, sock.rcvq_drop, sock.pfmemalloc_drop))])
+        lines += _columns(rows, [False, True, True, True], "    ")
     return lines

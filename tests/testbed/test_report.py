@@ -132,6 +132,64 @@ def test_deadlock_cycle_appears_joined_with_arrows() -> None:
             assert "cycle:" not in section(text, POLICIES.index(s["policy"]) + 1)
 
 
+NETWORK_NOW = {
+    "ring_posted": 0,
+    "ring_pages": 202,
+    "rx_queued": 400,
+    "tx_pages": 65,
+    "tcp_memory_allocated": 256,
+    "tcp_memory_pressure": True,
+}
+
+
+def with_network(lines: list[str]) -> list[str]:
+    """The fixture's lines with today's network fields: in its last vm.sample (NETWORK_NOW)
+    and its summary's ``net`` (the ring's peak, the limits, each socket's buffers)."""
+    last = max(i for i, line in enumerate(lines) if '"vm.sample"' in line)
+    out = []
+    for i, line in enumerate(lines):
+        event = json.loads(line)
+        if i == last:
+            event.update(NETWORK_NOW)
+        elif event["event"] == "run.summary":
+            event["net"] = {
+                **event["net"],
+                "nic": {"name": "eth0", "posted": 0, "ring_pages_peak": 210, "refill_failed": 7},
+                "tcp": {"tcp_mem": [183, 244, 366]},
+                "sockets": [
+                    {"name": "fileserver0", "memalloc": False, "rx_bufs": 400, "rcvq_drop": 3},
+                    {"name": "nbd0", "memalloc": True, "rx_bufs": 0, "pfmemalloc_drop": 0},
+                ],
+            }
+        out.append(json.dumps(event))
+    return out
+
+
+def test_network_section_says_who_held_the_ring() -> None:
+    """The state is the last sample's (the summary's is taken after the ring was closed);
+    peaks, failures, limits and the sockets are the summary's.  A log without any of it
+    (the fixture) has no such section."""
+    none = [line for line in fixture_lines() if '"policy": "none"' in line]
+    assert "  network (" not in render_report(load_runs(none))
+    runs = load_runs(with_network(none))
+    text = render_report(runs)
+    assert re.search(r"^  network \(the last vm.sample, t [0-9.]+ s\)$", text, flags=re.MULTILINE)
+    assert value_of(text, "ring buffers posted") == "0"
+    assert value_of(text, "ring pages") == "202"
+    assert "posted or queued on sockets, peak 210" in text
+    assert value_of(text, "queued on sockets") == "400"
+    assert value_of(text, "TX pages") == "65"
+    assert value_of(text, "tcp_memory_allocated") == "256"
+    assert "tcp_mem 183 244 366, in memory pressure" in text
+    assert value_of(text, "refills failed") == "7"
+    assert re.search(r"^ +fileserver0 +400 +3 +\?$", text, flags=re.MULTILINE)
+    assert re.search(r"^ +nbd0 \(memalloc\) +0 +\? +0$", text, flags=re.MULTILINE)
+    network = report_json(runs)["runs"][0]["network"]
+    assert {k: network[k] for k in NETWORK_NOW} == NETWORK_NOW
+    assert network["t"] == runs[0].samples[-1]["t"]
+    assert network["tcp_mem"] == [183, 244, 366] and len(network["sockets"]) == 2
+
+
 def test_vmstat_figures_match_the_summary() -> None:
     log = load_runs(FIXTURE)
     text = render_report(log)
