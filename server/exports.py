@@ -11,12 +11,13 @@ from .faults import Faults
 from .stores import FileStore, MemoryStore, Store
 
 
-def open_store(config: ExportConfig) -> Store:
-    """The store an export's configuration describes (a file is created if missing)."""
+def open_store(config: ExportConfig, *, populate: bool = True) -> Store:
+    """The store an export's configuration describes (a file is created if missing);
+    ``populate`` as :class:`MemoryStore`'s."""
     if config.backend == "file":
         assert config.path is not None
         return FileStore(config.path, config.size, read_only=config.read_only)
-    return MemoryStore(config.size, read_only=config.read_only)
+    return MemoryStore(config.size, read_only=config.read_only, populate=populate)
 
 
 @attrs.define
@@ -33,8 +34,8 @@ class Export:
         return Faults.from_config(self.config.faults, self.info.name)
 
     @classmethod
-    def from_config(cls, config: ExportConfig) -> Export:
-        store = open_store(config)
+    def from_config(cls, config: ExportConfig, *, populate: bool = True) -> Export:
+        store = open_store(config, populate=populate)
         flags = (
             TransmissionFlags.HAS_FLAGS
             | TransmissionFlags.SEND_FLUSH

@@ -74,7 +74,11 @@ def embedded_server(
         max_connections=base.max_connections,
         shutdown_grace=0.5,
     )
-    return NBDServer(config, [Export.from_config(e) for e in config.exports])
+    # No helper thread populating the memory store ahead of the writer: the model writes
+    # far slower than first-touch faults limit a server, and the thread's faults and
+    # wake-ups cost a tenth of a run's CPU (docs/benchmarks.md), on the core a sweep's
+    # other worker needs.
+    return NBDServer(config, [Export.from_config(e, populate=False) for e in config.exports])
 
 
 async def run_scenario(

@@ -163,3 +163,16 @@ def test_pages_populated_ahead_of_a_sequential_writer_stay_holes() -> None:
     assert store.pread(written - len(data), len(data)) == data
     store.close()
     assert store._populator is None and store.allocated_bytes == 0
+
+
+def test_a_store_told_not_to_populate_starts_no_helper() -> None:
+    """``populate=False`` (the embedded server's, whose writer is the model): the same
+    sequential writes start no helper thread and store the same bytes."""
+    store = MemoryStore(16 << 20, populate=False)
+    data = os.urandom(128 << 10)
+    for offset in range(0, 4 << 20, len(data)):
+        store.pwrite(offset, data)
+    assert store._populator is None
+    assert store.allocated_bytes == 4 << 20
+    assert store.pread((4 << 20) - len(data), len(data)) == data
+    store.close()

@@ -396,3 +396,13 @@ async def test_a_run_whose_embedded_server_hit_a_bug_is_an_error_not_a_result(
     monkeypatch.setattr(MemoryStore, "pwrite", broken_pwrite)
     with pytest.raises(EmbeddedServerError, match=r"failed \d+ connection"):
         await run("pfmemalloc")
+
+
+def test_the_embedded_server_populates_nothing_ahead_of_the_model() -> None:
+    """The embedded server's memory exports start no populating thread: the model writes
+    slower than page faults limit a server, and the thread's CPU is a sweep's loss."""
+    server = embedded_server(load_scenario(SCENARIO))
+    stores = [export.store for export in server.exports.values()]
+    assert stores and all(getattr(s, "populate", None) is False for s in stores)
+    for s in stores:
+        s.close()
