@@ -703,7 +703,7 @@ class ModelledSocket(trio.abc.Stream):
             self.stack.observe(SkbDropped(self.name, "proto_mem", "data"))
             self._retransmitted_later(now)
             return
-        self._take_packet(buf)
+        self._take_packet(buf, now)
         self._acknowledge(now)  # data segments carry ACKs too
         if tcp.ack_now():  # __tcp_ack_snd_check
             await self._send_ack()
@@ -718,9 +718,9 @@ class ModelledSocket(trio.abc.Stream):
         else:
             await self.memory.waits.park(lot, what, timeout)
 
-    def _take_packet(self, buf: RxBuffer) -> None:
+    def _take_packet(self, buf: RxBuffer, now: float) -> None:
         """One MSS of the wire's first chunk goes into ``buf``, queued for the consumer
-        (tcp_queue_rcv -> skb_set_owner_r)."""
+        (tcp_queue_rcv -> skb_set_owner_r), at ``now`` (the softirq's clock reading)."""
         _due, chunk = self._wire[0]
         n = min(len(chunk), self.stack.device.settings.mss)
         data = chunk[:n]
@@ -732,7 +732,7 @@ class ModelledSocket(trio.abc.Stream):
         self._rx.append((data, buf))
         self._rx_bytes += n
         self._rx_bufs += 1
-        self.tcp.set_owner_r(self._truesize, n, trio.current_time())
+        self.tcp.set_owner_r(self._truesize, n, now)
         stats = self.stats
         if self._rx_bufs > stats.rx_bufs_peak:
             stats.rx_bufs_peak = self._rx_bufs
