@@ -16,7 +16,7 @@ clock) so the runs of a comparison can be read against each other:
    (``nr_emergency``), pages charged to the reserve policy's reserves
    (``reserve_used``), and the network's pages: the receive ring's (``ring_pages``, posted
    or queued on sockets) and unacknowledged TX (``tx_pages``), where the samples have them
-   (a model run's since 2026-12-05; a kernel run's do not).
+   (a model run's do; a kernel run's and older logs' do not).
 3. RX drops (``PFMemallocDrop`` + ``rx_alloc_fail``, cumulative, left axis) and
    ``pswpout`` (cumulative, right axis).
 
