@@ -343,7 +343,7 @@ class ClientMachine:
         stat = m.stat
         psi = m.pressure()
         net = self.net.totals() if self.net is not None else {}
-        now = self.net.memory_now() if self.net is not None else {}
+        net_now = self.net.memory_now() if self.net is not None else {}
         return VmSample(
             t=round(trio.current_time() - self._started, 6),
             nr_free_pages=m.nr_free_pages,
@@ -370,7 +370,7 @@ class ClientMachine:
             psi_some_avg10=psi.some.avg10,
             psi_full_avg10=psi.full.avg10,
             pages_verified=self.integrity.pages_verified,
-            **now,
+            **net_now,
         )
 
     def _decide(self, *, timed_out: bool) -> None:
